@@ -1,0 +1,1 @@
+"""torch -> ONNX: the model factory (:mod:`.models`) and the checked exporter (:mod:`.onnx`)."""

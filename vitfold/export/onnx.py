@@ -1,0 +1,156 @@
+"""torch -> ONNX with static shapes, checked before anything else runs.
+
+``export_onnx`` traces with the dynamo exporter (``torch.onnx.export(..., dynamo=True)``) at opset 18:
+the TorchScript exporter turns ToMe's scatter_reduce into ``If`` nodes and an invalid graph, and
+opset >= 18 is needed for ScatterElements ``max`` (source tracing). The written file then passes
+:func:`check_contract` (full ``onnx.checker``, every shape static after shape inference, no ``If`` or
+``NonZero``, constant TopK K) and :func:`validate_onnx` (ONNX Runtime vs torch on real photos).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import ExportError
+from ..metrics import TOLERANCES, Comparison, compare
+from ..runtimes.ort import run_onnx
+
+DEFAULT_OPSET = 18
+INPUT_NAME = "images"
+#: Highest IR version the supported ONNX Runtime (1.31) loads; newer onnx stamps 14 by default.
+MAX_IR_VERSION = 10
+_FORBIDDEN_OPS = {"If": "data-dependent control flow", "Loop": "a loop", "NonZero": "a data-dependent shape"}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The exported file, its op histogram and its parity with torch on the check images."""
+
+    path: Path
+    op_counts: dict[str, int]
+    parity: Comparison
+
+
+def output_name(model: torch.nn.Module) -> str:
+    """``logits`` for a model with a classifier head, ``features`` for a headless one."""
+    return "logits" if getattr(model, "num_classes", 0) else "features"
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    path: Path,
+    input_shape: Sequence[int],
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict | None = None,
+) -> Path:
+    """Trace ``model`` at the static ``input_shape`` ``[B, 3, H, W]`` and write ``path``.
+
+    ``metadata`` entries are stored as ONNX ``metadata_props`` (JSON-encoded values, keys prefixed
+    ``vitfold.``) so that ``inspect`` can read the schedule back.
+
+    Raises:
+        ExportError: the exporter fails or the graph breaks the contract (see :func:`check_contract`).
+    """
+    if opset < 16:
+        raise ExportError(f"opset {opset} < 16: ScatterElements add drops duplicate indices; use >= 16")
+    dummy = torch.zeros(*input_shape)
+    log = io.StringIO()
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(log):
+            program = torch.onnx.export(
+                model,
+                (dummy,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[output_name(model)],
+                external_data=False,
+            )
+            program.save(str(path), external_data=False)
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc
+    proto = onnx.load(str(path))
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = f"vitfold.{key}", json.dumps(value)
+    onnx.save(proto, str(path))
+    check_contract(path)
+    return Path(path)
+
+
+def check_contract(path: Path) -> dict[str, int]:
+    """Full ONNX check plus vitfold's export contract; returns the op histogram.
+
+    Raises:
+        ExportError: checker failure, a forbidden op (If / Loop / NonZero), a TopK whose K is not a
+            constant, or any tensor without a fully static shape after shape inference.
+    """
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: onnx.checker rejected the graph: {exc}") from exc
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)), strict_mode=True)
+    graph = proto.graph
+    constants = {t.name for t in graph.initializer} | {
+        out for node in graph.node if node.op_type == "Constant" for out in node.output
+    }
+    problems = []
+    for node in graph.node:
+        if node.op_type in _FORBIDDEN_OPS:
+            problems.append(f"{node.name} ({node.op_type}): {_FORBIDDEN_OPS[node.op_type]}")
+        if node.op_type == "TopK" and node.input[1] not in constants:
+            problems.append(f"{node.name} (TopK): K is computed at run time, not a constant")
+    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
+            problems.append(f"tensor {value.name}: shape not static ({[d.dim_param or '?' for d in dims]})")
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; +{len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ExportError(f"{path} breaks the static export contract: {shown}")
+    return dict(Counter(node.op_type for node in graph.node))
+
+
+def torch_outputs(model: torch.nn.Module, batches: Sequence[np.ndarray]) -> np.ndarray:
+    """Run ``model`` on each ``[B, 3, H, W]`` batch; returns the concatenated outputs."""
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(batch)).numpy() for batch in batches])
+
+
+def validate_onnx(path: Path, reference: np.ndarray, batches: Sequence[np.ndarray], what: str) -> Comparison:
+    """ONNX Runtime (CPU, f32) on ``batches`` vs the torch ``reference`` outputs.
+
+    Raises:
+        FidelityError: beyond ``TOLERANCES["onnxruntime:f32"]`` (max abs 1e-4 on logits).
+    """
+    outputs = np.concatenate([next(iter(run_onnx(path, batch).values())) for batch in batches])
+    return compare(reference, outputs).check(TOLERANCES["onnxruntime:f32"], f"{what}: ONNX Runtime vs torch")
+
+
+def export_and_validate(
+    model: torch.nn.Module,
+    path: Path,
+    batches: Sequence[np.ndarray],
+    *,
+    opset: int = DEFAULT_OPSET,
+    metadata: dict | None = None,
+    what: str = "model",
+) -> tuple[ExportResult, np.ndarray]:
+    """Export ``model`` at ``batches[0]``'s shape, then validate it; returns the result and the torch
+    reference outputs (reused by later stages' checks)."""
+    export_onnx(model, path, batches[0].shape, opset=opset, metadata=metadata)
+    reference = torch_outputs(model, batches)
+    parity = validate_onnx(path, reference, batches, what)
+    ops = dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node))
+    return ExportResult(Path(path), ops, parity), reference

@@ -1,0 +1,160 @@
+"""Bipartite soft matching and the merges built on it: pure functions, no modules.
+
+Source: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, Sec. 3 (bipartite soft
+matching, size-weighted average, proportional attention). The function computed here equals the
+authors' ``tome/merge.py`` on the same inputs, with two changes that leave its numbers unchanged:
+
+* protected (prefix) tokens are excluded with a constant mask instead of in-place ``-inf`` writes,
+  which generalises the reference's class/distillation handling to register tokens and exports
+  as one ``Where`` node;
+* only export-exact reductions are used: ``sum`` (ScatterElements add, opset >= 16) followed by a
+  divide, and ``amax`` (ScatterElements max, opset >= 18) for source tracing; never ``mean``, which
+  exports as a plain scatter and silently gives wrong numbers.
+
+Layout everywhere: ``x`` is ``[B, N, C]``, tokens on axis 1.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+Merge = Callable[..., torch.Tensor]
+
+
+def _identity(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    return x
+
+
+def max_merge(num_tokens: int, num_protected: int) -> int:
+    """Largest r bipartite matching can take on ``num_tokens`` tokens: half the unprotected ones."""
+    return max(0, (num_tokens - num_protected) // 2)
+
+
+def _prefix_order(num_tokens: int, num_unmerged: int, num_protected: int) -> Optional[torch.Tensor]:
+    """Permutation that puts prefix tokens back in their original order after ``cat([unm, dst])``.
+
+    Prefix token ``p`` sits in set A (even positions) at ``p // 2`` when ``p`` is even and in set B at
+    ``p // 2`` when odd. For one prefix token (class) the concatenation is already in order, which is
+    the reference's ``cat([unm, dst])``; for class + distillation it gives the reference's
+    ``cat([unm[:1], dst[:1], unm[1:], dst[1:]])``.
+    """
+    if num_protected <= 1:
+        return None
+    in_a, in_b = (num_protected + 1) // 2, num_protected // 2
+    order = []
+    for p in range(num_protected):
+        order.append(p // 2 if p % 2 == 0 else num_unmerged + p // 2)
+    order += list(range(in_a, num_unmerged)) + list(range(num_unmerged + in_b, num_tokens))
+    return torch.tensor(order, dtype=torch.long)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, num_protected: int = 0
+) -> tuple[Merge, Merge]:
+    """Match the ``r`` most similar (A, B) token pairs; return ``(merge, unmerge)`` closures.
+
+    Tokens alternate between set A (even positions) and set B (odd). Each A token draws an edge to
+    its most cosine-similar B token; the ``r`` strongest edges are merged (A into B). Prefix tokens
+    (class, distillation, registers) are never merged.
+
+    Args:
+        metric: ``[B, N, Cm]`` similarity features (ToMe: attention keys averaged over heads).
+        r: tokens to remove, ``0 <= r <= max_merge(N, num_protected)``; ``r == 0`` returns identities.
+        num_protected: leading prefix tokens to protect (``model.num_prefix_tokens``).
+
+    Returns:
+        ``merge(x [B, N, C], mode) -> [B, N - r, C]`` with ``mode`` in ``{"sum", "amax"}``, and
+        ``unmerge(x [B, N - r, C]) -> [B, N, C]`` that copies each merged token back to its sources.
+
+    Raises:
+        ValueError: r outside ``[0, max_merge]`` (schedules are validated before this is reached).
+    """
+    batch, num_tokens, _ = metric.shape
+    if r == 0:
+        return _identity, _identity
+    if not 0 < r <= max_merge(num_tokens, num_protected):
+        raise ValueError(f"r={r} outside [0, {max_merge(num_tokens, num_protected)}] for N={num_tokens}")
+
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        a, b = metric[..., ::2, :], metric[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
+        if num_protected:
+            rows = torch.arange(scores.shape[-2]) * 2 < num_protected  # prefix tokens in A
+            cols = torch.arange(scores.shape[-1]) * 2 + 1 < num_protected  # prefix tokens in B
+            scores = scores.masked_fill(rows[:, None] | cols[None, :], -torch.inf)
+        node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
+        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # [B, Na, 1]
+        unm_idx = edge_idx[..., r:, :]
+        src_idx = edge_idx[..., :r, :]
+        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        if num_protected:
+            unm_idx = unm_idx.sort(dim=-2)[0]  # prefix tokens back to the front, as the reference
+
+    num_a = (num_tokens + 1) // 2
+    num_unmerged = num_a - r
+    order = _prefix_order(num_tokens - r, num_unmerged, num_protected)
+
+    def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+        if mode not in ("sum", "amax"):
+            raise ValueError(f"mode {mode!r} does not export exactly; use 'sum' (then divide) or 'amax'")
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, _, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, num_unmerged, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        out = torch.cat([unm, dst], dim=1)
+        return out if order is None else out.index_select(1, order.to(out.device))
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        if order is not None:
+            x = x.index_select(1, torch.argsort(order).to(x.device))
+        unm, dst = x[..., :num_unmerged, :], x[..., num_unmerged:, :]
+        n, _, c = unm.shape
+        src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))
+        out = x.new_zeros(n, num_tokens, c)
+        out[..., 1::2, :] = dst
+        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, num_unmerged, c), src=unm)
+        out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
+        return out
+
+    return merge, unmerge
+
+
+def merge_wavg(
+    merge: Merge, x: torch.Tensor, size: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average merge (ToMe Sec. 3, "Tracking token size").
+
+    Args:
+        merge: a closure from :func:`bipartite_soft_matching`.
+        x: ``[B, N, C]`` tokens.
+        size: ``[B, N, 1]`` patches per token, ``None`` meaning all ones.
+
+    Returns:
+        ``([B, N - r, C] merged tokens, [B, N - r, 1] merged sizes)``.
+    """
+    if size is None:
+        size = torch.ones_like(x[..., 0, None])
+    x = merge(x * size, mode="sum")
+    size = merge(size, mode="sum")
+    return x / size, size
+
+
+def merge_source(merge: Merge, x: torch.Tensor, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Track which input tokens each merged token holds (ToMe's source tracing, for unmerging).
+
+    Args:
+        merge: a closure from :func:`bipartite_soft_matching`.
+        x: ``[B, N, C]`` tokens (only its shape is read when ``source`` is None).
+        source: ``[B, N, N0]`` 0/1 membership of the ``N0`` original tokens, ``None`` for identity.
+
+    Returns:
+        ``[B, N - r, N0]`` membership after the merge.
+    """
+    if source is None:
+        n, t, _ = x.shape
+        source = torch.eye(t, device=x.device, dtype=x.dtype)[None].expand(n, t, t)
+    return merge(source, mode="amax")

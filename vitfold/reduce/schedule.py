@@ -1,0 +1,120 @@
+"""Static token schedules: how many tokens each block sees, known before export.
+
+Convention (ToMe, EViT and Top-K all reduce between a block's attention and its MLP): block ``l``'s
+attention runs on ``tokens[l]`` tokens, its MLP and everything after it on ``tokens[l + 1]``.
+``tokens`` has ``depth + 1`` entries; ``tokens[depth]`` is what the final norm and head see.
+Because every count is a Python int fixed here, every shape in the exported graph is static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Union
+
+from ..errors import ScheduleError
+
+RSpec = Union[int, Sequence[int], tuple[int, float]]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Token counts per block for one method on one model.
+
+    Attributes:
+        tokens: ``depth + 1`` counts; ``tokens[0]`` is every token entering block 0 (prefix included).
+        removed: tokens removed inside each block (``depth`` entries): ``tokens[l] - tokens[l + 1]``.
+        num_prefix_tokens: class / distillation / register tokens, never merged or pruned.
+        notes: human-readable remarks (e.g. where a method capped a request), shown in reports.
+    """
+
+    tokens: tuple[int, ...]
+    num_prefix_tokens: int
+    notes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) < 2:
+            raise ScheduleError("a schedule needs at least one block (tokens has depth + 1 entries)")
+        for block, (before, after) in enumerate(zip(self.tokens, self.tokens[1:])):
+            if after > before:
+                raise ScheduleError(f"block {block}: token count grows from {before} to {after}")
+            if after <= self.num_prefix_tokens:
+                raise ScheduleError(
+                    f"block {block}: leaves {after} tokens, but {self.num_prefix_tokens} are class/"
+                    f"register tokens; at least one patch token must remain. Use a smaller reduction."
+                )
+
+    @property
+    def depth(self) -> int:
+        return len(self.tokens) - 1
+
+    @property
+    def removed(self) -> tuple[int, ...]:
+        return tuple(a - b for a, b in zip(self.tokens, self.tokens[1:]))
+
+    @property
+    def is_dense(self) -> bool:
+        return all(r == 0 for r in self.removed)
+
+    @classmethod
+    def dense(cls, depth: int, num_tokens: int, num_prefix_tokens: int) -> "Schedule":
+        """The identity schedule: ``num_tokens`` in every block."""
+        return cls(tokens=(num_tokens,) * (depth + 1), num_prefix_tokens=num_prefix_tokens)
+
+    def to_json(self) -> dict:
+        return {
+            "tokens": list(self.tokens),
+            "removed": list(self.removed),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Schedule":
+        return cls(
+            tokens=tuple(data["tokens"]),
+            num_prefix_tokens=int(data["num_prefix_tokens"]),
+            notes=tuple(data.get("notes", ())),
+        )
+
+
+def parse_r(depth: int, r: RSpec) -> list[int]:
+    """Normalise ToMe's ``r`` into one value per block, as the reference ``tome.utils.parse_r`` does.
+
+    Args:
+        depth: number of transformer blocks.
+        r: an int (constant r), a ``(r, inflect)`` pair (inflect in [-1, 1]: -1 is the paper's
+            "decreasing" schedule, 0 constant), or a list with one r per block (shorter lists are
+            padded with 0).
+
+    Returns:
+        ``depth`` non-negative ints.
+
+    Raises:
+        ScheduleError: negative r, a list longer than the model, or inflect outside [-1, 1].
+    """
+    if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+        base, inflect = r
+        if not -1.0 <= inflect <= 1.0:
+            raise ScheduleError(f"inflect must be in [-1, 1], got {inflect}")
+    elif isinstance(r, (list, tuple)):
+        values = [int(v) for v in r]
+        if len(values) > depth:
+            raise ScheduleError(f"r lists {len(values)} values but the model has {depth} blocks")
+        values += [0] * (depth - len(values))
+        _check_non_negative(values)
+        return values
+    else:
+        base, inflect = int(r), 0.0
+    # Same arithmetic as the reference so that (r, inflect) schedules give the same integers.
+    low = int(base * (1.0 - inflect))
+    high = 2 * base - low
+    step = (high - low) / (depth - 1) if depth > 1 else 0.0
+    values = [int(low + step * i) for i in range(depth)]
+    _check_non_negative(values)
+    return values
+
+
+def _check_non_negative(values: list[int]) -> None:
+    for block, value in enumerate(values):
+        if value < 0:
+            raise ScheduleError(f"block {block}: r must be >= 0, got {value}")

@@ -1,0 +1,204 @@
+"""ToMe: token merging as a patch of timm's VisionTransformer.
+
+Source: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023. Between each block's attention
+and MLP, the ``r`` most similar token pairs (bipartite soft matching on the attention keys averaged
+over heads, Sec. 3) are merged by size-weighted average; attention adds ``log(size)`` to its logits
+(proportional attention). Reference: facebookresearch/ToMe ``tome/patch/timm.py``; this patch
+computes the same function, and differs in how it is built:
+
+* it calls the block's own submodules (``ls1``/``ls2`` layer scale, ``q_norm``/``k_norm``, the
+  attention gate), so DeiT-3 and DINOv2 keep their layer scale (the reference drops it);
+* per-forward state (token sizes, sources) is created by ``ToMeBlocks.forward`` and passed to each
+  block explicitly, so ``forward_features`` works on its own and there is no shared ``pop``ped list;
+* classes live at module level: patched models pickle and deep-copy, and :meth:`ToMe.remove` undoes
+  the patch;
+* blocks with ``r == 0`` before any merge run timm's own forward, so ``r=0`` is the dense model bit
+  for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from . import TokenLayout, register_method
+from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
+from .schedule import Schedule, ScheduleError, parse_r
+
+
+@dataclass
+class ToMeState:
+    """Per-forward state. ``size``: ``[B, N, 1]`` patches per token (None until the first merge);
+    ``source``: ``[B, N, N0]`` membership of the original tokens (only with ``trace_source``)."""
+
+    size: Optional[torch.Tensor] = None
+    source: Optional[torch.Tensor] = None
+
+
+class ToMeAttention(Attention):
+    """timm ``Attention`` plus :meth:`forward_tome`. Its ``forward`` is timm's, unchanged."""
+
+    def forward_tome(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with proportional attention; also returns the matching metric.
+
+        Args:
+            x: ``[B, N, C]`` normalised tokens.
+            size: ``[B, N, 1]`` token sizes, or None for plain attention.
+
+        Returns:
+            ``([B, N, C] attention output, [B, N, head_dim] keys averaged over heads)``.
+        """
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        bias = None if size is None else size.log()[:, None, None, :, 0]  # [B, 1, 1, N]
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            x = self.attn_drop(attn.softmax(dim=-1)) @ v
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x)), k.mean(1)
+
+
+class ToMeBlock(Block):
+    """timm ``Block`` plus :meth:`forward_tome`: merge ``r`` tokens between attention and MLP."""
+
+    def forward_tome(self, x: torch.Tensor, state: ToMeState, r: int, cfg: "ToMeBlocks") -> torch.Tensor:
+        """Args: ``x`` ``[B, N, C]``; returns ``[B, N - r, C]`` and updates ``state`` in place."""
+        prop_size = state.size if cfg.prop_attn else None
+        if r == 0 and prop_size is None:
+            return Block.forward(self, x)  # exactly timm's block
+        x_attn, metric = self.attn.forward_tome(self.norm1(x), prop_size)
+        x = x + self.drop_path1(self.ls1(x_attn))
+        if r > 0:
+            merge, _ = bipartite_soft_matching(metric, r, cfg.num_protected)
+            if cfg.trace_source:
+                state.source = merge_source(merge, x, state.source)
+            x, state.size = merge_wavg(merge, x, state.size)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class ToMeBlocks(nn.Sequential):
+    """``model.blocks`` after patching: runs each block with its ``r`` and a fresh :class:`ToMeState`.
+
+    Attributes (plain Python, fixed at patch time): ``r`` per block, ``prop_attn``, ``trace_source``,
+    ``num_protected``; ``last_state`` holds the state of the latest forward (sizes, sources) for
+    inspection and unmerging.
+    """
+
+    r: tuple[int, ...]
+    prop_attn: bool
+    trace_source: bool
+    num_protected: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = ToMeState()
+        for index, block in enumerate(self):
+            x = block.forward_tome(x, state, self.r[index], self)
+        self.last_state = state
+        return x
+
+
+@register_method("tome")
+class ToMe:
+    """Token Merging (Bolya et al., ICLR 2023).
+
+    Args:
+        r: tokens merged per block: an int, a per-block list, or ``(r, inflect)`` (Sec. 4.1 schedules).
+            As in the reference, a block merges at most half of its unprotected tokens; where ``r``
+            asks for more, the schedule records the cap in its notes.
+        prop_attn: proportional attention (add ``log(size)`` to the logits); the paper's default for
+            off-the-shelf models.
+        trace_source: keep ``[B, N, N0]`` token sources (for unmerging / visualisation); costs memory
+            and ops, so off by default.
+    """
+
+    name = "tome"
+
+    def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False):
+        self.r = r
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+
+    def params(self) -> dict:
+        return {"r": self.r, "prop_attn": self.prop_attn, "trace_source": self.trace_source}
+
+    def schedule(self, layout: TokenLayout) -> Schedule:
+        """Token counts per block for this ``r`` on a model with ``layout``.
+
+        Raises:
+            ScheduleError: a block is asked to merge more tokens than it has unprotected tokens.
+        """
+        tokens, notes = [layout.num_tokens], []
+        for block, want in enumerate(parse_r(layout.depth, self.r)):
+            have = tokens[-1]
+            unprotected = have - layout.num_prefix_tokens
+            if want > unprotected:
+                raise ScheduleError(
+                    f"block {block}: r={want} asks to merge more tokens than the block has "
+                    f"({have} tokens, {unprotected} mergeable). Use a smaller r or a decreasing schedule."
+                )
+            cap = max_merge(have, layout.num_prefix_tokens)
+            if want > cap:
+                notes.append(f"block {block}: r={want} capped to {cap} (bipartite matching merges at most half)")
+            tokens.append(have - min(want, cap))
+        return Schedule(tokens=tuple(tokens), num_prefix_tokens=layout.num_prefix_tokens, notes=tuple(notes))
+
+    def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
+        """Return a ToMe-patched deep copy of ``model`` running ``schedule``.
+
+        Raises:
+            NotImplementedError: a block or attention type this patch does not know.
+            ScheduleError: the schedule is for a model of another depth or token count.
+        """
+        layout = TokenLayout.of(model)
+        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
+            raise ScheduleError(
+                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
+                f"model has {layout.depth} / {layout.num_tokens}"
+            )
+        for index, block in enumerate(model.blocks):
+            if type(block) is not Block or type(block.attn) is not Attention:
+                raise NotImplementedError(
+                    f"ToMe patches timm Block/Attention; block {index} is "
+                    f"{type(block).__name__}/{type(block.attn).__name__}"
+                )
+        patched = copy.deepcopy(model)
+        blocks = patched.blocks
+        blocks.__class__ = ToMeBlocks
+        blocks.r = schedule.removed
+        blocks.prop_attn = self.prop_attn
+        blocks.trace_source = self.trace_source
+        blocks.num_protected = layout.num_prefix_tokens
+        for block in blocks:
+            block.__class__ = ToMeBlock
+            block.attn.__class__ = ToMeAttention
+        return patched
+
+    @staticmethod
+    def remove(model: VisionTransformer) -> VisionTransformer:
+        """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
+        blocks = model.blocks
+        if isinstance(blocks, ToMeBlocks):
+            for attr in ("r", "prop_attn", "trace_source", "num_protected", "last_state"):
+                blocks.__dict__.pop(attr, None)
+            blocks.__class__ = nn.Sequential
+        for block in blocks:
+            if isinstance(block, ToMeBlock):
+                block.__class__ = Block
+                block.attn.__class__ = Attention
+        return model

@@ -1,0 +1,66 @@
+"""Backends behind one interface: ``build(onnx, out_dir, cfg)`` and ``load(build_dir) -> Session``.
+
+Device apps need only this package (numpy + the backend's own library; no torch)::
+
+    from vitfold.runtimes import load
+    session = load("builds/deit_small_patch16_224-tome-r13-openvino-f32-b1")
+    logits = session(images)["logits"]          # images: [B, 3, H, W] float32, preprocessed
+
+``vitfold.images.load_images(paths, Preprocess.from_json(manifest["preprocess"]))`` prepares images
+the way the manifest says.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+
+from ..artifact import read_manifest
+from ..errors import BackendUnavailable, SpecError
+from .base import PRECISIONS, BuildConfig, Session
+
+#: backend name -> module implementing ``build`` and ``load``.
+RUNTIMES: dict[str, str] = {
+    "onnxruntime": "vitfold.runtimes.ort",
+    "openvino": "vitfold.runtimes.openvino",
+}
+
+
+def require(package: str, install_hint: str) -> ModuleType:
+    """Import a backend's package or raise :class:`BackendUnavailable` with the install command."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend package {package!r} is not installed here ({exc}); install it with: {install_hint}") from exc
+
+
+def backend_module(backend: str) -> ModuleType:
+    """The module for ``backend``.
+
+    Raises:
+        SpecError: unknown backend name.
+    """
+    if backend not in RUNTIMES:
+        raise SpecError(f"unknown backend {backend!r}; available: {', '.join(RUNTIMES)}")
+    return importlib.import_module(RUNTIMES[backend])
+
+
+def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
+    """Build the backend artifact for ``onnx_path`` into ``out_dir``; returns manifest entries."""
+    return backend_module(cfg.backend).build(Path(onnx_path), Path(out_dir), cfg)
+
+
+def load(directory: str | Path) -> Session:
+    """Load a build directory (its manifest says which backend) into a ready :class:`Session`.
+
+    Raises:
+        ArtifactError: not a build directory, incomplete, or from an incompatible vitfold.
+        BackendUnavailable: the build's backend is not installed here.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    return backend_module(manifest["build"]["backend"]).load(directory, manifest)
+
+
+__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "load", "require"]
