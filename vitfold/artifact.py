@@ -86,6 +86,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
+    staging.chmod(0o755)  # mkdtemp makes it private
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

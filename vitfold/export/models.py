@@ -51,7 +51,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def _check_name(name: str) -> None:
     if timm.is_model(name):
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    names = timm.list_models()
+    close = [n for n in names if n.startswith(name)][:3] or [n for n in names if name in n][:3]
+    close = close or difflib.get_close_matches(name, names, n=3, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else " See timm.list_models('vit_*')."
     raise SpecError(f"unknown timm model {name!r}.{hint}")
 

@@ -1,0 +1,181 @@
+"""One build: a timm ViT + a method -> a checked, profiled build directory with its dense twin.
+
+Stages run in data-flow order for both variants (dense twin in ``dense/``, reduced at the top):
+reduce -> export (+ ORT vs torch) -> passes (verified) -> backend build (+ backend vs torch) ->
+profile (interleaved latency, FLOPs, fidelity). Everything is written to a temporary directory
+beside the target and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import runtimes
+from .artifact import atomic_directory, read_manifest, write_manifest
+from .export.models import create_model
+from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
+from .images import batches, list_images, load_images
+from .metrics import TOLERANCES, compare
+from .passes import DEFAULT_PIPELINES
+from .passes.pipeline import run_pipeline
+from .profiles.flops import ModelDims
+from .profiles.report import LatencyOptions, profile_build
+from .reduce import Schedule, TokenLayout, create_method
+from .runtimes import BuildConfig
+from .spec import ModelSpec
+
+REFERENCE = "reference.npy"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything ``deploy.py build`` asks for."""
+
+    spec: ModelSpec
+    method: str = "tome"
+    params: dict = field(default_factory=dict)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    out: Optional[Path] = None
+    images: Optional[Path] = None
+    opset: int = DEFAULT_OPSET
+    latency: LatencyOptions = field(default_factory=LatencyOptions)
+
+    def name(self) -> str:
+        """Default build name, e.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``."""
+        params = "-".join(f"{k}{_fmt(v)}" for k, v in sorted(self.params.items()) if k in ("r", "keep_rate"))
+        parts = [self.spec.name, self.method, params, self.build.backend, self.build.precision, f"b{self.spec.batch_size}"]
+        return "-".join(p for p in parts if p)
+
+
+def _fmt(value) -> str:
+    text = json.dumps(value) if not isinstance(value, (int, float)) else str(value)
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+
+
+def model_dims(model) -> ModelDims:
+    """The widths :mod:`vitfold.profiles.flops` needs, read off a timm VisionTransformer."""
+    block = model.blocks[0]
+    patch = model.patch_embed.proj
+    return ModelDims(
+        embed_dim=model.embed_dim,
+        attn_dim=block.attn.attn_dim,
+        head_dim=block.attn.head_dim,
+        mlp_hidden=block.mlp.fc1.out_features,
+        num_patches=model.patch_embed.num_patches,
+        patch_macs_per_token=patch.out_channels * patch.in_channels * int(np.prod(patch.kernel_size)),
+        num_classes=model.num_classes,
+    )
+
+
+def tool_versions() -> dict:
+    import onnx
+    import timm
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "onnx": onnx.__version__}
+
+
+def build_variant(
+    model,
+    schedule: Schedule,
+    directory: Path,
+    *,
+    request: BuildRequest,
+    method: dict,
+    check: list[np.ndarray],
+    image_names: list[str],
+    common: dict,
+    log: Callable[[str], None],
+) -> dict:
+    """Export, verify, optimise and build one variant into ``directory``; returns its manifest."""
+    what = "dense" if schedule.is_dense else f"{request.method}"
+    metadata = {"method": method, "schedule": schedule.to_json(), "model": request.spec.name}
+    log(f"[{what}] export to ONNX (opset {request.opset}) and check against torch on {len(image_names)} photos")
+    exported, reference = export_and_validate(
+        model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
+    )
+    np.save(directory / REFERENCE, reference)
+    passes = DEFAULT_PIPELINES[request.build.backend]
+    log(f"[{what}] passes: {', '.join(passes)}")
+    pass_reports = run_pipeline(directory / "model.onnx", directory / "model.opt.onnx", passes, check[:1])
+    log(f"[{what}] build {request.build.backend} ({request.build.precision})")
+    built = runtimes.build(directory / "model.opt.onnx", directory, request.build)
+    manifest = {
+        **common,
+        "method": method,
+        "schedule": schedule.to_json(),
+        "opset": request.opset,
+        "input": {"name": INPUT_NAME, "shape": list(check[0].shape), "dtype": "float32"},
+        "outputs": [output_name(model)],
+        "build": request.build.to_json(),
+        "files": {"onnx": "model.onnx", "optimized": "model.opt.onnx", "reference": REFERENCE, **built["files"]},
+        "versions": {**common["versions"], **built["versions"]},
+        "passes": [r.to_json() for r in pass_reports],
+        "checks": {"images": image_names, "onnxruntime_vs_torch": exported.parity.to_json()},
+    }
+    write_manifest(directory, manifest)
+    with runtimes.load(directory) as session:
+        outputs = np.concatenate([next(iter(session(batch).values())) for batch in check])
+    key = f"{request.build.backend}:{request.build.precision}"
+    parity = compare(reference, outputs).check(TOLERANCES[key], f"{what}: {key} vs torch")
+    manifest["checks"]["backend_vs_torch"] = parity.to_json()
+    manifest["checks"]["tolerance"] = {"key": key, **TOLERANCES[key].__dict__}
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Path, dict]:
+    """Run a whole build; returns the build directory and its report.
+
+    Raises:
+        VitfoldError subclasses: bad spec / schedule (before any file is written), export, pass or
+        fidelity failures (the target directory is left untouched).
+    """
+    spec = request.spec
+    cfg = request.build
+    runtimes.backend_module(cfg.backend)  # unknown backend fails before the slow steps
+    method = create_method(request.method, **request.params)
+    model, pre = create_model(spec)
+    layout = TokenLayout.of(model)
+    schedule = method.schedule(layout)
+    for note in schedule.notes:
+        log(f"note: {note}")
+    reduced = method.apply(model, schedule)
+    paths = list_images(request.images)
+    check = batches(load_images(paths, pre), spec.batch_size)
+    out = Path(request.out) if request.out else Path.cwd() / "builds" / request.name()
+    common = {
+        "name": out.name,
+        "spec": spec.to_json(),
+        "weights": spec.weights,
+        "preprocess": pre.to_json(),
+        "dims": model_dims(model).to_json(),
+        "versions": tool_versions(),
+    }
+    image_names = [p.name for p in paths]
+    with atomic_directory(out) as staging:
+        (staging / "dense").mkdir()
+        dense_method = {"name": "none", "params": {}}
+        variant = dict(request=request, check=check, image_names=image_names, common=common, log=log)
+        build_variant(model, Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens),
+                      staging / "dense", method=dense_method, **variant)
+        manifest = build_variant(reduced, schedule, staging,
+                                 method={"name": request.method, "params": method.params()}, **variant)
+        manifest["dense"] = "dense"
+        write_manifest(staging, manifest)
+        log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
+        report = profile_build(staging, images=request.images, options=request.latency)
+    return out, report
+
+
+def reprofile(directory: Path, images: Optional[Path] = None, options: Optional[LatencyOptions] = None) -> dict:
+    """Re-measure an existing build (no rebuild, no torch needed)."""
+    read_manifest(directory)
+    return profile_build(Path(directory), images=images, options=options or LatencyOptions())

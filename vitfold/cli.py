@@ -1,0 +1,143 @@
+"""The command line (``python deploy.py ...`` or ``vitfold ...``): parses options, calls the library.
+
+Exit codes: 0 success, 2 bad input (unknown model, infeasible schedule, bad checkpoint, missing
+backend), 1 a check failed (export contract, parity with torch, a pass changing outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VitfoldError
+
+console = Console(stderr=False, highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except VitfoldError as exc:
+        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+def parse_r(text: str):
+    """``13`` -> 13; ``8,8,4`` -> [8, 8, 4]."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give an int (13) or one int per block (8,8,8,...)") from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="vitfold")
+def main() -> None:
+    """vitfold: compile token-reduced Vision Transformers (ToMe, ...) to ONNX Runtime and OpenVINO,
+    check them against torch on real photos, and profile them against the dense model."""
+
+
+@main.command()
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--method", default="tome", show_default=True, help="Token reduction method.")
+@click.option("--r", "r", default="13", show_default=True, help="ToMe: tokens merged per block; an int or one int per block (8,8,4,...).")
+@click.option("--inflect", type=click.FloatRange(-1, 1), default=None, help="ToMe: schedule inflection (-1 decreasing, 0 constant, +1 increasing).")
+@click.option("--prop-attn/--no-prop-attn", default=True, show_default=True, help="ToMe: proportional attention (log token size added to the logits).")
+@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True, help="Runtime to build for.")
+@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size of the exported graph.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth); the head size is read from it.")
+@click.option("--pretrained", is_flag=True, help="Load timm's hub weights (needs network). Default: random weights, seed 0.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos for the checks and fidelity (default: the shipped photos).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Build directory (default: builds/<name> under the current directory).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
+@click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
+@click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
+def build(model, method, r, inflect, prop_attn, backend, precision, batch, img_size, checkpoint, pretrained,
+          images, out, threads, opset, min_runs, min_seconds) -> None:
+    """Build the dense twin and the reduced model, check both against torch, profile, report."""
+    from .build import BuildRequest, build as run_build
+    from .profiles.report import LatencyOptions
+    from .runtimes import BuildConfig
+    from .spec import ModelSpec
+
+    r_value = parse_r(r)
+    params = {"r": (r_value, float(inflect)) if inflect is not None else r_value, "prop_attn": prop_attn}
+    request = _run(
+        BuildRequest,
+        spec=ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+                       img_size=img_size, batch_size=batch),
+        method=method,
+        params=params,
+        build=_run(BuildConfig, backend=backend, precision=precision, threads=threads),
+        out=out,
+        images=images,
+        opset=opset,
+        latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
+    )
+    directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    print_report(report)
+    console.print(f"build: {directory}")
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos (default: the shipped photos).")
+@click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per variant, at least.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Timed seconds per variant, at least.")
+def profile(build_dir, images, min_runs, min_seconds) -> None:
+    """Re-measure an existing build against its dense twin (no rebuild); rewrites report.json/md."""
+    from .profiles.report import LatencyOptions, profile_build
+
+    report = _run(profile_build, build_dir, images=images, options=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds))
+    print_report(report)
+
+
+@main.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+def inspect(model_path) -> None:
+    """Show an ONNX file's ops, dynamic dimensions and the token schedule vitfold recorded in it."""
+    from .inspect import inspect_onnx
+
+    info = _run(inspect_onnx, model_path)
+    console.print(f"[bold]{model_path}[/]  opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes")
+    for value in info["inputs"] + info["outputs"]:
+        console.print(f"  {value['name']}: {value['shape']} {value['dtype']}")
+    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
+    console.print(f"dynamic dimensions: {info['dynamic'] or 'none'}")
+    if info["metadata"].get("schedule"):
+        console.print(f"tokens per block: {info['metadata']['schedule']['tokens']}")
+    else:
+        console.print("no vitfold metadata (not exported by vitfold): schedule unknown")
+
+
+def print_report(report: dict) -> None:
+    """The console table for a build report."""
+    table = Table(title=f"{report['name']}  ({report['backend']['backend']} {report['backend']['precision']}, batch {report['batch_size']})")
+    for column in ("variant", "median ms", "p90 ms", "CoV", "GMACs", "max abs vs torch", "top-1 vs torch"):
+        table.add_column(column, justify="right")
+    for v in ("dense", "reduced"):
+        lat, par = report["latency"][v], report["parity_vs_torch"][v]
+        table.add_row(v, f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cov']:.1%}", f"{report['gmacs'][v]:.3f}",
+                      f"{par['max_abs']:.2e}", f"{par['top1_agreement']:.0%}")
+    console.print(table)
+    console.print(f"speedup {report['speedup']:.2f}x  |  FLOP ratio {report['flop_ratio']:.2f}x  |  "
+                  f"top-1 agreement with dense {report['fidelity_vs_dense']['top1_agreement']:.0%}")
+    if report["noisy"]:
+        console.print(f"[yellow]warning: CoV above 5% for {', '.join(report['noisy'])}; the machine was busy, re-run `profile`[/]")
+    if report["weights"].startswith("random"):
+        console.print("[yellow]weights are random: parity is meaningful, fidelity vs dense is not (use --checkpoint)[/]")
+
+
+if __name__ == "__main__":
+    main()

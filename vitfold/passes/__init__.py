@@ -1,0 +1,55 @@
+"""ONNX -> ONNX rewrites with onnx-graphsurgeon, registered once and run as a verified pipeline.
+
+A pass is ``fn(graph: gs.Graph, **opts) -> gs.Graph`` registered with :func:`register_pass` under a
+name, with the output tolerance it declares. :func:`run_pipeline` (in :mod:`.pipeline`) runs passes in
+order and refuses any pass whose outputs move beyond that tolerance on the check inputs.
+Adding a pass is one module plus one import line at the bottom of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx_graphsurgeon as gs
+
+PassFn = Callable[..., gs.Graph]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A registered rewrite: ``fn``, the max abs output change it may cause, and what it does."""
+
+    name: str
+    fn: PassFn
+    tolerance: float
+    description: str
+
+
+PASSES: dict[str, Pass] = {}
+
+
+def register_pass(name: str, *, tolerance: float = 0.0) -> Callable[[PassFn], PassFn]:
+    """Decorator: register ``fn`` as pass ``name`` (first docstring line = description).
+
+    Raises:
+        ValueError: ``name`` is already registered.
+    """
+
+    def wrap(fn: PassFn) -> PassFn:
+        if name in PASSES:
+            raise ValueError(f"pass {name!r} is already registered by {PASSES[name].fn.__module__}")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        PASSES[name] = Pass(name, fn, tolerance, doc[0] if doc else "")
+        return fn
+
+    return wrap
+
+
+#: Passes each backend's default pipeline runs, in order.
+DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
+    "onnxruntime": ("fold-schedule",),
+    "openvino": ("fold-schedule",),
+}
+
+from . import fold_schedule  # noqa: E402,F401

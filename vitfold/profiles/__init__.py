@@ -1,0 +1,1 @@
+"""Latency harness, analytic FLOPs, report writers. No torch: profiles read build directories."""

@@ -1,0 +1,192 @@
+"""Profile a build directory against its dense twin and write ``report.json`` + ``report.md``.
+
+Needs only the build directory and the runtimes (no torch): parity with torch is re-checked against
+the ``reference.npy`` outputs saved at build time on the same photos.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import __version__, runtimes
+from ..artifact import read_manifest
+from ..images import batches, list_images, load_images
+from ..metrics import TOLERANCES, compare
+from ..spec import Preprocess
+from .flops import ModelDims, graph_macs, schedule_macs
+from .latency import NOISY_COV, measure_interleaved, speedup
+
+REPORT_SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """Latency harness settings (see :func:`vitfold.profiles.latency.measure_interleaved`)."""
+
+    warmup: int = 10
+    min_runs: int = 50
+    min_seconds: float = 3.0
+    block: int = 5
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(settings: dict) -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "vitfold": __version__,
+        "runtime": settings,
+    }
+
+
+def _outputs(session, check: list[np.ndarray], count: int) -> np.ndarray:
+    return np.concatenate([next(iter(session(b).values())) for b in check])[:count]
+
+
+def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Mean KL(softmax(reference) || softmax(candidate)) over samples, in nats."""
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    p_log, q_log = log_softmax(reference.astype(np.float64)), log_softmax(candidate.astype(np.float64))
+    return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
+
+
+def profile_build(directory: Path, images: Optional[Path] = None, options: Optional[LatencyOptions] = None) -> dict:
+    """Measure a build and its dense twin; write and return the report.
+
+    Raises:
+        ArtifactError: not a complete build directory (or no dense twin).
+        FidelityError: a backend no longer matches its torch reference on the build's photos.
+    """
+    options = options or LatencyOptions()
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if "dense" not in manifest:
+        from ..errors import ArtifactError
+
+        raise ArtifactError(f"{directory} has no dense twin (manifest key 'dense'); rebuild it with `deploy.py build`")
+    dense_dir = directory / manifest["dense"]
+    dense_manifest = read_manifest(dense_dir)
+    pre = Preprocess.from_json(manifest["preprocess"])
+    batch_size = manifest["input"]["shape"][0]
+    paths = list_images(images)
+    check = batches(load_images(paths, pre), batch_size)
+    count = len(paths)
+    key = f"{manifest['build']['backend']}:{manifest['build']['precision']}"
+
+    with runtimes.load(dense_dir) as dense, runtimes.load(directory) as reduced:
+        dense_out = _outputs(dense, check, count)
+        reduced_out = _outputs(reduced, check, count)
+        parity = {}
+        if images is None:  # the build's own photos: the saved torch outputs apply
+            for label, out, where in (("dense", dense_out, dense_dir), ("reduced", reduced_out, directory)):
+                reference = np.load(where / read_manifest(where)["files"]["reference"])[:count]
+                parity[label] = compare(reference, out).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
+        fidelity = compare(dense_out, reduced_out).to_json()
+        if manifest["outputs"][0] == "logits":
+            fidelity["kl"] = kl_divergence(dense_out, reduced_out)
+        sample = check[0]
+        latency = measure_interleaved(
+            {"dense": lambda: dense(sample), "reduced": lambda: reduced(sample)},
+            batch_size,
+            warmup=options.warmup,
+            min_runs=options.min_runs,
+            min_seconds=options.min_seconds,
+            block=options.block,
+        )
+        settings = reduced.settings
+
+    dims = ModelDims.from_json(manifest["dims"])
+    macs = {
+        "dense": schedule_macs(dims, dense_manifest["schedule"]["tokens"]),
+        "reduced": schedule_macs(dims, manifest["schedule"]["tokens"]),
+    }
+    graph = {
+        "dense": graph_macs(dense_dir / dense_manifest["files"]["onnx"], batch_size),
+        "reduced": graph_macs(directory / manifest["files"]["onnx"], batch_size),
+    }
+    report = {
+        "schema": REPORT_SCHEMA,
+        "name": manifest["name"],
+        "model": manifest["spec"]["name"],
+        "weights": manifest["weights"],
+        "method": manifest["method"],
+        "schedule": manifest["schedule"],
+        "batch_size": batch_size,
+        "backend": manifest["build"],
+        "latency_options": options.to_json(),
+        "latency": {k: v.to_json() for k, v in latency.items()},
+        "speedup": speedup(latency["dense"], latency["reduced"]),
+        "gmacs": {k: v["total"] / 1e9 for k, v in macs.items()},
+        "graph_gmacs": {k: v / 1e9 for k, v in graph.items()},
+        "flop_ratio": macs["dense"]["total"] / macs["reduced"]["total"],
+        "fidelity_vs_dense": fidelity,
+        "parity_vs_torch": parity or {"dense": dense_manifest["checks"]["backend_vs_torch"],
+                                      "reduced": manifest["checks"]["backend_vs_torch"]},
+        "images": [p.name for p in paths],
+        "noisy": sorted(k for k, v in latency.items() if v.noisy),
+        "environment": environment(settings),
+    }
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (directory / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict) -> str:
+    """A short human-readable report."""
+    lat, par, fid = report["latency"], report["parity_vs_torch"], report["fidelity_vs_dense"]
+    env = report["environment"]
+    lines = [
+        f"# {report['name']}",
+        "",
+        f"- model: `{report['model']}`, weights: {report['weights']}",
+        f"- method: `{report['method']['name']}` {json.dumps(report['method']['params'])}",
+        f"- tokens per block: {report['schedule']['tokens']}",
+        f"- backend: {report['backend']['backend']} ({report['backend']['precision']}), batch {report['batch_size']}, "
+        f"{env['runtime'].get('intra_op_threads', env['runtime'].get('inference_num_threads'))} threads on {env['cpu']}",
+        "",
+        "| variant | median ms | p90 ms | p99 ms | CoV | img/s | GMACs | max abs vs torch | top-1 vs torch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in ("dense", "reduced"):
+        lines.append(
+            f"| {v} | {lat[v]['median_ms']:.2f} | {lat[v]['p90_ms']:.2f} | {lat[v]['p99_ms']:.2f} | {lat[v]['cov']:.1%} | "
+            f"{lat[v]['throughput']:.1f} | {report['gmacs'][v]:.3f} | {par[v]['max_abs']:.2e} | {par[v]['top1_agreement']:.0%} |"
+        )
+    lines += [
+        "",
+        f"**Speedup {report['speedup']:.2f}x** (dense median / reduced median) against a FLOP ratio of "
+        f"{report['flop_ratio']:.2f}x ({report['speedup'] / report['flop_ratio']:.0%} of it).",
+        "",
+        f"Reduced vs dense on {len(report['images'])} photos: top-1 agreement {fid['top1_agreement']:.0%}, "
+        f"top-5 overlap {fid['top5_overlap']:.0%}, mean cosine {fid['mean_cosine']:.4f}"
+        + (f", KL {fid['kl']:.4f}" if "kl" in fid else "") + ".",
+    ]
+    if report["noisy"]:
+        lines += ["", f"Warning: CoV above {NOISY_COV:.0%} for {', '.join(report['noisy'])}: the machine was busy; re-run."]
+    if report["weights"].startswith("random"):
+        lines += ["", "Weights are random: parity with torch is meaningful, fidelity vs dense is not."]
+    return "\n".join(lines) + "\n"
