@@ -172,10 +172,11 @@ class ToMe:
                 f"model has {layout.depth} / {layout.num_tokens}"
             )
         for index, block in enumerate(model.blocks):
-            if type(block) is not Block or type(block.attn) is not Attention:
+            attn = getattr(block, "attn", None)
+            if type(block) is not Block or type(attn) is not Attention:
                 raise NotImplementedError(
                     f"ToMe patches timm Block/Attention; block {index} is "
-                    f"{type(block).__name__}/{type(block.attn).__name__}"
+                    f"{type(block).__name__}/{type(attn).__name__}"
                 )
         patched = copy.deepcopy(model)
         blocks = patched.blocks

@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny timm ViTs of every flavour ToMe must respect, and the real DINOv2 weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DINOV2 = REPO.parent / "shared" / "data" / "dinov2_vits14_224.safetensors"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--dinov2", default=os.environ.get("VITFOLD_DINOV2", str(DEFAULT_DINOV2)),
+                     help="path to dinov2_vits14_224.safetensors (env VITFOLD_DINOV2)")
+
+
+@pytest.fixture(scope="session")
+def dinov2_path(request) -> Path:
+    path = Path(request.config.getoption("--dinov2"))
+    if not path.is_file():
+        pytest.skip(f"real DINOv2 weights not found at {path} (pass --dinov2 PATH or set VITFOLD_DINOV2)")
+    return path
+
+
+def tiny_vit(**overrides):
+    """A 4-block, 64-wide ViT on 32x32 inputs (16 patches + prefix tokens), random weights, eval."""
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, num_classes=10)
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs).eval()
+
+
+#: Flavours ToMe must handle: plain, layer scale (DeiT-3 / DINOv2), qk-norm, registers, no class token.
+FLAVOURS = {
+    "plain": {},
+    "layer_scale": {"init_values": 0.1},
+    "qk_norm": {"qk_norm": True},
+    "registers": {"reg_tokens": 4, "init_values": 0.1},
+    "no_class_token": {"class_token": False, "global_pool": "avg"},
+}

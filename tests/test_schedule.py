@@ -1,0 +1,61 @@
+"""Schedules: the reference's r arithmetic, the 50% cap recorded, infeasible requests refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from vitfold.reduce import Schedule, ScheduleError, TokenLayout, create_method, parse_r
+
+DEIT_S = TokenLayout(depth=12, num_tokens=197, num_prefix_tokens=1)
+
+
+def reference_parse_r(num_layers, r):
+    """tome.utils.parse_r, restated."""
+    inflect = 0
+    if isinstance(r, list):
+        return r + [0] * (num_layers - len(r))
+    if isinstance(r, tuple):
+        r, inflect = r
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / (num_layers - 1)
+    return [int(lo + step * i) for i in range(num_layers)]
+
+
+@pytest.mark.parametrize("r", [0, 8, 13, 16, (16, -1.0), (13, 0.5), (8, -0.3), [8, 8, 4]])
+def test_parse_r_matches_reference(r):
+    assert parse_r(12, r) == reference_parse_r(12, r)
+
+
+def test_tome_r13_tokens_on_deit_small():
+    schedule = create_method("tome", r=13).schedule(DEIT_S)
+    assert schedule.tokens == tuple(197 - 13 * i for i in range(13))
+    assert schedule.notes == ()
+
+
+def test_r16_is_capped_at_the_last_block_and_says_so():
+    schedule = create_method("tome", r=16).schedule(DEIT_S)
+    assert schedule.removed[-1] == 10 and schedule.tokens[-1] == 11
+    assert schedule.notes == ("block 11: r=16 capped to 10 (bipartite matching merges at most half)",)
+
+
+def test_r_larger_than_the_block_is_refused_naming_the_block():
+    with pytest.raises(ScheduleError, match="block 0: r=200"):
+        create_method("tome", r=200).schedule(DEIT_S)
+    with pytest.raises(ScheduleError, match="block 1: r=100"):
+        create_method("tome", r=100).schedule(DEIT_S)
+
+
+@pytest.mark.parametrize("bad, match", [([-1], "block 0: r must be >= 0"), ([1] * 13, "13 values"), ((4, 2.0), "inflect")])
+def test_bad_r(bad, match):
+    with pytest.raises(ScheduleError, match=match):
+        parse_r(12, bad)
+
+
+def test_schedule_validation_and_json_round_trip():
+    with pytest.raises(ScheduleError, match="block 0: token count grows"):
+        Schedule(tokens=(10, 12), num_prefix_tokens=1)
+    with pytest.raises(ScheduleError, match="block 1: leaves 1 tokens"):
+        Schedule(tokens=(10, 5, 1), num_prefix_tokens=1)
+    schedule = create_method("tome", r=16).schedule(DEIT_S)
+    assert Schedule.from_json(schedule.to_json()) == schedule
