@@ -85,6 +85,7 @@ def run_pipeline(
         PassError: a pass fails, breaks the graph, or changes outputs beyond its tolerance.
     """
     proto = onnx.load(str(src))
+    proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     reports = []
     with tempfile.TemporaryDirectory(prefix="vitfold-passes-") as tmp:
         before_path = Path(tmp) / "before.onnx"
