@@ -138,8 +138,10 @@ def merge_wavg(
     """
     if size is None:
         size = torch.ones_like(x[..., 0, None])
-    x = merge(x * size, mode="sum")
-    size = merge(size, mode="sum")
+    # One merge of [x * size | size] instead of two: the same sums (channels are independent), half
+    # the gathers and scatters in the exported graph.
+    merged = merge(torch.cat([x * size, size], dim=-1), mode="sum")
+    x, size = merged[..., :-1], merged[..., -1:]
     return x / size, size
 
 
