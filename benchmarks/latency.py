@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0)
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=150)
     model, pre = create_model(ModelSpec(args.model))
     layout = TokenLayout.of(model)
     dims = model_dims(model)
