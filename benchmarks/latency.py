@@ -21,7 +21,6 @@ from vitfold import runtimes
 from vitfold.build import model_dims
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
-from vitfold.passes import DEFAULT_PIPELINES
 from vitfold.passes.pipeline import run_pipeline
 from vitfold.images import batches, list_images, load_images
 from vitfold.profiles.flops import schedule_macs

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DINOV2 = REPO.parent / "shared" / "data" / "dinov2_vits14_224.safetensors"
+
+
+def deploy(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run ``python deploy.py ARGS`` as a user would, from ``cwd``."""
+    return subprocess.run([sys.executable, str(REPO / "deploy.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=900)
 
 
 def pytest_addoption(parser):

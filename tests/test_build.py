@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import deploy
 
-DEPLOY = str(REPO / "deploy.py")
 FAST = ["--min-runs", "10", "--min-seconds", "0.3"]
 
-
-def deploy(*args, cwd=None):
-    return subprocess.run([sys.executable, DEPLOY, *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import deploy
 from vitfold.errors import BackendUnavailable, SpecError
 
-DEPLOY = str(REPO / "deploy.py")
 
-
-def deploy(*args, cwd=None):
-    return subprocess.run([sys.executable, DEPLOY, *args], capture_output=True, text=True, cwd=cwd, timeout=900)
 
 
 def test_unknown_model_has_close_matches():

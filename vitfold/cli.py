@@ -6,10 +6,8 @@ backend), 1 a check failed (export contract, parity with torch, a pass changing 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 from rich.console import Console
