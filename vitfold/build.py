@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import runtimes
-from .artifact import atomic_directory, read_manifest, write_manifest
+from .artifact import atomic_directory, write_manifest
 from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
@@ -174,8 +174,3 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         report = profile_build(staging, images=request.images, options=request.latency)
     return out, report
 
-
-def reprofile(directory: Path, images: Optional[Path] = None, options: Optional[LatencyOptions] = None) -> dict:
-    """Re-measure an existing build (no rebuild, no torch needed)."""
-    read_manifest(directory)
-    return profile_build(Path(directory), images=images, options=options or LatencyOptions())
