@@ -23,12 +23,10 @@ import torch
 
 from ..errors import ExportError
 from ..metrics import TOLERANCES, Comparison, compare
-from ..runtimes.ort import run_onnx
+from ..runtimes.ort import MAX_IR_VERSION, run_onnx
 
 DEFAULT_OPSET = 18
 INPUT_NAME = "images"
-#: Highest IR version the supported ONNX Runtime (1.31) loads; newer onnx stamps 14 by default.
-MAX_IR_VERSION = 10
 _FORBIDDEN_OPS = {"If": "data-dependent control flow", "Loop": "a loop", "NonZero": "a data-dependent shape"}
 
 
@@ -134,7 +132,7 @@ def validate_onnx(path: Path, reference: np.ndarray, batches: Sequence[np.ndarra
     Raises:
         FidelityError: beyond ``TOLERANCES["onnxruntime:f32"]`` (max abs 1e-4 on logits).
     """
-    outputs = np.concatenate([next(iter(run_onnx(path, batch).values())) for batch in batches])
+    outputs = np.concatenate([next(iter(out.values())) for out in run_onnx(path, batches)])
     return compare(reference, outputs).check(TOLERANCES["onnxruntime:f32"], f"{what}: ONNX Runtime vs torch")
 
 

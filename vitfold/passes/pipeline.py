@@ -19,10 +19,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import PassError
-from ..runtimes.ort import run_onnx
+from ..runtimes.ort import MAX_IR_VERSION, run_onnx
 from . import PASSES
 
-MAX_IR_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class PassReport:
 
 
 def _outputs(path: Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    return [out for batch in inputs for out in run_onnx(path, batch).values()]
+    return [out for outputs in run_onnx(path, inputs) for out in outputs.values()]
 
 
 def apply_pass(proto: onnx.ModelProto, name: str, **opts) -> onnx.ModelProto:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .base import BuildConfig, Session
 
 ARTIFACT = "model.ort.onnx"
+#: Highest ONNX IR version this ONNX Runtime (1.31) loads; newer onnx stamps models with 14.
+MAX_IR_VERSION = 10
 
 
 def _ort():
@@ -82,7 +85,7 @@ def load(directory: Path, manifest: dict) -> Session:
     return OrtSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]))
 
 
-def run_onnx(path: Path, images: np.ndarray, threads: int | None = None) -> dict[str, np.ndarray]:
-    """Run an ONNX file once on ``images`` with the CPU provider (used by export checks and passes)."""
+def run_onnx(path: Path, batches: Sequence[np.ndarray], threads: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Run an ONNX file on each ``[B, 3, H, W]`` batch with one CPU session (export checks, passes)."""
     session = OrtSession(Path(path), BuildConfig(backend="onnxruntime", threads=threads))
-    return session._run(np.ascontiguousarray(images, dtype=np.float32))
+    return [session._run(np.ascontiguousarray(batch, dtype=np.float32)) for batch in batches]
