@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +27,9 @@ from .passes import DEFAULT_PIPELINES
 from .passes.pipeline import run_pipeline
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
+from .errors import SpecError
 from .reduce import Schedule, TokenLayout, create_method
+from .reduce.features import TASKS, DenseFeatures, for_features
 from .runtimes import BuildConfig
 from .spec import ModelSpec
 
@@ -46,17 +48,31 @@ class BuildRequest:
     images: Optional[Path] = None
     opset: int = DEFAULT_OPSET
     latency: LatencyOptions = field(default_factory=LatencyOptions)
+    task: str = "classify"
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SpecError(f"task {self.task!r} unknown; choose one of {', '.join(TASKS)}")
 
     def name(self) -> str:
-        """Default build name, e.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``."""
-        params = "-".join(f"{k}{_fmt(v)}" for k, v in sorted(self.params.items()) if k in ("r", "keep_rate"))
-        parts = [self.spec.name, self.method, params, self.build.backend, self.build.precision, f"b{self.spec.batch_size}"]
+        """Default build name, e.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``: every
+        parameter the user gave appears, so two different requests never share a directory."""
+        params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
+        task = "features" if self.task == "features" else ""
+        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.precision, f"b{self.spec.batch_size}"]
         return "-".join(p for p in parts if p)
 
 
-def _fmt(value) -> str:
-    text = json.dumps(value) if not isinstance(value, (int, float)) else str(value)
-    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+#: Short names of method parameters in build names (``keep_rate=0.7`` -> ``keep0.7``).
+_ABBREV = {"keep_rate": "keep", "locations": "at", "prop_attn": "propattn", "mode": ""}
+
+
+def _fmt(key: str, value) -> str:
+    key = _ABBREV.get(key, key)
+    if isinstance(value, bool):
+        return key if value else f"no{key}"
+    text = json.dumps(value) if not isinstance(value, (int, float, str)) else str(value)
+    return key + re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
 def model_dims(model) -> ModelDims:
@@ -142,12 +158,18 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
     cfg = request.build
     runtimes.backend_module(cfg.backend)  # unknown backend fails before the slow steps
     method = create_method(request.method, **request.params)
+    if request.task == "features":
+        method = create_method(request.method, **request.params, **for_features(type(method)))
     model, pre = create_model(spec)
     layout = TokenLayout.of(model)
     schedule = method.schedule(layout)
     for note in schedule.notes:
         log(f"note: {note}")
     reduced = method.apply(model, schedule)
+    dims = model_dims(model)
+    if request.task == "features":
+        model, reduced = DenseFeatures(model), DenseFeatures(reduced)
+        dims = replace(dims, num_classes=0)
     paths = list_images(request.images)
     check = batches(load_images(paths, pre), spec.batch_size)
     out = Path(request.out) if request.out else Path.cwd() / "builds" / request.name()
@@ -156,7 +178,8 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         "spec": spec.to_json(),
         "weights": spec.weights,
         "preprocess": pre.to_json(),
-        "dims": model_dims(model).to_json(),
+        "task": request.task,
+        "dims": dims.to_json(),
         "versions": tool_versions(),
     }
     image_names = [p.name for p in paths]

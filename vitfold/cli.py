@@ -36,6 +36,57 @@ def parse_r(text: str):
     return values[0] if len(values) == 1 and "," not in text else values
 
 
+def parse_floats(text: str, what: str):
+    """``0.7`` -> 0.7; ``0.9,0.7`` -> [0.9, 0.7]."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give {what} as a number (0.7) or comma-separated numbers") from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def parse_value(text: str):
+    """A ``--param`` value: JSON where it parses (numbers, lists, true/false), else the string."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def method_params(method: str, *, r=None, inflect=None, prop_attn=None, mode=None, keep_rate=None, locations=None,
+                  fuse=None, extra=()) -> dict:
+    """Method parameters from the options the user actually gave (the method rejects any it does not take).
+
+    ToMe without ``--r`` gets r=13, the main job's default.
+    """
+    params = {}
+    if r is not None:
+        r_value = parse_r(r)
+        params["r"] = (r_value, float(inflect)) if inflect is not None else r_value
+    elif inflect is not None:
+        raise click.BadParameter("--inflect needs --r")
+    elif method == "tome":
+        params["r"] = 13
+    if prop_attn is not None:
+        params["prop_attn"] = prop_attn
+    if mode is not None:
+        params["mode"] = mode
+    if keep_rate is not None:
+        params["keep_rate"] = parse_floats(keep_rate, "a keep rate")
+    if locations is not None:
+        params["locations"] = [int(v) for v in parse_floats(locations, "block indices")] if "," in locations else [int(locations)]
+    if fuse is not None:
+        params["fuse"] = fuse
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"--param {item!r}: write KEY=VALUE, e.g. --param clusters=64")
+        params[key.strip().replace("-", "_")] = parse_value(value.strip())
+    return params
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="vitfold")
 def main() -> None:
@@ -45,10 +96,16 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
-@click.option("--method", default="tome", show_default=True, help="Token reduction method.")
-@click.option("--r", "r", default="13", show_default=True, help="ToMe: tokens merged per block; an int or one int per block (8,8,4,...).")
+@click.option("--method", default="tome", show_default=True, help="Token reduction method: tome (merge), evit (prune + fuse), topk (prune), and the clustering methods; `deploy.py methods` lists them.")
+@click.option("--r", "r", default=None, help="ToMe: tokens merged per block; an int or one int per block (8,8,4,...). [default for tome: 13]")
 @click.option("--inflect", type=click.FloatRange(-1, 1), default=None, help="ToMe: schedule inflection (-1 decreasing, 0 constant, +1 increasing).")
-@click.option("--prop-attn/--no-prop-attn", default=True, show_default=True, help="ToMe: proportional attention (log token size added to the logits).")
+@click.option("--prop-attn/--no-prop-attn", default=None, help="ToMe: proportional attention (log token size added to the logits). [default: on]")
+@click.option("--mode", type=click.Choice(["merge", "prune"]), default=None, help="ToMe: average matched tokens (merge) or drop them (prune). [default: merge]")
+@click.option("--keep-rate", "--keep", "keep_rate", default=None, help="EViT / Top-K: share of tokens kept at each location, one value or one per location (0.7 or 0.9,0.7,0.5). [default: 0.7]")
+@click.option("--locations", default=None, help="EViT / Top-K: 0-indexed reduction blocks. [default: 3,6,9]")
+@click.option("--fuse/--no-fuse", default=None, help="EViT / Top-K: fuse the pruned tokens into one, weighted by class attention. [default: evit on, topk off]")
+@click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE", help="Any other method parameter (e.g. --param clusters=64); repeatable.")
+@click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="features: output the full patch grid [B, H/p*W/p, C], restored after the reduced blocks (dense prediction).")
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True, help="Runtime to build for.")
 @click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size of the exported graph.")
@@ -61,16 +118,16 @@ def main() -> None:
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
-def build(model, method, r, inflect, prop_attn, backend, precision, batch, img_size, checkpoint, pretrained,
-          images, out, threads, opset, min_runs, min_seconds) -> None:
+def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, task, backend,
+          precision, batch, img_size, checkpoint, pretrained, images, out, threads, opset, min_runs, min_seconds) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
     from .profiles.report import LatencyOptions
     from .runtimes import BuildConfig
     from .spec import ModelSpec
 
-    r_value = parse_r(r)
-    params = {"r": (r_value, float(inflect)) if inflect is not None else r_value, "prop_attn": prop_attn}
+    params = method_params(method, r=r, inflect=inflect, prop_attn=prop_attn, mode=mode, keep_rate=keep_rate,
+                           locations=locations, fuse=fuse, extra=extra_params)
     request = _run(
         BuildRequest,
         spec=ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
@@ -82,6 +139,7 @@ def build(model, method, r, inflect, prop_attn, backend, precision, batch, img_s
         images=images,
         opset=opset,
         latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
+        task=task,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{msg}[/]"))
     print_report(report)
@@ -121,16 +179,18 @@ def inspect(model_path) -> None:
 
 def print_report(report: dict) -> None:
     """The console table for a build report."""
+    from .profiles.report import _pct, fidelity_summary
+
     table = Table(title=f"{report['name']}  ({report['backend']['backend']} {report['backend']['precision']}, batch {report['batch_size']})")
     for column in ("variant", "median ms", "p90 ms", "CoV", "GMACs", "max abs vs torch", "top-1 vs torch"):
         table.add_column(column, justify="right")
     for v in ("dense", "reduced"):
         lat, par = report["latency"][v], report["parity_vs_torch"][v]
         table.add_row(v, f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cov']:.1%}", f"{report['gmacs'][v]:.3f}",
-                      f"{par['max_abs']:.2e}", f"{par['top1_agreement']:.0%}")
+                      f"{par['max_abs']:.2e}", _pct(par["top1_agreement"]))
     console.print(table)
-    console.print(f"speedup {report['speedup']:.2f}x  |  FLOP ratio {report['flop_ratio']:.2f}x  |  "
-                  f"top-1 agreement with dense {report['fidelity_vs_dense']['top1_agreement']:.0%}")
+    console.print(f"speedup {report['speedup']:.2f}x  |  FLOP ratio {report['flop_ratio']:.2f}x")
+    console.print(f"vs dense: {fidelity_summary(report['fidelity_vs_dense'])}")
     if report["noisy"]:
         console.print(f"[yellow]warning: CoV above 5% for {', '.join(report['noisy'])}; the machine was busy, re-run `profile`[/]")
     if report["weights"].startswith("random"):

@@ -155,6 +155,20 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     return report
 
 
+def fidelity_summary(fid: dict) -> str:
+    """One line of fidelity vs dense: top-1 / top-5 / cosine / KL for logits, token cosine for features."""
+    if fid.get("token_cosine_mean") is not None:
+        return (f"per-token cosine mean {fid['token_cosine_mean']:.4f} (min {fid['token_cosine_min']:.4f}), "
+                f"map cosine mean {fid['mean_cosine']:.4f}")
+    return (f"top-1 agreement {fid['top1_agreement']:.0%}, top-5 overlap {fid['top5_overlap']:.0%}, "
+            f"logit cosine mean {fid['mean_cosine']:.4f} (min {fid['min_cosine']:.4f})"
+            + (f", KL {fid['kl']:.4f}" if "kl" in fid else ""))
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
 def render_markdown(report: dict) -> str:
     """A short human-readable report."""
     lat, par, fid = report["latency"], report["parity_vs_torch"], report["fidelity_vs_dense"]
@@ -174,16 +188,14 @@ def render_markdown(report: dict) -> str:
     for v in ("dense", "reduced"):
         lines.append(
             f"| {v} | {lat[v]['median_ms']:.2f} | {lat[v]['p90_ms']:.2f} | {lat[v]['p99_ms']:.2f} | {lat[v]['cov']:.1%} | "
-            f"{lat[v]['throughput']:.1f} | {report['gmacs'][v]:.3f} | {par[v]['max_abs']:.2e} | {par[v]['top1_agreement']:.0%} |"
+            f"{lat[v]['throughput']:.1f} | {report['gmacs'][v]:.3f} | {par[v]['max_abs']:.2e} | {_pct(par[v]['top1_agreement'])} |"
         )
     lines += [
         "",
         f"**Speedup {report['speedup']:.2f}x** (dense median / reduced median) against a FLOP ratio of "
         f"{report['flop_ratio']:.2f}x ({report['speedup'] / report['flop_ratio']:.0%} of it).",
         "",
-        f"Reduced vs dense on {len(report['images'])} photos: top-1 agreement {fid['top1_agreement']:.0%}, "
-        f"top-5 overlap {fid['top5_overlap']:.0%}, mean cosine {fid['mean_cosine']:.4f}"
-        + (f", KL {fid['kl']:.4f}" if "kl" in fid else "") + ".",
+        f"Reduced vs dense on {len(report['images'])} photos: {fidelity_summary(fid)}.",
     ]
     if report["noisy"]:
         lines += ["", f"Warning: CoV above {NOISY_COV:.0%} for {', '.join(report['noisy'])}: the machine was busy; re-run."]

@@ -70,6 +70,6 @@ def create_method(name: str, **params):
     return cls(**params)
 
 
-from . import tome  # noqa: E402,F401  (registers "tome")
+from . import evit, tome, topk  # noqa: E402,F401  (register "evit", "tome", "topk")
 
 __all__ = ["METHODS", "Schedule", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

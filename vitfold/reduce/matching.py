@@ -65,7 +65,8 @@ def bipartite_soft_matching(
         num_protected: leading prefix tokens to protect (``model.num_prefix_tokens``).
 
     Returns:
-        ``merge(x [B, N, C], mode) -> [B, N - r, C]`` with ``mode`` in ``{"sum", "amax"}``, and
+        ``merge(x [B, N, C], mode) -> [B, N - r, C]`` with ``mode`` in ``{"sum", "amax", "drop"}``
+        (``drop``: matched A tokens are removed, their B partners unchanged: ToMe's "keep one"), and
         ``unmerge(x [B, N - r, C]) -> [B, N, C]`` that copies each merged token back to its sources.
 
     Raises:
@@ -98,13 +99,14 @@ def bipartite_soft_matching(
     order = _prefix_order(num_tokens - r, num_unmerged, num_protected)
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-        if mode not in ("sum", "amax"):
-            raise ValueError(f"mode {mode!r} does not export exactly; use 'sum' (then divide) or 'amax'")
+        if mode not in ("sum", "amax", "drop"):
+            raise ValueError(f"mode {mode!r} does not export exactly; use 'sum' (then divide), 'amax' or 'drop'")
         src, dst = x[..., ::2, :], x[..., 1::2, :]
         n, _, c = src.shape
         unm = src.gather(dim=-2, index=unm_idx.expand(n, num_unmerged, c))
-        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if mode != "drop":
+            src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+            dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
         out = torch.cat([unm, dst], dim=1)
         return out if order is None else out.index_select(1, order.to(out.device))
 

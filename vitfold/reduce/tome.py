@@ -28,6 +28,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..errors import SpecError
 from . import TokenLayout, register_method
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
@@ -88,7 +89,10 @@ class ToMeBlock(Block):
             merge, _ = bipartite_soft_matching(metric, r, cfg.num_protected)
             if cfg.trace_source:
                 state.source = merge_source(merge, x, state.source)
-            x, state.size = merge_wavg(merge, x, state.size)
+            if cfg.mode == "prune":
+                x = merge(x, mode="drop")  # sizes stay None: every kept token is one patch
+            else:
+                x, state.size = merge_wavg(merge, x, state.size)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -104,6 +108,7 @@ class ToMeBlocks(nn.Sequential):
     prop_attn: bool
     trace_source: bool
     num_protected: int
+    mode: str
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = ToMeState()
@@ -111,6 +116,17 @@ class ToMeBlocks(nn.Sequential):
             x = block.forward_tome(x, state, self.r[index], self)
         self.last_state = state
         return x
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Unmerge: tokens after the last block ``[B, N_L, C]`` -> ``[B, N_0, C]`` in the original order.
+
+        Every original token takes the features of the merged token that holds it (in prune mode:
+        the partner it was matched to). Needs ``trace_source``; the identity when nothing merged.
+        """
+        state = getattr(self, "last_state", None)
+        if state is None or state.source is None:
+            return x
+        return state.source.transpose(1, 2) @ x
 
 
 @register_method("tome")
@@ -125,17 +141,28 @@ class ToMe:
             off-the-shelf models.
         trace_source: keep ``[B, N, N0]`` token sources (for unmerging / visualisation); costs memory
             and ops, so off by default.
+        mode: ``merge`` (size-weighted average, the paper's method) or ``prune`` (drop each matched
+            token and keep its partner unchanged: the "keep one" combination of the paper's Table 1c;
+            token sizes stay 1, so proportional attention has no effect).
+
+    Raises:
+        SpecError: unknown ``mode``.
     """
 
     name = "tome"
+    MODES = ("merge", "prune")
 
-    def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False):
+    def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False,
+                 mode: str = "merge"):
+        if mode not in self.MODES:
+            raise SpecError(f"tome mode {mode!r} unknown; choose one of {', '.join(self.MODES)}")
         self.r = r
         self.prop_attn = prop_attn
         self.trace_source = trace_source
+        self.mode = mode
 
     def params(self) -> dict:
-        return {"r": self.r, "prop_attn": self.prop_attn, "trace_source": self.trace_source}
+        return {"r": self.r, "prop_attn": self.prop_attn, "trace_source": self.trace_source, "mode": self.mode}
 
     def schedule(self, layout: TokenLayout) -> Schedule:
         """Token counts per block for this ``r`` on a model with ``layout``.
@@ -185,6 +212,7 @@ class ToMe:
         blocks.prop_attn = self.prop_attn
         blocks.trace_source = self.trace_source
         blocks.num_protected = layout.num_prefix_tokens
+        blocks.mode = self.mode
         for block in blocks:
             block.__class__ = ToMeBlock
             block.attn.__class__ = ToMeAttention
@@ -195,7 +223,7 @@ class ToMe:
         """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
         blocks = model.blocks
         if isinstance(blocks, ToMeBlocks):
-            for attr in ("r", "prop_attn", "trace_source", "num_protected", "last_state"):
+            for attr in ("r", "prop_attn", "trace_source", "num_protected", "mode", "last_state"):
                 blocks.__dict__.pop(attr, None)
             blocks.__class__ = nn.Sequential
         for block in blocks:

@@ -1,0 +1,226 @@
+"""EViT and Top-K: the reference's schedule arithmetic, dense at keep rate 1.0, the same function as a
+plain transcription of the reference, exact export, and dense reconstruction for ``--task features``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FLAVOURS, tiny_vit
+from vitfold.errors import ScheduleError, SpecError
+from vitfold.export.onnx import export_and_validate
+from vitfold.reduce import TokenLayout, create_method
+from vitfold.reduce.features import DenseFeatures, for_features
+
+LOCS = (1, 2)  # the tiny model has 4 blocks
+
+
+def patched(model, name="evit", **params):
+    method = create_method(name, **params)
+    return method.apply(model, method.schedule(TokenLayout.of(model)))
+
+
+def test_schedule_matches_the_reference_arithmetic_on_deit_s():
+    """197 tokens, keep 0.7 at blocks 3, 6, 9: ceil(0.7 * (N - 1)) kept + class + fused token, where
+    N counts the token fused at the previous location (reference ``Attention.forward``)."""
+    layout = TokenLayout(depth=12, num_tokens=197, num_prefix_tokens=1)
+    tokens = create_method("evit", keep_rate=0.7).schedule(layout).tokens
+    k3 = math.ceil(0.7 * 196)
+    k6 = math.ceil(0.7 * (k3 + 1))
+    k9 = math.ceil(0.7 * (k6 + 1))
+    assert tokens == (197,) * 4 + (k3 + 2,) * 3 + (k6 + 2,) * 3 + (k9 + 2,) * 3
+    assert (k3, k6, k9) == (138, 98, 70)
+    # Top-K drops without fusing: no extra token
+    tokens = create_method("topk", keep_rate=0.7).schedule(layout).tokens
+    assert tokens[4] == 1 + 138 and tokens[7] == 1 + math.ceil(0.7 * 138)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(keep_rate=0.0), "must be in"),
+    (dict(keep_rate=1.5), "must be in"),
+    (dict(keep_rate=0.7, locations=(3, 12)), "outside the model"),
+    (dict(keep_rate=[0.7, 0.5], locations=(3, 6, 9)), "one per location"),
+])
+def test_bad_schedules_name_the_problem(bad, match):
+    layout = TokenLayout(depth=12, num_tokens=197, num_prefix_tokens=1)
+    with pytest.raises(ScheduleError, match=match):
+        create_method("evit", **bad).schedule(layout)
+
+
+def test_no_class_token_is_refused():
+    layout = TokenLayout.of(tiny_vit(**FLAVOURS["no_class_token"]))
+    with pytest.raises(ScheduleError, match="no class token"):
+        create_method("topk", keep_rate=0.5, locations=LOCS).schedule(layout)
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(SpecError, match="takes no parameter r"):
+        create_method("evit", r=8)
+
+
+@pytest.mark.parametrize("name", ["evit", "topk"])
+@pytest.mark.parametrize("flavour", ["plain", "layer_scale", "qk_norm", "registers"])
+def test_keep_rate_one_is_dense_bit_for_bit(name, flavour):
+    model = tiny_vit(**FLAVOURS[flavour])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(patched(model, name, keep_rate=1.0, locations=LOCS)(x), model(x))
+
+
+def reference_evit(model, images, rates: dict[int, float], fuse: bool):
+    """The reference algorithm written out plainly: explicit attention matrix, one image at a time,
+    Python lists for the kept / complement sets (youweiliang/evit ``evit.py``, class token only).
+
+    Returns ``(logits [B, K], restored [B, N0, C] per-original features, via member lists)``.
+    """
+    logits, restored = [], []
+    for image in images:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
+        members = [[i] for i in range(x.shape[1])]
+        frozen = {}
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            n, c = x.shape[1], x.shape[2]
+            qkv = attn.qkv(block.norm1(x)).reshape(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+            out = attn.proj((a @ v).transpose(1, 2).reshape(1, n, c))
+            x = x + block.ls1(out)
+            rate = rates.get(index, 1.0)
+            left = math.ceil(rate * (n - 1))
+            if rate < 1 and left < n - 1:
+                cls = a[0, :, 0, 1:].mean(dim=0)
+                keep = sorted(range(n - 1), key=lambda i: -float(cls[i]))[:left]
+                rest = [i for i in range(n - 1) if i not in keep]
+                rows = [x[0, 0]] + [x[0, 1 + i] for i in keep]
+                new_members = [members[0]] + [members[1 + i] for i in keep]
+                if fuse:
+                    rows.append(sum(cls[i] * x[0, 1 + i] for i in rest))
+                    new_members.append([m for i in rest for m in members[1 + i]])
+                else:
+                    for i in rest:
+                        for m in members[1 + i]:
+                            frozen[m] = x[0, 1 + i]
+                x, members = torch.stack(rows)[None], new_members
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        x = model.norm(x)
+        logits.append(model.forward_head(x)[0])
+        per_original = [None] * (model.patch_embed.num_patches + 1)
+        for token, group in enumerate(members):
+            for m in group:
+                per_original[m] = x[0, token]
+        for m, feature in frozen.items():
+            per_original[m] = model.norm(feature)
+        restored.append(torch.stack(per_original))
+    return torch.stack(logits), torch.stack(restored)
+
+
+@pytest.mark.parametrize("name, fuse", [("evit", True), ("topk", False), ("evit", False)])
+@pytest.mark.parametrize("flavour", ["plain", "layer_scale"])
+def test_matches_plain_reference(name, fuse, flavour):
+    model = tiny_vit(**FLAVOURS[flavour])
+    images = torch.randn(3, 3, 32, 32)
+    rates = {1: 0.5, 2: 0.7}
+    params = dict(keep_rate=[0.5, 0.7], locations=LOCS, fuse=fuse)
+    reduced = patched(model, name, **params, trace_source=True)
+    with torch.no_grad():
+        expected_logits, expected_tokens = reference_evit(model, images, rates, fuse)
+        torch.testing.assert_close(reduced(images), expected_logits, atol=1e-5, rtol=1e-5)
+        features = DenseFeatures(reduced)(images)
+        torch.testing.assert_close(features, expected_tokens[:, 1:], atol=1e-5, rtol=1e-5)
+        # and the dense model's features are simply its patch tokens
+        assert torch.equal(DenseFeatures(model)(images), model.forward_features(images)[:, 1:])
+
+
+def test_registers_are_never_pruned():
+    """Prefix tokens (class + 4 registers) pass a reduction step in place: with the block's
+    attention projection and MLP zeroed, they come out unchanged and first."""
+    model = tiny_vit(**FLAVOURS["registers"])
+    reduced = patched(model, "topk", keep_rate=0.5, locations=(1,))
+    block, prefix = reduced.blocks[1], model.num_prefix_tokens
+    with torch.no_grad():
+        for p in list(block.mlp.parameters()) + list(block.attn.proj.parameters()):
+            p.zero_()
+        x = torch.randn(2, prefix + 16, 64)
+        out = block.forward_prune(x, 8, reduced.blocks, _state())
+    assert out.shape == (2, prefix + 8, 64)
+    assert torch.equal(out[:, :prefix], x[:, :prefix])
+    # the kept patch tokens are 8 distinct input patch tokens
+    for b in range(2):
+        matches = [(x[b, prefix:] == row).all(dim=-1).nonzero().flatten().tolist() for row in out[b, prefix:]]
+        assert all(len(m) == 1 for m in matches) and len({m[0] for m in matches}) == 8
+
+
+def _state():
+    from vitfold.reduce.evit import PruneState
+
+    return PruneState()
+
+
+@pytest.mark.parametrize("name, params", [
+    ("evit", dict(keep_rate=0.5, locations=LOCS)),
+    ("topk", dict(keep_rate=0.5, locations=LOCS)),
+    ("tome", dict(r=2, mode="prune")),
+])
+def test_exports_static_and_exact(tmp_path, name, params):
+    from vitfold.images import batches, list_images, load_images
+    from vitfold.spec import Preprocess
+
+    pre = Preprocess(img_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    photos = batches(load_images(list_images(), pre), 2)
+    model = tiny_vit()
+    method = create_method(name, **params)
+    schedule = method.schedule(TokenLayout.of(model))
+    result, _ = export_and_validate(method.apply(model, schedule), tmp_path / "m.onnx", photos)
+    assert result.parity.max_abs <= 1e-4 and result.parity.top1_agreement == 1.0
+    assert not {"If", "Loop", "NonZero"} & set(result.op_counts)
+    if name != "tome":
+        assert result.op_counts.get("TopK", 0) == 2  # one per reduction location, constant K (contract)
+
+
+def test_features_export_restores_the_full_grid(tmp_path):
+    from vitfold.images import batches, list_images, load_images
+    from vitfold.spec import Preprocess
+
+    pre = Preprocess(img_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    photos = batches(load_images(list_images(), pre), 2)
+    model = tiny_vit()
+    for name, params in (("evit", dict(keep_rate=0.5, locations=LOCS)), ("tome", dict(r=2))):
+        cls = type(create_method(name, **params))
+        method = create_method(name, **params, **for_features(cls))
+        reduced = DenseFeatures(method.apply(model, method.schedule(TokenLayout.of(model))))
+        result, reference = export_and_validate(reduced, tmp_path / f"{name}.onnx", photos)
+        assert reference.shape[1:] == (16, 64)  # [B, H/p * W/p, C]: the full 4x4 grid
+        assert result.parity.max_abs <= 1e-4 and result.parity.token_cosine_min > 0.9999
+
+
+def test_tome_prune_drops_matched_tokens_without_averaging():
+    """Prune mode: every output token equals an input token of the reduction step (nothing averaged)."""
+    from vitfold.reduce.matching import bipartite_soft_matching
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 11, 8)
+    merge, _ = bipartite_soft_matching(x, 4, num_protected=1)
+    kept = merge(x, mode="drop")
+    assert kept.shape == (2, 7, 8)
+    for b in range(2):
+        for row in kept[b]:
+            assert (x[b] == row).all(dim=-1).any()
+    averaged = merge(x, mode="sum")
+    assert not torch.equal(averaged, kept)
+
+
+def test_tome_restore_is_an_exact_unmerge():
+    model = tiny_vit()
+    reduced = patched(model, "tome", r=3, trace_source=True)
+    with torch.no_grad():
+        tokens = reduced.forward_features(torch.randn(2, 3, 32, 32))
+        source = reduced.blocks.last_state.source  # [B, N_L, N0]
+        assert torch.equal(source.sum(dim=1), torch.ones(2, 17))  # each original in exactly one token
+        restored = reduced.blocks.restore(tokens)
+        owner = source.argmax(dim=1)  # [B, N0]
+        assert torch.equal(restored, torch.stack([tokens[b, owner[b]] for b in range(2)]))
+        assert np.unique(restored[0].numpy(), axis=0).shape[0] == tokens.shape[1]

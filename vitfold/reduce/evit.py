@@ -1,0 +1,284 @@
+"""EViT: keep the tokens the class token attends to most, fuse the rest into one token.
+
+Source: Liang et al., "Not All Patches are What You Need: Expediting Vision Transformers via Token
+Reorganizations", ICLR 2022, Sec. 3 (attentive token identification, inattentive token fusion).
+Reference: youweiliang/evit ``evit.py`` (``Attention.forward``, ``Block.forward``). At each reduction
+block, between attention and MLP:
+
+* the class token's attention to every other token, averaged over heads (softmax probabilities of
+  the block's own attention), ranks the non-prefix tokens;
+* the top ``k = ceil(keep_rate * (N - P))`` stay, in descending attention order (``topk``
+  ``sorted=True``), right after the prefix tokens;
+* with fusion, the others become one token: their sum weighted by that attention (not
+  renormalised, as in the reference), appended last. A token fused earlier is an ordinary token at
+  later reduction blocks, as in the reference.
+
+Differences that leave the numbers unchanged: the class-token row of the attention is recomputed
+from ``q[:, :, :1]`` so the block keeps timm's fused attention kernel for its output; the fused
+token is a masked sum over all candidates (the complement as a 0/1 mask, one ScatterElements
+without reduction) instead of a gather of the complement indices; ``P`` prefix tokens (class,
+distillation, registers) are protected where the reference handles only the class token.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from . import TokenLayout, register_method
+from .schedule import Schedule, ScheduleError
+
+#: The reference's reduction blocks for 12-block models (``--drop_loc '(3, 6, 9)'``), 0-indexed.
+DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+class ScoredAttention(Attention):
+    """timm ``Attention`` plus :meth:`forward_scored`. Its ``forward`` is timm's, unchanged."""
+
+    def forward_scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention that also returns the class token's attention probabilities.
+
+        Args:
+            x: ``[B, N, C]`` normalised tokens, class token at position 0.
+
+        Returns:
+            ``([B, N, C] attention output, [B, N] class-token attention averaged over heads)``.
+        """
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        cls_attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
+        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), cls_attn.mean(dim=1)[:, 0]
+
+
+@dataclass
+class PruneState:
+    """Per-forward state for dense reconstruction (only with ``trace_source``).
+
+    ``source``: ``[B, N, N0]`` 0/1 membership of the original tokens in each current token (the fused
+    token holds every token it absorbed). ``frozen``: ``[B, N0, C]`` each original token's features
+    when it was dropped without fusion, ``dropped``: ``[B, N0, 1]`` 1 where that happened.
+    """
+
+    source: Optional[torch.Tensor] = None
+    frozen: Optional[torch.Tensor] = None
+    dropped: Optional[torch.Tensor] = None
+
+
+def keep_count(num_tokens: int, num_prefix: int, keep_rate: float) -> int:
+    """Tokens kept at a reduction block: ``ceil(keep_rate * (N - P))``, the reference's formula."""
+    return math.ceil(keep_rate * (num_tokens - num_prefix))
+
+
+class PruneBlock(Block):
+    """timm ``Block`` plus :meth:`forward_prune`: keep ``k`` tokens between attention and MLP."""
+
+    def forward_prune(self, x: torch.Tensor, keep: int, cfg: "PruneBlocks", state: PruneState) -> torch.Tensor:
+        """Args: ``x`` ``[B, N, C]``; ``keep`` non-prefix tokens to keep (``N - P`` = no pruning).
+
+        Returns ``[B, P + keep (+1 when fusing), C]``.
+        """
+        P = cfg.num_protected
+        if keep == x.shape[1] - P:
+            return Block.forward(self, x)  # exactly timm's block
+        x_attn, cls_attn = self.attn.forward_scored(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(x_attn))
+        B, _, C = x.shape
+        scores = cls_attn[:, P:]  # [B, N - P]
+        rest = x[:, P:]
+        _, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)  # [B, keep]
+        parts = [x[:, :P], rest.gather(1, idx[..., None].expand(B, keep, C))]
+        dropped = torch.ones_like(scores).scatter(1, idx, 0.0)  # [B, N - P] 1 = not kept
+        if cfg.fuse:
+            parts.append((rest * (scores * dropped)[..., None]).sum(dim=1, keepdim=True))
+        if cfg.trace_source:
+            _trace(state, x, idx, dropped, cfg)
+        x = torch.cat(parts, dim=1)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _trace(state: PruneState, x: torch.Tensor, idx: torch.Tensor, dropped: torch.Tensor, cfg: "PruneBlocks") -> None:
+    """Update ``state`` for a pruning step on ``x`` ``[B, N, C]`` keeping ``idx`` ``[B, k]``."""
+    B, N, C = x.shape
+    P = cfg.num_protected
+    if state.source is None:
+        state.source = torch.eye(N, dtype=x.dtype, device=x.device)[None].expand(B, N, N)
+    source, n0 = state.source, state.source.shape[-1]
+    rest = source[:, P:]  # [B, N - P, N0]
+    parts = [source[:, :P], rest.gather(1, idx[..., None].expand(B, idx.shape[1], n0))]
+    lost = (rest * dropped[..., None]).amax(dim=1)  # [B, N0] originals leaving without a home
+    if cfg.fuse:
+        parts.append(lost[:, None])
+    else:
+        # Remember the dropped tokens' current features for every original they hold.
+        weights = rest * dropped[..., None]  # [B, N - P, N0]
+        frozen = weights.transpose(1, 2) @ x[:, P:]  # [B, N0, C]
+        if state.frozen is None:
+            state.frozen, state.dropped = frozen, lost[..., None]
+        else:
+            state.frozen, state.dropped = state.frozen + frozen, state.dropped + lost[..., None]
+    state.source = torch.cat(parts, dim=1)
+
+
+class PruneBlocks(nn.Sequential):
+    """``model.blocks`` after patching: each block keeps ``keep[l]`` non-prefix tokens.
+
+    Attributes (fixed at patch time): ``keep`` per block, ``fuse``, ``num_protected``,
+    ``trace_source``; ``last_state`` holds the latest forward's :class:`PruneState`.
+    """
+
+    keep: tuple[int, ...]
+    fuse: bool
+    num_protected: int
+    trace_source: bool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state = PruneState()
+        for index, block in enumerate(self):
+            x = block.forward_prune(x, self.keep[index], self, state)
+        self.last_state = state
+        return x
+
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens after the last block ``[B, N_L, C]`` -> ``[B, N_0, C]`` in the original order.
+
+        Each original token takes the features of the token that holds it at the end (kept: itself;
+        fused: the fused token); one dropped without fusion keeps its features from when it was
+        dropped, passed through the model's final norm like ``x``. Needs ``trace_source``; the
+        identity when nothing was pruned.
+        """
+        state = getattr(self, "last_state", None)
+        if state is None or state.source is None:
+            return x
+        out = state.source.transpose(1, 2) @ x  # [B, N0, C]
+        if state.frozen is not None:
+            (norm,) = self.final_norm
+            out = out + state.dropped * norm(state.frozen)
+        return out
+
+
+@register_method("evit")
+class EViT:
+    """EViT (Liang et al., ICLR 2022): top-k tokens by class attention, the rest fused into one.
+
+    Args:
+        keep_rate: share of the non-prefix tokens kept at each reduction block, in (0, 1]; an int
+            list gives one rate per location. 1.0 is the dense model.
+        locations: 0-indexed reduction blocks (the paper's 4th, 7th and 10th of 12).
+        fuse: inattentive token fusion (Sec. 3.2); off gives plain Top-K pruning.
+        trace_source: keep token sources for ``--task features`` (dense reconstruction).
+
+    Raises (from :meth:`schedule`):
+        ScheduleError: keep rate outside (0, 1], a location outside the model, or a step that
+            would keep no patch token.
+    """
+
+    name = "evit"
+    default_fuse = True
+
+    def __init__(self, keep_rate: Union[float, Sequence[float]] = 0.7,
+                 locations: Sequence[int] = DEFAULT_LOCATIONS, fuse: Optional[bool] = None,
+                 trace_source: bool = False):
+        self.keep_rate = keep_rate
+        self.locations = tuple(int(b) for b in locations)
+        self.fuse = self.default_fuse if fuse is None else bool(fuse)
+        self.trace_source = trace_source
+
+    def params(self) -> dict:
+        rate = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else self.keep_rate
+        return {"keep_rate": rate, "locations": list(self.locations), "fuse": self.fuse,
+                "trace_source": self.trace_source}
+
+    def rates(self, depth: int) -> list[float]:
+        """Keep rate per block (1.0 outside the locations)."""
+        rates = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else [self.keep_rate] * len(self.locations)
+        if len(rates) != len(self.locations):
+            raise ScheduleError(f"{len(rates)} keep rates for {len(self.locations)} locations {list(self.locations)}; give one rate or one per location")
+        per_block = [1.0] * depth
+        for block, rate in zip(self.locations, rates):
+            if not 0 <= block < depth:
+                raise ScheduleError(f"reduction location {block} is outside the model's blocks 0..{depth - 1}; choose locations below {depth}")
+            if not 0.0 < float(rate) <= 1.0:
+                raise ScheduleError(f"keep rate {rate} at block {block} must be in (0, 1]")
+            per_block[block] = float(rate)
+        return per_block
+
+    def schedule(self, layout: TokenLayout) -> Schedule:
+        """Token counts per block (prefix and fused token included).
+
+        Raises:
+            ScheduleError: see the class docstring.
+        """
+        P = layout.num_prefix_tokens
+        if P < 1:
+            raise ScheduleError(f"{self.name} ranks tokens by class-token attention; this model has no class token. Use tome instead.")
+        tokens = [layout.num_tokens]
+        for block, rate in enumerate(self.rates(layout.depth)):
+            have = tokens[-1]
+            keep = keep_count(have, P, rate)
+            if keep < 1:
+                raise ScheduleError(f"block {block}: keep rate {rate} keeps no patch token of {have - P}; use a larger keep rate")
+            pruned = keep < have - P
+            tokens.append(P + keep + (1 if pruned and self.fuse else 0) if pruned else have)
+        notes = ()
+        if self.fuse:
+            notes = ("one fused token is appended at each reduction block",)
+        return Schedule(tokens=tuple(tokens), num_prefix_tokens=P, notes=notes)
+
+    def keeps(self, schedule: Schedule) -> tuple[int, ...]:
+        """Non-prefix tokens kept per block, from a schedule this method made."""
+        P = schedule.num_prefix_tokens
+        out = []
+        for before, after in zip(schedule.tokens, schedule.tokens[1:]):
+            fused = 1 if self.fuse and after < before else 0
+            out.append(after - P - fused)
+        return tuple(out)
+
+    def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
+        """Return a patched deep copy of ``model`` running ``schedule``.
+
+        Raises:
+            NotImplementedError: a block or attention type this patch does not know.
+            ScheduleError: the schedule is for a model of another depth or token count.
+        """
+        layout = TokenLayout.of(model)
+        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
+            raise ScheduleError(
+                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
+                f"model has {layout.depth} / {layout.num_tokens}"
+            )
+        for index, block in enumerate(model.blocks):
+            attn = getattr(block, "attn", None)
+            if type(block) is not Block or type(attn) is not Attention:
+                raise NotImplementedError(
+                    f"{self.name} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}"
+                )
+        patched = copy.deepcopy(model)
+        blocks = patched.blocks
+        blocks.__class__ = PruneBlocks
+        blocks.keep = self.keeps(schedule)
+        blocks.fuse = self.fuse
+        blocks.num_protected = layout.num_prefix_tokens
+        blocks.trace_source = self.trace_source
+        blocks.final_norm = [patched.norm]  # a list: a reference, not a second registered submodule
+        for block in blocks:
+            block.__class__ = PruneBlock
+            block.attn.__class__ = ScoredAttention
+        return patched
