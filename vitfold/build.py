@@ -25,6 +25,7 @@ from .images import batches, list_images, load_images
 from .metrics import TOLERANCES, compare
 from .passes import DEFAULT_PIPELINES
 from .passes.pipeline import run_pipeline
+from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
 from .errors import SpecError
@@ -121,6 +122,8 @@ def build_variant(
     passes = DEFAULT_PIPELINES[request.build.backend]
     log(f"[{what}] passes: {', '.join(passes)}")
     pass_reports = run_pipeline(directory / "model.onnx", directory / "model.opt.onnx", passes, check[:1])
+    lint_target = target_for(request.build.backend)
+    lint_warnings = require_clean(directory / "model.opt.onnx", lint_target)  # an error finding stops the build
     log(f"[{what}] build {request.build.backend} ({request.build.precision})")
     built = runtimes.build(directory / "model.opt.onnx", directory, request.build)
     manifest = {
@@ -134,6 +137,7 @@ def build_variant(
         "files": {"onnx": "model.onnx", "optimized": "model.opt.onnx", "reference": REFERENCE, **built["files"]},
         "versions": {**common["versions"], **built["versions"]},
         "passes": [r.to_json() for r in pass_reports],
+        "lint": {"target": lint_target, "warnings": [f.to_json() for f in lint_warnings]},
         "checks": {"images": image_names, "onnxruntime_vs_torch": exported.parity.to_json()},
     }
     write_manifest(directory, manifest)

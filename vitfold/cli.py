@@ -161,20 +161,29 @@ def profile(build_dir, images, min_runs, min_seconds) -> None:
 
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
-def inspect(model_path) -> None:
-    """Show an ONNX file's ops, dynamic dimensions and the token schedule vitfold recorded in it."""
-    from .inspect import inspect_onnx
+@click.option("--backend", type=click.Choice(["tensorrt", "openvino", "onnxruntime"]), default=None, help="Lint for this backend and list every finding (default: a count per target).")
+@click.option("--trt-version", default=None, help="--backend tensorrt: 8.5 (JetPack 5), 10 (JetPack 6: 10.3) or 11. [default: 10]")
+@click.option("--passes/--no-passes", default=True, show_default=True, help="Apply each registered pass alone (unverified) and show what it changes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the machine-readable dict instead of tables.")
+def inspect(model_path, backend, trt_version, passes, as_json) -> None:
+    """Show an ONNX file's ops, dynamic dimensions, tokens per block (vitfold metadata), backend lint
+    findings (node and rule) and which passes would apply. Exit code 1 when the chosen backend has
+    error findings. The file is only read."""
+    import json
 
-    info = _run(inspect_onnx, model_path)
-    console.print(f"[bold]{model_path}[/]  opset {info['opset']}, IR {info['ir_version']}, {info['nodes']} nodes")
-    for value in info["inputs"] + info["outputs"]:
-        console.print(f"  {value['name']}: {value['shape']} {value['dtype']}")
-    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in info["ops"].items()))
-    console.print(f"dynamic dimensions: {info['dynamic'] or 'none'}")
-    if info["metadata"].get("schedule"):
-        console.print(f"tokens per block: {info['metadata']['schedule']['tokens']}")
+    from .inspect import inspect_onnx, render
+    from .passes.lint import target_for
+
+    if trt_version is not None and backend != "tensorrt":
+        raise click.BadParameter("--trt-version needs --backend tensorrt")
+    target = _run(target_for, backend, trt_version) if backend else None
+    info = _run(inspect_onnx, model_path, target, passes=passes)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
     else:
-        console.print("no vitfold metadata (not exported by vitfold): schedule unknown")
+        render(info, console, str(model_path))
+    if target is not None and any(f["severity"] == "error" for f in info["lint"]):
+        sys.exit(1)
 
 
 def print_report(report: dict) -> None:
