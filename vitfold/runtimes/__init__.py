@@ -24,6 +24,7 @@ from .base import PRECISIONS, BuildConfig, Session
 RUNTIMES: dict[str, str] = {
     "onnxruntime": "vitfold.runtimes.ort",
     "openvino": "vitfold.runtimes.openvino",
+    "tensorrt": "vitfold.runtimes.tensorrt",
 }
 
 
@@ -36,14 +37,19 @@ def require(package: str, install_hint: str) -> ModuleType:
 
 
 def backend_module(backend: str) -> ModuleType:
-    """The module for ``backend``.
+    """The module for ``backend``, after its ``check_available()`` (if it has one) passed.
 
     Raises:
         SpecError: unknown backend name.
+        BackendUnavailable: the backend's packages or device are missing here (checked before any
+            slow step, e.g. TensorRT without a GPU).
     """
     if backend not in RUNTIMES:
         raise SpecError(f"unknown backend {backend!r}; available: {', '.join(RUNTIMES)}")
-    return importlib.import_module(RUNTIMES[backend])
+    module = importlib.import_module(RUNTIMES[backend])
+    if hasattr(module, "check_available"):
+        module.check_available()
+    return module
 
 
 def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
