@@ -134,6 +134,7 @@ class GraphView:
         return walk(self.model.graph)
 
     def is_constant(self, name: str) -> bool:
+        """True for an initializer or the output of a ``Constant`` node (what TensorRT imports as weights)."""
         return name in self._initializers or name in self._constant_nodes
 
     def value(self, name: str) -> Optional[np.ndarray]:
