@@ -437,6 +437,35 @@ def test_latency_stats_flag_noise_above_two_and_a_half_percent():
     assert prof.latency_stats([2.0, 2.2, 1.8, 2.0], batch_size=1)["noisy"]  # CoV 7%
 
 
+class TimedSession:
+    """Stands in for a TensorRTSession in the report hook: fixed CUDA-event times, records call order."""
+
+    def __init__(self, name, compute_ms, order):
+        self.name, self.compute_ms, self.order = name, compute_ms, order
+        self.settings = {"cuda_graph": "on"}
+
+    def __call__(self, images):
+        self.order.append(("warmup", self.name))
+
+    def timed(self, images):
+        self.order.append(("timed", self.name))
+        return self.compute_ms, self.compute_ms + 0.5
+
+
+def test_profile_extras_interleaves_variants_and_reports_gpu_speedup(monkeypatch):
+    monkeypatch.setattr(prof, "jetson_state", lambda: None)
+    order = []
+    sessions = {"dense": TimedSession("dense", 4.0, order), "reduced": TimedSession("reduced", 2.5, order)}
+    extras = prof.profile_extras(sessions, np.zeros((2, 3, 8, 8), np.float32), warmup=3, runs=25)
+    timed = [name for kind, name in order if kind == "timed"]
+    assert order[:6] == [("warmup", "dense")] * 3 + [("warmup", "reduced")] * 3
+    assert timed[:10] == ["dense"] * 10 and timed[10:20] == ["reduced"] * 10 and timed.count("reduced") == 25
+    dense = extras["gpu_latency"]["dense"]
+    assert dense["compute"]["median_ms"] == 4.0 and dense["end_to_end"]["median_ms"] == 4.5
+    assert dense["compute"]["throughput"] == pytest.approx(500) and extras["noisy"] == []
+    assert "GPU compute speedup 1.60x (dense / reduced median)." in extras["markdown"]
+
+
 # --------------------------------------------------------------------------- refusals
 
 
@@ -456,7 +485,7 @@ def test_missing_tensorrt_is_refused_and_other_backends_keep_working(monkeypatch
     from vitfold.runtimes import backend_module
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(BackendUnavailable, match=r"'tensorrt' is not installed.*pip install tensorrt cuda-python.*JetPack"):
+    with pytest.raises(BackendUnavailable, match=r"'tensorrt' is not installed.*pip install \"tensorrt-cu12>=10,<11\".*JetPack"):
         backend_module("tensorrt")
     assert backend_module("onnxruntime").build is not None
 
@@ -476,7 +505,7 @@ def test_cli_build_tensorrt_without_it_exits_2_and_writes_nothing(tmp_path):
     if importlib.util.find_spec("tensorrt") is not None:  # installed, but no GPU / driver here
         assert "needs an NVIDIA GPU" in errors[0] or "CUDA" in errors[0]
     else:
-        assert "'tensorrt' is not installed here" in errors[0] and "pip install tensorrt cuda-python" in errors[0]
+        assert "'tensorrt' is not installed here" in errors[0] and "pip install \"tensorrt-cu12>=10,<11\"" in errors[0]
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
 

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 ENGINE, RECORD = "model.engine", "engine.json"
 #: No square brackets (``vitfold[tensorrt]``): rich would read them as markup in the CLI's error line.
 TRT_INSTALL_HINT = (
-    "on x86_64 `pip install tensorrt cuda-python` (what vitfold's tensorrt extra installs); on a Jetson TensorRT "
+    "on x86_64 `pip install \"tensorrt-cu12>=10,<11\" \"cuda-python>=12,<13\"` (vitfold's tensorrt extra); on a Jetson TensorRT "
     "comes with JetPack (`sudo apt install nvidia-jetpack`), use a venv made with --system-site-packages; "
     "README section 'Jetson and NVIDIA GPUs (TensorRT)'"
 )
@@ -105,9 +105,9 @@ def _logger(trt):
                 self.messages: list[str] = []
 
             def log(self, severity, msg):
-                if int(severity) <= warning:
+                if int(severity) <= warning:  # kept for diagnose_build_failure; errors raised carry the cause
                     self.messages = (self.messages + [str(msg)])[-200:]
-                    log.warning("TensorRT: %s", msg)
+                    log.debug("TensorRT: %s", msg)
 
             def take(self) -> list[str]:
                 messages, self.messages = self.messages, []
@@ -325,8 +325,11 @@ class TensorRTSession(Session):
             self._ptr[name] = device.malloc(self._host[name].nbytes)
             self._context.set_tensor_address(name, self._ptr[name])
         run_shape = opt if self.dynamic else shape
+        self._static_views: dict[str, np.ndarray] = {}
         if self.dynamic:
             self._context.set_input_shape(self._input, run_shape)
+        else:  # fixed shapes: one view per tensor, no per-call shape queries
+            self._static_views = {name: self._view(name) for name in names}
         self._start, self._computed, self._end = device.event(), device.event(), device.event()
         self._begin = device.event()
         self._graph, graph_note = None, "off"
@@ -367,6 +370,8 @@ class TensorRTSession(Session):
             raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log")
 
     def _view(self, name: str) -> np.ndarray:
+        if name in self._static_views:
+            return self._static_views[name]
         shape = tuple(self._context.get_tensor_shape(name))
         return self._host[name][: int(np.prod(shape, dtype=np.int64))].reshape(shape)
 

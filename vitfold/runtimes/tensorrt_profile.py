@@ -282,11 +282,15 @@ def jetson_state(root: Path = Path("/"), run: Runner = subprocess.run) -> Option
 # ------------------------------------------------------------------------------------------- report
 
 def profile_extras(sessions: Mapping[str, object], images: np.ndarray, *, warmup: int = 20, runs: int = 200) -> dict:
-    """What a TensorRT report adds: CUDA-event latency per variant, the Jetson state, noisy flags."""
+    """What a TensorRT report adds (``report["backend_profile"]``): CUDA-event latency per variant
+    (interleaved, same ``images``), the Jetson state, variants whose CoV exceeds :data:`NOISY_COV`, and
+    the report.md lines for all of it (``markdown``)."""
     latency = gpu_latency(sessions, images, warmup=warmup, runs=runs)
     noisy = sorted(f"{name} {kind}" for name, entry in latency.items() for kind in ("compute", "end_to_end")
                    if entry[kind]["noisy"])
-    return {"gpu_latency": latency, "noisy": noisy, "noisy_cov": NOISY_COV, "jetson": jetson_state()}
+    extras = {"gpu_latency": latency, "noisy": noisy, "noisy_cov": NOISY_COV, "jetson": jetson_state()}
+    extras["markdown"] = render_markdown(extras)
+    return extras
 
 
 def render_markdown(extras: dict) -> list[str]:
