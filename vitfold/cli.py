@@ -106,7 +106,7 @@ def main() -> None:
 @click.option("--fuse/--no-fuse", default=None, help="EViT / Top-K: fuse the pruned tokens into one, weighted by class attention. [default: evit on, topk off]")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE", help="Any other method parameter (e.g. --param clusters=64); repeatable.")
 @click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="features: output the full patch grid [B, H/p*W/p, C], restored after the reduced blocks (dense prediction).")
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True, help="Runtime to build for.")
+@click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), default="openvino", show_default=True, help="Runtime to build for.")
 @click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size of the exported graph.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")

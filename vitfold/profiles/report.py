@@ -118,6 +118,9 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
             block=options.block,
         )
         settings = reduced.settings
+        # backend-specific measurements (TensorRT: CUDA-event latency, Jetson power / clock state)
+        extras = getattr(runtimes.backend_module(manifest["build"]["backend"]), "profile_extras", None)
+        backend_profile = extras({"dense": dense, "reduced": reduced}, sample) if extras else None
 
     dims = ModelDims.from_json(manifest["dims"])
     macs = {
@@ -150,6 +153,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "noisy": sorted(k for k, v in latency.items() if v.noisy),
         "environment": environment(settings),
     }
+    if backend_profile is not None:
+        report["backend_profile"] = backend_profile
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(report))
     return report
@@ -199,6 +204,7 @@ def render_markdown(report: dict) -> str:
     ]
     if report["noisy"]:
         lines += ["", f"Warning: CoV above {NOISY_COV:.0%} for {', '.join(report['noisy'])}: the machine was busy; re-run."]
+    lines += report.get("backend_profile", {}).get("markdown", [])
     if report["weights"].startswith("random"):
         lines += ["", "Weights are random: parity with torch is meaningful, fidelity vs dense is not."]
     return "\n".join(lines) + "\n"
