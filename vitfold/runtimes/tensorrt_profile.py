@@ -288,7 +288,9 @@ def profile_extras(sessions: Mapping[str, object], images: np.ndarray, *, warmup
     latency = gpu_latency(sessions, images, warmup=warmup, runs=runs)
     noisy = sorted(f"{name} {kind}" for name, entry in latency.items() for kind in ("compute", "end_to_end")
                    if entry[kind]["noisy"])
-    extras = {"gpu_latency": latency, "noisy": noisy, "noisy_cov": NOISY_COV, "jetson": jetson_state()}
+    device = {name: {key: session.settings.get(key) for key in ("tensorrt", "gpu", "compute_capability", "engine_source")}
+              for name, session in sessions.items()}
+    extras = {"gpu_latency": latency, "device": device, "noisy": noisy, "noisy_cov": NOISY_COV, "jetson": jetson_state()}
     extras["markdown"] = render_markdown(extras)
     return extras
 
@@ -301,6 +303,9 @@ def render_markdown(extras: dict) -> list[str]:
         c, e = entry["compute"], entry["end_to_end"]
         lines.append(f"| {name} | {c['median_ms']:.3f} | {c['p90_ms']:.3f} | {c['cov']:.1%} | {e['median_ms']:.3f} | "
                      f"{e['p90_ms']:.3f} | {e['cov']:.1%} | {entry['cuda_graph']} |")
+    for name, info in extras.get("device", {}).items():
+        lines.append(f"\n{name}: TensorRT {info['tensorrt']} on {info['gpu']} (compute {info['compute_capability']}), "
+                     f"engine from {info['engine_source']}.")
     latency = extras["gpu_latency"]
     if "dense" in latency and "reduced" in latency:
         speedup = latency["dense"]["compute"]["median_ms"] / latency["reduced"]["compute"]["median_ms"]
