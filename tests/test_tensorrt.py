@@ -361,6 +361,190 @@ def test_load_rebuilds_a_corrupt_engine_and_closes_the_device_on_failure(fake_lo
         trt_backend.load(fake_load.dir, fake_load.manifest)
 
 
+# --------------------------------------------------------------------------- build wiring (fake TensorRT)
+
+
+def fake_tensorrt(version="10.3.0", shape=(-1, 3, 4, 4), dtypes=("DataType.FLOAT",), parse_ok=True, build_log=()):
+    """A stand-in for the ``tensorrt`` module with the documented names ``obtain_engine`` calls; it
+    records what it was told (``calls``). It checks the wiring (flags, pools, profiles, timing cache,
+    failures), not TensorRT itself."""
+    calls = {"flags": None, "config": {}, "set": [], "clear": [], "shapes": [], "builds": 0, "timing_in": []}
+
+    class ILogger:
+        Severity = SimpleNamespace(WARNING=2)
+
+        def __init__(self):
+            pass
+
+    class Network:
+        num_inputs, num_layers = 1, 1
+
+        def get_input(self, i):
+            return SimpleNamespace(name="images", shape=shape, dtype=dtypes[0])
+
+        def get_layer(self, i):
+            return SimpleNamespace(num_outputs=len(dtypes), get_output=lambda j: SimpleNamespace(dtype=dtypes[j]))
+
+    class TimingCache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+"
+
+    class Config:
+        def set_memory_pool_limit(self, pool, size):
+            calls["config"][pool] = size
+
+        def __setattr__(self, name, value):
+            calls["config"][name] = value
+
+        def set_flag(self, flag):
+            calls["set"].append(flag)
+
+        def clear_flag(self, flag):
+            calls["clear"].append(flag)
+
+        def add_optimization_profile(self, profile):
+            calls["config"]["profiles"] = calls["config"].get("profiles", 0) + 1
+
+        def create_timing_cache(self, data):
+            calls["timing_in"].append(bytes(data))
+            calls["timing"] = TimingCache(bytes(data))
+            return calls["timing"]
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            calls["config"]["timing_cache_set"] = not ignore_mismatch
+
+        def get_timing_cache(self):
+            return calls["timing"]
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            calls["flags"] = flags
+            return Network()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return SimpleNamespace(set_shape=lambda name, lo, opt, hi: calls["shapes"].append((name, lo, opt, hi)))
+
+        def build_serialized_network(self, network, config):
+            calls["builds"] += 1
+            for message in build_log:
+                self.logger.log(1, message)
+            return None if build_log else b"plan-%d" % calls["builds"]
+
+    class OnnxParser:
+        num_errors = 1
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse_from_file(self, path):
+            return parse_ok
+
+        def get_error(self, i):
+            return Tensorrt10ParserError()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, plan):
+            return ("engine", plan)
+
+    module = SimpleNamespace(
+        __version__=version, ILogger=ILogger, Builder=Builder, OnnxParser=OnnxParser, Runtime=Runtime,
+        NetworkDefinitionCreationFlag=SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1),
+        BuilderFlag=SimpleNamespace(FP16="FP16", TF32="TF32"), MemoryPoolType=SimpleNamespace(WORKSPACE="WORKSPACE"),
+        ProfilingVerbosity=SimpleNamespace(DETAILED="DETAILED"), init_libnvinfer_plugins=lambda logger, ns: None,
+    )
+    return module, calls
+
+
+IDENTITY = {"tensorrt": "10.3.0", "gpu": "Orin", "compute_capability": [8, 7], "platform": {"kind": "jetson"}}
+
+
+@pytest.fixture
+def onnx_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(trt_backend, "_LOGGER", None)  # the fake logger class must not outlive the test
+    path = tmp_path / "model.opt.onnx"
+    _tiny_dynamic_onnx(path)
+    return path
+
+
+def test_obtain_engine_wires_plan_profiles_and_timing_cache(onnx_file, tmp_path):
+    trt, calls = fake_tensorrt("10.3.0")
+    config = BuildConfig("tensorrt", "fp16", cache_dir=str(tmp_path / "cache"), extra={"batch": [1, 2, 4]})
+    plan = translate_config(config, trt.__version__)
+    result, fields, runtime = trt_backend.obtain_engine(trt, onnx_file, config, plan, IDENTITY)
+    assert result.source == "built" and result.plan == b"plan-1" and calls["flags"] == 0
+    assert calls["config"]["WORKSPACE"] == 1024 << 20 and calls["config"]["builder_optimization_level"] == 3
+    assert calls["config"]["profiling_verbosity"] == "DETAILED" and calls["config"]["timing_cache_set"]
+    assert calls["set"] == ["FP16"] and calls["clear"] == [] and calls["config"]["profiles"] == 1
+    assert calls["shapes"] == [("images", [1, 3, 4, 4], [2, 3, 4, 4], [4, 3, 4, 4])]
+    assert fields["profiles"] == {"images": [[1, 3, 4, 4], [2, 3, 4, 4], [4, 3, 4, 4]]} and fields["precision"] == "fp16"
+    timing = trt_backend.engine_cache(config).timing_cache(fields)
+    assert timing.read_bytes() == b"+" and calls["timing_in"] == [b""]
+
+    again, _, _ = trt_backend.obtain_engine(trt, onnx_file, config, plan, IDENTITY)
+    assert again.source == "cache" and calls["builds"] == 1
+    other = BuildConfig("tensorrt", "fp16", cache_dir=config.cache_dir, extra={"batch": [1, 2, 8]})
+    trt_backend.obtain_engine(trt, onnx_file, other, translate_config(other, trt.__version__), IDENTITY)
+    assert calls["builds"] == 2 and calls["timing_in"][-1] == b"+"  # new profile: rebuilt, timing cache reused
+
+
+def test_obtain_engine_on_tensorrt_8_5_and_11(onnx_file):
+    trt, calls = fake_tensorrt("8.5.2", shape=(1, 3, 4, 4))
+    config = cfg("f32", engine_cache=False)
+    trt_backend.obtain_engine(trt, onnx_file, config, translate_config(config, "8.5.2"), IDENTITY)
+    assert calls["flags"] == 1 << 0 and "builder_optimization_level" not in calls["config"]
+    assert calls["clear"] == ["TF32"] and calls["shapes"] == [] and "profiles" not in calls["config"]
+
+    trt, calls = fake_tensorrt("11.4.1", shape=(1, 3, 4, 4))
+    with pytest.raises(SpecError, match="no float16 tensor"):
+        trt_backend.obtain_engine(trt, onnx_file, cfg("fp16"), translate_config(cfg("fp16"), "11.4.1"), IDENTITY)
+    assert calls["builds"] == 0
+    trt, calls = fake_tensorrt("11.4.1", shape=(1, 3, 4, 4), dtypes=("DataType.FLOAT", "DataType.HALF"))
+    config = cfg("fp16", engine_cache=False)
+    trt_backend.obtain_engine(trt, onnx_file, config, translate_config(config, "11.4.1"), IDENTITY)
+    assert calls["flags"] == 0 and calls["set"] == [] and calls["builds"] == 1
+
+
+def test_obtain_engine_failures_name_the_cause(onnx_file):
+    config = cfg("f32", engine_cache=False)
+    trt, _ = fake_tensorrt(shape=(1, 3, 4, 4), parse_ok=False)
+    with pytest.raises(ExportError, match=r"node 57 'node_scatter_reduce' \(ScatterElements\)"):
+        trt_backend.obtain_engine(trt, onnx_file, config, translate_config(config, "10.3.0"), IDENTITY)
+    trt, _ = fake_tensorrt(shape=(1, 3, 4, 4), build_log=[
+        "[optimizer.cpp::computeCosts] Error Code 4: Internal Error (Could not find any implementation for node "
+        "{ForeignNode[node_matmul]} due to insufficient workspace. See verbose log for requested sizes.)"])
+    with pytest.raises(SpecError, match="1024 MiB workspace"):
+        trt_backend.obtain_engine(trt, onnx_file, config, translate_config(config, "10.3.0"), IDENTITY)
+    trt, _ = fake_tensorrt()  # dynamic batch, no range given
+    with pytest.raises(SpecError, match="dynamic dimension 0"):
+        trt_backend.obtain_engine(trt, onnx_file, config, translate_config(config, "10.3.0"), IDENTITY)
+
+
+def test_build_writes_engine_and_record(onnx_file, tmp_path, monkeypatch):
+    trt, _ = fake_tensorrt(shape=(1, 3, 4, 4))
+    monkeypatch.setattr(trt_backend, "_trt", lambda: trt)
+    monkeypatch.setattr(trt_backend.cudamem, "open_device", lambda index=0: FakeDevice())
+    out = tmp_path / "out"
+    out.mkdir()
+    entries = trt_backend.build(onnx_file, out, BuildConfig("tensorrt", "f32", cache_dir=str(tmp_path / "cache")))
+    assert entries == {"files": {"backend": "model.engine", "engine_record": "engine.json"},
+                       "versions": {"tensorrt": "10.3.0", "cuda_bindings": "fake"}}
+    record = json.loads((out / "engine.json").read_text())
+    assert (out / "model.engine").read_bytes() == b"plan-1" and record["gpu"] == "Orin" and record["source"] == "built"
+    assert record["builder"]["clear_flags"] == ["TF32"] and record["platform"] == detect_platform()
+
+
 # --------------------------------------------------------------------------- profiling helpers
 
 TEGRASTATS = (
