@@ -9,6 +9,7 @@ beside the target and renamed into place at the end.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 from dataclasses import dataclass, field, replace
@@ -18,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import runtimes
-from .artifact import atomic_directory, write_manifest
+from .artifact import atomic_directory, read_manifest, write_manifest
 from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
@@ -28,7 +29,7 @@ from .passes.pipeline import run_pipeline
 from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
-from .errors import SpecError
+from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
 from .reduce.features import TASKS, DenseFeatures, for_features
 from .runtimes import BuildConfig
@@ -50,6 +51,8 @@ class BuildRequest:
     opset: int = DEFAULT_OPSET
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     task: str = "classify"
+    dense_dir: Optional[Path] = None
+    profile: bool = True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -187,17 +190,66 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         "versions": tool_versions(),
     }
     image_names = [p.name for p in paths]
+    dense_schedule = Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens)
+    variant = dict(request=request, check=check, image_names=image_names, common=common, log=log)
+    dense_link = _shared_dense(request, common, out) if request.dense_dir is not None else "dense"
+    report = None
     with atomic_directory(out) as staging:
-        (staging / "dense").mkdir()
-        dense_method = {"name": "none", "params": {}}
-        variant = dict(request=request, check=check, image_names=image_names, common=common, log=log)
-        build_variant(model, Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens),
-                      staging / "dense", method=dense_method, **variant)
+        if request.dense_dir is None:
+            (staging / "dense").mkdir()
+            build_variant(model, dense_schedule, staging / "dense", method=DENSE_METHOD, **variant)
         manifest = build_variant(reduced, schedule, staging,
                                  method={"name": request.method, "params": method.params()}, **variant)
-        manifest["dense"] = "dense"
+        manifest["dense"] = dense_link
         write_manifest(staging, manifest)
-        log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
-        report = profile_build(staging, images=request.images, options=request.latency)
+        if request.profile:
+            log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
+            report = profile_build(staging, images=request.images, options=request.latency)
     return out, report
+
+
+DENSE_METHOD = {"name": "none", "params": {}}
+
+
+def build_dense(request: BuildRequest, log: Callable[[str], None] = print) -> Path:
+    """Build only the dense model of ``request`` (no method) into ``request.out``, to be shared as
+    the dense twin of many builds (``BuildRequest.dense_dir``), e.g. by a sweep; returns the directory.
+
+    Raises:
+        VitfoldError subclasses, as :func:`build`.
+    """
+    runtimes.backend_module(request.build.backend)
+    model, pre = create_model(request.spec)
+    dims = model_dims(model)
+    layout = TokenLayout.of(model)
+    if request.task == "features":
+        model, dims = DenseFeatures(model), replace(dims, num_classes=0)
+    paths = list_images(request.images)
+    check = batches(load_images(paths, pre), request.spec.batch_size)
+    out = Path(request.out) if request.out else Path.cwd() / "builds" / f"{request.spec.name}-dense"
+    common = {
+        "name": out.name, "spec": request.spec.to_json(), "weights": request.spec.weights, "preprocess": pre.to_json(),
+        "task": request.task, "dims": dims.to_json(), "versions": tool_versions(),
+    }
+    with atomic_directory(out) as staging:
+        build_variant(model, Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens), staging,
+                      method=DENSE_METHOD, request=request, check=check, image_names=[p.name for p in paths],
+                      common=common, log=log)
+    return out
+
+
+def _shared_dense(request: BuildRequest, common: dict, out: Path) -> str:
+    """Check that ``request.dense_dir`` is the dense twin this build needs; return its path relative
+    to ``out`` (the staging directory is a sibling of ``out``, so the link holds after the rename).
+
+    Raises:
+        ArtifactError: not a build, or built from another model, weights, task or backend setting.
+    """
+    dense_dir = Path(request.dense_dir).resolve()
+    manifest = read_manifest(dense_dir)
+    for key, want in (("spec", common["spec"]), ("task", common["task"]), ("build", request.build.to_json()),
+                      ("method", DENSE_METHOD)):
+        if manifest.get(key) != want:
+            raise ArtifactError(f"{dense_dir} cannot be the dense twin: its {key} is {manifest.get(key)}, this build needs {want}")
+    return os.path.relpath(dense_dir, Path(out).resolve())
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import VitfoldError
@@ -141,9 +142,80 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
         task=task,
     )
-    directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{msg}[/]"))
+    directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
     print_report(report)
     console.print(f"build: {directory}")
+
+
+@main.command()
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--methods", "methods_spec", required=True,
+              help='Points to build: "tome:r=4,8,13,16 evit:keep=0.5,0.7,0.9 topk:keep=0.7"; after a method, '
+                   "':'-separated key=v1,v2 settings, every combination is a point (keep = keep_rate).")
+@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True, help="Runtime to build for.")
+@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth).")
+@click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="Output logits or the restored patch grid.")
+@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos (default: the shipped photos).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Sweep directory (default: sweeps/<model>-<backend>-<precision>-b<batch>).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
+@click.option("--reprofile", is_flag=True, help="Re-measure points already built (default: reuse their reports).")
+@click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
+def sweep(model, methods_spec, backend, precision, batch, img_size, checkpoint, task, images, out, threads, reprofile,
+          min_runs, min_seconds) -> None:
+    """Build every point once (cached by spec hash), profile each against one dense baseline, and
+    write sweep.json, sweep.md and sweep.png (speedup vs fidelity, one curve per method)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .build import BuildRequest
+    from .profiles.report import LatencyOptions
+    from .runtimes import BuildConfig
+    from .spec import ModelSpec
+    from .sweep import parse_points, run_sweep
+
+    points = _run(parse_points, methods_spec)
+    base = _run(
+        BuildRequest,
+        spec=ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, img_size=img_size, batch_size=batch),
+        build=_run(BuildConfig, backend=backend, precision=precision, threads=threads),
+        images=images,
+        latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
+        task=task,
+    )
+    out = out or Path("sweeps") / f"{model}-{backend}-{precision}-b{batch}"
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task_id = progress.add_task("sweep", total=len(points) + 1)
+        summary = _run(run_sweep, base, points, out, reprofile=reprofile,
+                       log=lambda msg: progress.console.print(f"[dim]{escape(msg)}[/]"),
+                       advance=lambda label: progress.update(task_id, advance=1, description=f"sweep: {label} done"))
+    table = Table(title=f"sweep {model} ({backend} {precision}, batch {batch})")
+    for column in ("method", "params", "GMACs", "FLOP ratio", "speedup", "fidelity", "top-1 vs dense"):
+        table.add_column(column, justify="right")
+    for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
+        top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
+        table.add_row(r["method"], r["label"], f"{r['gmacs']:.3f}", f"{r['flop_ratio']:.2f}x", f"{r['speedup']:.2f}x",
+                      f"{r['fidelity']:.4f}", top1)
+    console.print(table)
+    console.print(f"sweep: {Path(out).resolve()} (sweep.md, sweep.json, sweep.png)")
+
+
+@main.command()
+def methods() -> None:
+    """List the token-reduction methods and their parameters."""
+    import inspect as pyinspect
+
+    from .reduce import METHODS
+
+    for name, cls in sorted(METHODS.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        console.print(f"[bold]{name}[/]: {doc[0] if doc else ''}")
+        for param in pyinspect.signature(cls).parameters.values():
+            default = "" if param.default is param.empty else f" = {param.default!r}"
+            console.print(f"    {param.name}{default}")
 
 
 @main.command()
@@ -151,12 +223,18 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos (default: the shipped photos).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Timed seconds per variant, at least.")
-def profile(build_dir, images, min_runs, min_seconds) -> None:
+@click.option("--per-layer", is_flag=True, help="Add a pass with the backend's per-layer counters: time per block by category (attention, MLP, reduction overhead), per_layer.png.")
+@click.option("--layer-runs", type=click.IntRange(min=1), default=20, show_default=True, help="--per-layer: counted runs per variant (means are reported).")
+def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> None:
     """Re-measure an existing build against its dense twin (no rebuild); rewrites report.json/md."""
+    from .profiles.per_layer import LayerProfileOptions
     from .profiles.report import LatencyOptions, profile_build
 
-    report = _run(profile_build, build_dir, images=images, options=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds))
+    report = _run(profile_build, build_dir, images=images, options=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
+                  per_layer=LayerProfileOptions(runs=layer_runs) if per_layer else None)
     print_report(report)
+    if per_layer:
+        print_per_layer(report["per_layer"], Path(build_dir))
 
 
 @main.command()
@@ -184,6 +262,26 @@ def inspect(model_path, backend, trt_version, passes, as_json) -> None:
         render(info, console, str(model_path))
     if target is not None and any(f["severity"] == "error" for f in info["lint"]):
         sys.exit(1)
+
+
+def print_per_layer(per_layer: dict, directory: Path) -> None:
+    """The console table for a per-layer profile: ms per category, coverage, reduction overhead."""
+    from .profiles.latency import NOISY_COV
+    from .profiles.per_layer import CATEGORIES
+
+    table = Table(title="time per category (backend counters, mean ms per run)")
+    for column in ("variant", "attn", "mlp", "reduce", "other", "run", "covered", "overhead"):
+        table.add_column(column, justify="right")
+    for v in ("dense", "reduced"):
+        if v in per_layer:
+            s = per_layer[v]
+            table.add_row(v, *(f"{s['categories'][c]:.2f}" for c in CATEGORIES), f"{s['run_ms']:.2f}", f"{s['coverage']:.1%}",
+                          f"{s['reduction_pct']:.1%}")
+    console.print(table)
+    noisy = [v for v in ("dense", "reduced") if v in per_layer and per_layer[v]["run_cov"] > NOISY_COV]
+    if noisy:
+        console.print(f"[yellow]warning: counter-pass CoV above 5% for {', '.join(noisy)}; the machine was busy, re-run[/]")
+    console.print(f"per block: {directory / 'report.md'}, chart: {directory / per_layer['png']}")
 
 
 def print_report(report: dict) -> None:
