@@ -74,8 +74,12 @@ def kl_divergence(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean(np.sum(np.exp(p_log) * (p_log - q_log), axis=1)))
 
 
-def profile_build(directory: Path, images: Optional[Path] = None, options: Optional[LatencyOptions] = None) -> dict:
+def profile_build(directory: Path, images: Optional[Path] = None, options: Optional[LatencyOptions] = None,
+                  per_layer=None) -> dict:
     """Measure a build and its dense twin; write and return the report.
+
+    ``per_layer`` (a :class:`vitfold.profiles.per_layer.LayerProfileOptions`) adds a separate pass
+    with the backend's per-layer counters: time per block and category, ``per_layer.png``.
 
     Raises:
         ArtifactError: not a complete build directory (or no dense twin).
@@ -155,6 +159,10 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     }
     if backend_profile is not None:
         report["backend_profile"] = backend_profile
+    if per_layer is not None:
+        from .per_layer import profile_build_layers
+
+        report["per_layer"] = profile_build_layers(directory, check[0], per_layer)
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(report))
     return report
@@ -203,8 +211,14 @@ def render_markdown(report: dict) -> str:
         f"Reduced vs dense on {len(report['images'])} photos: {fidelity_summary(fid)}.",
     ]
     if report["noisy"]:
-        lines += ["", f"Warning: CoV above {NOISY_COV:.0%} for {', '.join(report['noisy'])}: the machine was busy; re-run."]
+        covs = ", ".join(f"{v} {lat[v]['cov']:.1%}" for v in report["noisy"])
+        lines += ["", f"**Warning: CoV above {NOISY_COV:.0%}** ({covs}): the machine was busy; the raw samples are in "
+                      "report.json (`latency.*.samples_ms`); re-run `deploy.py profile`."]
     lines += report.get("backend_profile", {}).get("markdown", [])
+    if "per_layer" in report:
+        from .per_layer import render_markdown as per_layer_lines
+
+        lines += per_layer_lines(report["per_layer"])
     if report["weights"].startswith("random"):
         lines += ["", "Weights are random: parity with torch is meaningful, fidelity vs dense is not."]
     return "\n".join(lines) + "\n"

@@ -51,10 +51,12 @@ def compile_config(cfg: BuildConfig) -> dict:
 class OpenVINOSession(Session):
     backend = "openvino"
 
-    def __init__(self, xml: Path, cfg: BuildConfig, device: str = "CPU"):
+    def __init__(self, xml: Path, cfg: BuildConfig, device: str = "CPU", perf_count: bool = False):
         ov = _ov()
         core = ov.Core()
         config = compile_config(cfg)
+        if perf_count:  # per-layer counters (get_profiling_info); they cost a little time per layer
+            config["PERF_COUNT"] = True
         self._compiled = core.compile_model(core.read_model(str(xml)), device, config)
         self._request = self._compiled.create_infer_request()
         inputs = self._compiled.inputs
@@ -87,3 +89,53 @@ class OpenVINOSession(Session):
 
 def load(directory: Path, manifest: dict) -> Session:
     return OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]))
+
+
+def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
+    """Run a build with OpenVINO's per-layer counters (``PERF_COUNT``) on ``images`` ``[B, 3, H, W]``.
+
+    The CPU plugin's counters are a running mean over every inference of the compiled model, in
+    whole microseconds (``get_profiling_info`` after each call shows a slowly moving average, not
+    that call). The mean over the timed runs alone is therefore taken from the totals after the
+    warm-up and after the last run: ``(mean_end * (warmup + runs) - mean_warm * warmup) / runs``
+    (floor rounding costs under 1.5 us per layer). The compiled (runtime) model gives, per layer,
+    the ONNX nodes it was fused from (``originalLayersNames``) and the layers feeding it.
+
+    Returns:
+        ``{"layers": [{name, type, ms, origins, inputs}, ...], "run_ms": [wall ms per timed run],
+        "settings": {...}}``: ``ms`` is the layer's mean over the timed runs; wall time is
+        ``perf_counter`` around ``infer`` (counters on).
+    """
+    import time
+
+    session = OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
+                              perf_count=True)
+    graph = {}
+    for op in session._compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        origins = info["originalLayersNames"].astype(str) if "originalLayersNames" in info else ""
+        graph[op.get_friendly_name()] = (
+            tuple(o for o in origins.split(",") if o),
+            tuple(i.get_source_output().get_node().get_friendly_name() for i in op.inputs()),
+        )
+
+    def means() -> dict:
+        return {p.node_name: (p.node_type, p.real_time.total_seconds() * 1e3) for p in session._request.get_profiling_info()}
+
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    for _ in range(warmup):
+        session(images)
+    warm = means() if warmup else {}
+    run_ms = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        session(images)
+        run_ms.append((time.perf_counter_ns() - t0) / 1e6)
+    layers = []
+    for name, (kind, mean_ms) in means().items():
+        total = mean_ms * (warmup + runs) - warm.get(name, (kind, 0.0))[1] * warmup
+        origins, inputs = graph.get(name, ((), ()))
+        layers.append({"name": name, "type": kind, "ms": max(0.0, total / runs), "origins": origins, "inputs": inputs})
+    settings = session.settings
+    session.close()
+    return {"layers": layers, "run_ms": run_ms, "settings": settings}
