@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import sys
+
+import numpy as np
 
 import pytest
 import torch
@@ -104,3 +107,27 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
         build_module.build(request, log=lambda m: None)
     assert calls and not out.exists()
     assert list((tmp_path / "builds").iterdir()) == []
+
+
+def test_method_parameters_are_checked_per_method():
+    result = deploy("build", "--method", "evit", "--r", "8")
+    assert result.returncode == 2 and "takes no parameter r" in result.stderr and "keep_rate" in result.stderr
+    result = deploy("build", "--method", "evt")
+    assert result.returncode == 2 and "Did you mean: evit" in result.stderr
+
+
+def test_pruned_features_build(tmp_path):
+    """EViT with --task features: the full patch grid comes back, checked against torch and profiled."""
+    out = tmp_path / "feat"
+    result = deploy("build", "--model", "vit_tiny_patch16_224", "--img-size", "96", "--method", "evit", "--keep", "0.5",
+                    "--locations", "3,6", "--task", "features", "--backend", "onnxruntime", "--out", str(out),
+                    "--min-runs", "3", "--min-seconds", "0")
+    assert result.returncode == 0, result.stderr + result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"] == ["features"] and manifest["task"] == "features"
+    assert manifest["schedule"]["tokens"][-1] < manifest["schedule"]["tokens"][0]
+    assert np.load(out / "reference.npy").shape[1:] == (36, 192)  # 6x6 patches of ViT-Ti
+    report = json.loads((out / "report.json").read_text())
+    fidelity = report["fidelity_vs_dense"]
+    assert fidelity["top1_agreement"] is None and -1.0 <= fidelity["token_cosine_min"] <= fidelity["token_cosine_mean"] <= 1.0
+    assert "per-token cosine" in (out / "report.md").read_text()
