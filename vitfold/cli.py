@@ -24,7 +24,7 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except VitfoldError as exc:
-        err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
 
 
@@ -238,6 +238,37 @@ def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> 
 
 
 @main.command()
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), default="openvino", show_default=True, help="Runtime to measure on.")
+@click.option("--block/--whole", "block_mode", default=True, show_default=True, help="One transformer block with a static [B, N, C] input, or the whole model with every block at N tokens.")
+@click.option("--tokens", default=None, help="Token counts N: START:STOP:STEP (STOP inclusive) or a list. [default: every 4 from 16 to the full count]")
+@click.option("--block-index", type=click.IntRange(min=0), default=0, show_default=True, help="--block: which block to export.")
+@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision.")
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
+@click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (sets the full token count; default: the model's).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder (default: curves/<model>-<block|whole>-<backend>-<precision>-b<batch>).")
+@click.option("--min-runs", type=click.IntRange(min=3), default=30, show_default=True, help="Timed runs per token count, at least.")
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Timed seconds per token count, at least.")
+def curve(model, backend, block_mode, tokens, block_index, precision, batch, img_size, threads, out, min_runs, min_seconds) -> None:
+    """Measure latency against token count N (one block, or the whole model at a uniform N) and
+    write curve.json + curve.png with the steps and plateaus found."""
+    from .profiles.curve import CurveOptions, measure_curve, write_curve
+    from .runtimes import BuildConfig
+    from .spec import ModelSpec
+
+    mode = "block" if block_mode else "whole"
+    cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
+    spec = ModelSpec(model, img_size=img_size, batch_size=batch)
+    result = _run(measure_curve, spec, cfg, mode=mode, tokens=tokens, block_index=block_index,
+                  options=CurveOptions(min_runs=min_runs, min_seconds=min_seconds),
+                  log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
+    paths = write_curve(result, out or Path("curves") / f"{model}-{mode}-{backend}-{precision}-b{batch}")
+    print_curve(result)
+    console.print(f"curve: {paths['json']}  chart: {paths['png']}")
+
+
+@main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["tensorrt", "openvino", "onnxruntime"]), default=None, help="Lint for this backend and list every finding (default: a count per target).")
 @click.option("--trt-version", default=None, help="--backend tensorrt: 8.5 (JetPack 5), 10 (JetPack 6: 10.3) or 11. [default: 10]")
@@ -262,6 +293,25 @@ def inspect(model_path, backend, trt_version, passes, as_json) -> None:
         render(info, console, str(model_path))
     if target is not None and any(f["severity"] == "error" for f in info["lint"]):
         sys.exit(1)
+
+
+def print_curve(curve: dict) -> None:
+    """Console summary of a latency curve: range, slope, steps, plateaus, noise."""
+    points = curve["points"]
+    first, last = points[0], points[-1]
+    console.print(f"{curve['model']} {curve['mode']} on {curve['backend']['backend']} {curve['backend']['precision']}: "
+                  f"N={first['tokens']}: {first['median_ms']:.3f} ms ... N={last['tokens']}: {last['median_ms']:.3f} ms, "
+                  f"{len(points)} counts, mean slope {curve['slope_ms_per_token'] * 1e3:.2f} us/token")
+    table = Table(title="steps (latency jumps beyond the mean slope)")
+    for column in ("from N", "to N", "jump ms", "jump %"):
+        table.add_column(column, justify="right")
+    for step in curve["steps"]:
+        table.add_row(str(step["from"]), str(step["to"]), f"{step['jump_ms']:.3f}", f"{step['jump_pct']:.1%}")
+    console.print(table if curve["steps"] else "no steps found")
+    for plateau in curve["plateaus"]:
+        console.print(f"plateau N={plateau['from']}..{plateau['to']}: {plateau['ms_from']:.3f} -> {plateau['ms_to']:.3f} ms")
+    if curve["noisy"]:
+        console.print(f"[yellow]warning: CoV above 5% at N = {', '.join(map(str, curve['noisy']))}; the machine was busy, re-run[/]")
 
 
 def print_per_layer(per_layer: dict, directory: Path) -> None:

@@ -12,7 +12,9 @@ from .base import BuildConfig, Session
 ARTIFACT = "model.ort.onnx"
 #: The graph ONNX Runtime actually runs (all optimisations, this CPU), saved by a profiling session.
 PROFILED_GRAPH = "profiled.ort.onnx"
-#: Highest ONNX IR version this ONNX Runtime (1.31) loads; newer onnx stamps models with 14.
+#: IR version vitfold stamps on every model it writes. onnx 1.23 stamps 14, which ONNX Runtime 1.31
+#: refuses (it loads <= 13, measured in tests/test_lint.py); 10 (onnx 1.16) keeps artifacts loadable
+#: by the older ONNX Runtime and OpenVINO builds that ship on devices, and opset 18 needs only IR 8.
 MAX_IR_VERSION = 10
 
 
