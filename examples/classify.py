@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Classify photos with a vitfold build, as a device app would: no torch, no timm, no onnx.
+
+Needs numpy, Pillow, the build's backend (openvino or onnxruntime) and the ``vitfold`` package
+(``pip install --no-deps .``). Images are prepared the way the build's manifest says (resize the
+short side, centre crop, mean / std from timm's ``pretrained_cfg``)::
+
+    python examples/classify.py builds/deit_small_patch16_224-tome-r13-openvino-f32-b1 cat.jpg photos/
+    python examples/classify.py builds/<name> --dense          # the dense twin of the same build
+
+With no image given it classifies the photos shipped with vitfold. A 1000-class model prints
+ImageNet class names (``imagenet_classes.txt`` beside this file); other models print class indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from vitfold.artifact import read_manifest
+from vitfold.errors import VitfoldError
+from vitfold.images import IMAGE_SUFFIXES, batches, list_images, load_images
+from vitfold.runtimes import load
+from vitfold.spec import Preprocess
+
+NAMES = Path(__file__).with_name("imagenet_classes.txt")
+
+
+def class_names(num_classes: int, path: Path = NAMES) -> Optional[list[str]]:
+    """ImageNet-1k names (``synset<TAB>names`` per line, class index = line number) for a
+    1000-class head; None for any other head size or when the file is absent."""
+    if num_classes != 1000 or not path.is_file():
+        return None
+    names = [line.split("\t", 1)[-1].strip() for line in path.read_text().splitlines() if line.strip()]
+    return names if len(names) == 1000 else None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``[B, K]`` logits (float64)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def image_paths(items: list[str]) -> list[Path]:
+    """Files as given and the images inside folders; the shipped photos when ``items`` is empty."""
+    if not items:
+        return list_images()
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += list_images(item)
+        elif item.is_file() and item.suffix.lower() in IMAGE_SUFFIXES:
+            paths.append(item)
+        else:
+            raise VitfoldError(f"{item} is not an image file ({', '.join(sorted(IMAGE_SUFFIXES))}) or a folder")
+    return paths
+
+
+def classify(build: Path, paths: list[Path], top: int = 5) -> tuple[list[tuple[Path, list[tuple[int, float]]]], int]:
+    """Top-``top`` ``(class index, probability)`` per image with the build in ``build``, and the
+    number of classes of its head.
+
+    Raises:
+        ArtifactError: not a (complete, compatible) build directory.
+        BackendUnavailable: the build's backend is not installed here.
+        VitfoldError: the build outputs features, not class logits.
+    """
+    manifest = read_manifest(build)
+    if manifest["outputs"][0] != "logits":
+        raise VitfoldError(f"{build} outputs {manifest['outputs'][0]}, not class logits; build it with --task classify")
+    pre = Preprocess.from_json(manifest["preprocess"])
+    images = load_images(paths, pre)  # [N, 3, H, W] float32
+    with load(build) as session:
+        batch_size = session.input_shape[0]
+        logits = np.concatenate([session(b)[session.output_names[0]] for b in batches(images, batch_size)])[: len(paths)]
+    probs = softmax(logits)
+    order = np.argsort(-probs, axis=1)[:, :top]
+    return [(path, [(int(k), float(probs[i, k])) for k in order[i]]) for i, path in enumerate(paths)], probs.shape[1]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Top-5 classes of photos with a vitfold build (no torch).")
+    parser.add_argument("build", type=Path, help="build directory (holds manifest.json)")
+    parser.add_argument("images", nargs="*", help="image files or folders (default: the photos shipped with vitfold)")
+    parser.add_argument("--top", type=int, default=5, help="classes to print per image (default: 5)")
+    parser.add_argument("--dense", action="store_true", help="use the build's dense twin instead of the reduced model")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        build = args.build
+        if args.dense:
+            build = build / read_manifest(build).get("dense", "dense")
+        results, num_classes = classify(build, image_paths(args.images), args.top)
+    except VitfoldError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = class_names(num_classes)
+    for path, top in results:
+        print(path.name)
+        for index, prob in top:
+            label = names[index] if names else f"class {index}"
+            print(f"  {prob:6.1%}  {index:4d}  {label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
