@@ -96,3 +96,122 @@ def test_whole_model_curve(tmp_path):
     assert [p["tokens"] for p in curve["points"]] == [2, 17] and curve["full_tokens"] == 17
     assert curve["block_index"] is None
     assert all(p["median_ms"] > 0 for p in curve["points"])
+
+
+# ------------------------------------------------------------------------- hardware-aware schedules
+
+
+def step_curve(counts, step_after=32, low=1.0, high=2.0):
+    """A block curve that is flat at ``low`` ms up to ``step_after`` tokens and ``high`` above."""
+    return {"mode": "block", "embed_dim": 64, "attn_dim": 64, "mlp_hidden": 256,
+            "points": [{"tokens": n, "median_ms": low if n <= step_after else high, "cov": 0.0, "samples_ms": []}
+                       for n in counts]}
+
+
+def test_picker_lands_on_the_fast_side_of_a_step():
+    from vitfold.profiles.auto_schedule import CostModel, pick_schedule
+
+    model = CostModel.from_curve(step_curve(range(8, 65, 4)))
+    anything = lambda block, tokens: tokens - 2  # a pruning method without ToMe's half cap
+    # 4 blocks from 64 tokens: dense 8 ms; at 6 ms two blocks' MLP and attention can drop below the step
+    tokens = pick_schedule(model, depth=4, full=64, num_prefix_tokens=1, budget_ms=6.0, max_removed=anything)
+    assert model.predict(tokens) <= 6.0
+    # never 36..60 (as slow as 64) and never below 32 (as fast as 32, fewer tokens): the fast side's top
+    assert set(tokens) == {64, 32} and tokens == sorted(tokens, reverse=True)
+    # ToMe may merge only half the tokens of a block: 64 -> 32 is out of reach in one block, so it
+    # keeps 60 first (costs what 64 costs) and then lands exactly on 32
+    tome = pick_schedule(model, depth=4, full=64, num_prefix_tokens=1, budget_ms=6.0)
+    assert tome == [64, 60, 32, 32, 32]
+
+
+def test_picker_budget_limits_and_messages():
+    from vitfold.errors import ScheduleError
+    from vitfold.profiles.auto_schedule import CostModel, budget_for, pick_schedule, tome_params
+
+    counts = list(range(8, 65, 4))
+    curve = {"mode": "block", "embed_dim": 64, "attn_dim": 64, "mlp_hidden": 256,
+             "points": [{"tokens": n, "median_ms": 0.1 + 0.02 * n, "cov": 0.0, "samples_ms": []} for n in counts]}
+    model = CostModel.from_curve(curve, base_ms=0.5, merge_us_per_token=1.0)
+    dense = model.predict([64] * 5)
+    assert pick_schedule(model, 4, 64, 1, budget_ms=dense) == [64] * 5
+    kept = []
+    for speedup in (1.2, 1.5, 1.8):
+        budget = budget_for(model, 4, 64, target_speedup=speedup)
+        tokens = pick_schedule(model, 4, 64, 1, budget)
+        assert model.predict(tokens) <= budget + 1e-9
+        r = tome_params(tokens)
+        assert all(0 <= ri <= (n - 1) // 2 for ri, n in zip(r, tokens))  # ToMe's bipartite cap
+        kept.append(sum(tokens[1:]))
+    assert kept[0] > kept[1] > kept[2]  # a harder target removes more tokens
+    with pytest.raises(ScheduleError, match=r"latency budget .* is out of reach: .* predicted at"):
+        pick_schedule(model, 4, 64, 1, budget_for(model, 4, 64, target_speedup=50.0))
+    with pytest.raises(SpecError, match="below 1"):
+        budget_for(model, 4, 64, target_speedup=0.5)
+    with pytest.raises(SpecError, match="exactly one"):
+        budget_for(model, 4, 64)
+
+
+def test_picker_matches_brute_force_on_a_small_case():
+    import itertools
+
+    from vitfold.profiles.auto_schedule import CostModel, pick_schedule
+
+    counts = [5, 9, 13, 17]
+    rng = np.random.default_rng(1)
+    curve = {"mode": "block", "embed_dim": 32, "attn_dim": 32, "mlp_hidden": 128,
+             "points": [{"tokens": n, "median_ms": float(t), "cov": 0.0, "samples_ms": []}
+                        for n, t in zip(counts, np.sort(rng.uniform(0.5, 2.0, 4)))]}
+    model = CostModel.from_curve(curve, merge_us_per_token=5.0)
+    for budget in (4.5, 5.5, 6.5):
+        best = None
+        for rest in itertools.product(counts, repeat=3):
+            tokens = [17, *rest]
+            ok = all(b <= a and a - b <= (a - 1) // 2 for a, b in zip(tokens, tokens[1:]))
+            if ok and model.predict(tokens) <= budget and (best is None or sum(tokens[1:]) > sum(best[1:])):
+                best = tokens
+        if best is None:
+            continue
+        picked = pick_schedule(model, 3, 17, 1, budget)
+        assert model.predict(picked) <= budget and sum(picked[1:]) == sum(best[1:])
+
+
+@pytest.fixture(scope="module")
+def tiny_curve(tmp_path_factory):
+    """A measured block curve of test_vit at 64x64 (17 tokens) on ONNX Runtime, six counts."""
+    out = tmp_path_factory.mktemp("curve") / "test_vit"
+    result = deploy("curve", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--tokens", "2:17:3",
+                    "--min-runs", "10", "--min-seconds", "0.1", "--out", str(out))
+    assert result.returncode == 0, result.stderr + result.stdout
+    return out / "curve.json"
+
+
+def test_auto_schedule_impossible_target_is_named(tiny_curve):
+    result = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--schedule", "auto",
+                    "--target-speedup", "40", "--curve", str(tiny_curve))
+    assert result.returncode == 2, result.stderr + result.stdout
+    assert "is out of reach: the fastest schedule this method allows is predicted at" in result.stderr
+    assert "--target-speedup" in result.stderr
+
+
+def test_auto_schedule_needs_a_matching_curve_and_one_target(tiny_curve):
+    result = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "openvino", "--schedule", "auto",
+                    "--target-speedup", "1.2", "--curve", str(tiny_curve))
+    assert result.returncode == 2 and "the latency curve is for" in result.stderr and "deploy.py curve" in result.stderr
+    result = deploy("build", "--model", "test_vit", "--target-speedup", "1.2")
+    assert result.returncode == 2 and "need --schedule auto" in result.stderr
+
+
+def test_auto_schedule_build_records_predicted_and_measured(tiny_curve, tmp_path):
+    out = tmp_path / "auto"
+    result = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--schedule", "auto",
+                    "--latency-budget", "1000", "--curve", str(tiny_curve), "--out", str(out),
+                    "--min-runs", "5", "--min-seconds", "0")
+    assert result.returncode == 0, result.stderr + result.stdout
+    report = json.loads((out / "report.json").read_text())
+    auto = report["auto_schedule"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    # a budget everything meets keeps every token (r = 0), and the build runs exactly that schedule
+    assert auto["r"] == [0] * 6 and manifest["schedule"]["tokens"] == auto["tokens"] == [17] * 7
+    assert auto["measured_ms"] == report["latency"]["reduced"]["median_ms"] and auto["met_target"]
+    assert "Hardware-aware schedule" in (out / "report.md").read_text()
+    assert json.loads((out / "auto_schedule.json").read_text())["predicted_ms"] == auto["predicted_ms"]

@@ -119,8 +119,13 @@ def main() -> None:
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
+@click.option("--schedule", type=click.Choice(["given", "auto"]), default="given", show_default=True, help="auto: pick ToMe's per-block r from the latency curve measured on this backend to meet --target-speedup or --latency-budget with the fewest tokens removed.")
+@click.option("--target-speedup", type=float, default=None, help="--schedule auto: speedup over the dense model, measured on this backend.")
+@click.option("--latency-budget", type=float, default=None, help="--schedule auto: latency budget in ms per batch.")
+@click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, task, backend,
-          precision, batch, img_size, checkpoint, pretrained, images, out, threads, opset, min_runs, min_seconds) -> None:
+          precision, batch, img_size, checkpoint, pretrained, images, out, threads, opset, min_runs, min_seconds,
+          schedule, target_speedup, latency_budget, curve_path) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
     from .profiles.report import LatencyOptions
@@ -129,13 +134,26 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
 
     params = method_params(method, r=r, inflect=inflect, prop_attn=prop_attn, mode=mode, keep_rate=keep_rate,
                            locations=locations, fuse=fuse, extra=extra_params)
+    spec = ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
+                     img_size=img_size, batch_size=batch)
+    cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
+    auto = None
+    if schedule == "auto":
+        from .profiles.auto_schedule import auto_schedule
+
+        if r is not None:
+            raise click.BadParameter("--schedule auto picks r itself; drop --r")
+        params, auto = _run(auto_schedule, spec, cfg, method=method, params=params, target_speedup=target_speedup,
+                            latency_budget_ms=latency_budget, curve=curve_path,
+                            log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
+    elif target_speedup is not None or latency_budget is not None or curve_path is not None:
+        raise click.BadParameter("--target-speedup, --latency-budget and --curve need --schedule auto")
     request = _run(
         BuildRequest,
-        spec=ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
-                       img_size=img_size, batch_size=batch),
+        spec=spec,
         method=method,
         params=params,
-        build=_run(BuildConfig, backend=backend, precision=precision, threads=threads),
+        build=cfg,
         out=out,
         images=images,
         opset=opset,
@@ -143,7 +161,16 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         task=task,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
+    if auto is not None:
+        from .profiles.auto_schedule import attach_to_build
+
+        report = attach_to_build(directory, auto, report)
     print_report(report)
+    if auto is not None:
+        a = report["auto_schedule"]
+        console.print(f"auto schedule r = {a['r']}: predicted {a['predicted_ms']:.2f} ms ({a['predicted_speedup']:.2f}x), "
+                      f"measured {a['measured_ms']:.2f} ms ({a['measured_speedup']:.2f}x): target "
+                      + ("met" if a["met_target"] else "[yellow]missed[/]"))
     console.print(f"build: {directory}")
 
 

@@ -191,6 +191,8 @@ def measure_curve(
         "block_index": block_index if mode == "block" else None,
         "batch_size": spec.batch_size,
         "embed_dim": model.embed_dim,
+        "attn_dim": model.blocks[0].attn.attn_dim,
+        "mlp_hidden": model.blocks[0].mlp.fc1.out_features,
         "full_tokens": layout.num_tokens,
         "num_prefix_tokens": layout.num_prefix_tokens,
         "depth": layout.depth,

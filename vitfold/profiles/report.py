@@ -163,6 +163,10 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         from .per_layer import profile_build_layers
 
         report["per_layer"] = profile_build_layers(directory, check[0], per_layer)
+    if (directory / "auto_schedule.json").is_file():  # a hardware-aware schedule: predicted vs measured
+        from .auto_schedule import with_measurement
+
+        report["auto_schedule"] = with_measurement(json.loads((directory / "auto_schedule.json").read_text()), report)
     (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (directory / "report.md").write_text(render_markdown(report))
     return report
@@ -219,6 +223,10 @@ def render_markdown(report: dict) -> str:
         from .per_layer import render_markdown as per_layer_lines
 
         lines += per_layer_lines(report["per_layer"])
+    if "auto_schedule" in report:
+        from .auto_schedule import render_markdown as auto_lines
+
+        lines += auto_lines(report["auto_schedule"])
     if report["weights"].startswith("random"):
         lines += ["", "Weights are random: parity with torch is meaningful, fidelity vs dense is not."]
     return "\n".join(lines) + "\n"
