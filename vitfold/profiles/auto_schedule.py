@@ -207,10 +207,15 @@ def tome_params(tokens: Sequence[int]) -> list[int]:
 # ----------------------------------------------------------------------------------- calibration
 
 
+def reference_r(full: int, num_prefix_tokens: int, depth: int) -> int:
+    """The constant ToMe r calibration builds: about half the tokens gone by the last block (DeiT-S: 8)."""
+    return max(1, (full - num_prefix_tokens) // (2 * depth))
+
+
 def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
               options=None, log: Callable[[str], None] = print) -> tuple[CostModel, dict]:
     """Fit ``base_ms`` and ``merge_us_per_token`` on the backend: the whole dense model and the
-    whole model reduced with ``params`` (default ToMe r=8) are built and timed interleaved; ``base``
+    whole model reduced with ``params`` (default ToMe at :func:`reference_r`) are built and timed interleaved; ``base``
     is the dense time the blocks do not explain, the reduction overhead what the reduced model
     takes beyond its blocks at their token counts (torch, for the exports).
 
@@ -231,9 +236,9 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
     from .latency import measure_interleaved
 
     options = options or CurveOptions()
-    params = params or {"r": 8}
     model, _ = create_model(spec)
     layout = TokenLayout.of(model)
+    params = params or {"r": reference_r(layout.num_tokens, layout.num_prefix_tokens, layout.depth)}
     reducer = create_method(method, **params)
     schedule = reducer.schedule(layout)
     reduced = reducer.apply(model, schedule)
@@ -312,8 +317,7 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
         raise SpecError(f"the latency curve is for {have}, this build is {want}; measure one with "
                         f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")
     depth, full, prefix = curve["depth"], curve["full_tokens"], curve["num_prefix_tokens"]
-    # calibration reference: a constant r that removes about half the tokens by the last block (DeiT-S: 8)
-    reference = {**{k: v for k, v in params.items() if k != "r"}, "r": max(1, (full - prefix) // (2 * depth))}
+    reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
     model, calibration = calibrate(spec, cfg, curve, method=method, params=reference, options=options, log=log)
     budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
     if target_speedup is not None:  # over the measured dense model, not the predicted one

@@ -1,0 +1,169 @@
+"""Hardware-aware ToMe schedules vs the paper's constant r, at matched latency, in one run.
+
+    python benchmarks/hw_aware.py                                     # DINOv2 ViT-S/14 weights, OpenVINO
+    python benchmarks/hw_aware.py --backend onnxruntime --r 8,13 --curve curves/<...>/curve.json
+
+For each constant r: predict its latency from the block curve measured on this backend (calibrated
+with a dense and a reduced whole-model build), pick the auto schedule for the same predicted latency
+(vitfold.profiles.auto_schedule), then build every variant and time them all in one interleaved loop
+against the dense model. If an auto schedule measures slower than its constant-r partner, its budget
+is scaled down by the measured ratio once and it is rebuilt, so the pairs compare at matched measured
+latency. Fidelity is measured against the dense model on the shipped photos (or --images): feature
+cosine for a headless backbone (DINOv2), top-1 agreement and logit cosine for classifiers.
+
+Weights: the real DINOv2 ViT-S/14 at ../shared/data/dinov2_vits14_224.safetensors when present
+(fidelity is meaningful); otherwise --model with random weights (fidelity is not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from vitfold import runtimes
+from vitfold.build import model_dims
+from vitfold.export.models import create_model
+from vitfold.export.onnx import export_onnx
+from vitfold.images import batches, list_images, load_images
+from vitfold.metrics import compare
+from vitfold.passes import DEFAULT_PIPELINES
+from vitfold.passes.pipeline import run_pipeline
+from vitfold.profiles.auto_schedule import calibrate, pick_schedule, tome_params
+from vitfold.profiles.curve import CurveOptions, measure_curve, read_curve, write_curve
+from vitfold.profiles.flops import schedule_macs
+from vitfold.profiles.latency import measure_interleaved
+from vitfold.reduce import TokenLayout, create_method
+from vitfold.runtimes import BuildConfig
+from vitfold.spec import ModelSpec
+
+DINOV2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dinov2_vits14_224.safetensors"
+
+
+def build_session(model, tokens_or_r, name: str, work: Path, cfg: BuildConfig, check: list[np.ndarray]):
+    """Export ToMe(r) of ``model``, run the backend's pass pipeline, build and load it."""
+    method = create_method("tome", r=tokens_or_r)
+    layout = TokenLayout.of(model)
+    schedule = method.schedule(layout)
+    reduced = method.apply(model, schedule)
+    where = work / name
+    where.mkdir(parents=True, exist_ok=True)
+    export_onnx(reduced, where / "model.onnx", check[0].shape)
+    run_pipeline(where / "model.onnx", where / "model.opt.onnx", DEFAULT_PIPELINES[cfg.backend], check[:1])
+    built = runtimes.build(where / "model.opt.onnx", where, cfg)
+    session = runtimes.backend_module(cfg.backend).load(where, {"files": built["files"], "build": cfg.to_json()})
+    return session, list(schedule.tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="timm name (default: vit_small_patch14_dinov2 with the real "
+                                                      "weights when present, else deit_small_patch16_224)")
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--backend", default="openvino")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--r", default="8,13", help="constant r values to match (comma-separated)")
+    parser.add_argument("--curve", type=Path, default=None, help="block curve.json for this model/backend (default: measure)")
+    parser.add_argument("--images", type=Path, default=None, help="photos for fidelity (default: the shipped ones)")
+    parser.add_argument("--min-runs", type=int, default=50)
+    parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks") / "hw_aware", help="curve and results JSON")
+    args = parser.parse_args()
+
+    console = Console(width=160)
+    if args.model is None and args.checkpoint is None and DINOV2.is_file():
+        args.model, args.checkpoint, args.img_size = "vit_small_patch14_dinov2", DINOV2, args.img_size or 224
+    args.model = args.model or "deit_small_patch16_224"
+    spec = ModelSpec(args.model, checkpoint=str(args.checkpoint) if args.checkpoint else None, img_size=args.img_size)
+    cfg = BuildConfig(args.backend, threads=args.threads)
+    log = lambda msg: console.print(f"[dim]{msg}[/]")  # noqa: E731
+    model, pre = create_model(spec)
+    layout = TokenLayout.of(model)
+    dims = model_dims(model)
+    check = batches(load_images(list_images(args.images), pre), 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    curve = read_curve(args.curve) if args.curve else measure_curve(spec, cfg, mode="block", log=log)
+    if not args.curve:
+        write_curve(curve, args.out / "curve")
+    cost, calibration = calibrate(spec, cfg, curve, options=CurveOptions(), log=log)
+    console.print(f"cost model: outside blocks {cost.base_ms:.2f} ms, reduction overhead {cost.merge_us_per_token:.2f} us/token; "
+                  f"calibrated dense {calibration['dense_ms']:.2f} ms, ToMe {calibration['reference_params']} "
+                  f"{calibration['reference_ms']:.2f} ms")
+
+    plan = {}
+    for r in (int(v) for v in args.r.split(",")):
+        constant = list(create_method("tome", r=r).schedule(layout).tokens)
+        budget = cost.predict(constant)
+        auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget)
+        plan[f"r={r}"] = {"tokens": constant, "r": tome_params(constant), "predicted_ms": budget}
+        plan[f"auto@r={r}"] = {"tokens": auto, "r": tome_params(auto), "predicted_ms": cost.predict(auto), "budget_ms": budget}
+
+    with tempfile.TemporaryDirectory(prefix="vitfold-hw-aware-") as tmp:
+        work = Path(tmp)
+        sessions = {"dense": build_session(model, 0, "dense", work, cfg, check)[0]}
+        for name, entry in plan.items():
+            log(f"build {name}: r = {entry['r']}")
+            sessions[name], _ = build_session(model, entry["r"], name.replace("@", "_"), work, cfg, check)
+
+        def run_all() -> dict:
+            sample = check[0]
+            return measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, 1,
+                                       min_runs=args.min_runs, min_seconds=args.min_seconds)
+
+        latency = run_all()
+        refined = False
+        for name, entry in plan.items():  # one refinement: an auto schedule slower than its partner
+            if not name.startswith("auto@"):
+                continue
+            partner = latency[name.split("@", 1)[1]].median_ms
+            mine = latency[name].median_ms
+            if mine > partner * 1.02:
+                budget = entry["budget_ms"] * partner / mine
+                tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget)
+                log(f"{name}: measured {mine:.2f} ms vs {partner:.2f} ms; budget {entry['budget_ms']:.2f} -> {budget:.2f} ms")
+                entry.update(tokens=tokens, r=tome_params(tokens), predicted_ms=cost.predict(tokens), budget_ms=budget, refined=True)
+                sessions[name].close()
+                sessions[name], _ = build_session(model, entry["r"], name.replace("@", "_") + "-refined", work, cfg, check)
+                refined = True
+        if refined:
+            latency = run_all()
+        outputs = {k: np.concatenate([next(iter(s(b).values())) for b in check]) for k, s in sessions.items()}
+        for session in sessions.values():
+            session.close()
+
+    weights = "real DINOv2 weights" if args.checkpoint else "random weights: fidelity not meaningful"
+    table = Table(title=f"{args.model} ({weights}) on {args.backend}: auto vs constant r at matched latency")
+    for column in ("variant", "tokens in last block", "GMACs", "predicted ms", "measured ms", "CoV", "speedup",
+                   "cosine vs dense", "top-1 vs dense"):
+        table.add_column(column, justify="right")
+    dense_ms = latency["dense"].median_ms
+    results = {"model": args.model, "weights": weights, "backend": cfg.to_json(), "calibration": calibration,
+               "cost_model": cost.to_json(), "variants": {}}
+    for name in ["dense", *plan]:
+        tokens = plan[name]["tokens"] if name in plan else [layout.num_tokens] * (layout.depth + 1)
+        fidelity = compare(outputs["dense"], outputs[name]).to_json()
+        stats = latency[name]
+        row = {"tokens": tokens, "r": tome_params(tokens), "gmacs": schedule_macs(dims, tokens)["total"] / 1e9,
+               "predicted_ms": plan.get(name, {}).get("predicted_ms", cost.predict(tokens)), "latency": stats.to_json(),
+               "speedup": dense_ms / stats.median_ms, "fidelity": fidelity, "refined": plan.get(name, {}).get("refined", False)}
+        results["variants"][name] = row
+        top1 = fidelity.get("top1_agreement")
+        table.add_row(name, str(tokens[-2]), f"{row['gmacs']:.3f}", f"{row['predicted_ms']:.2f}", f"{stats.median_ms:.2f}",
+                      f"{stats.cov:.1%}", f"{row['speedup']:.2f}x", f"{fidelity['mean_cosine']:.4f}",
+                      "n/a" if top1 is None else f"{top1:.0%}")
+    console.print(table)
+    for name, entry in plan.items():
+        console.print(f"{name}: r = {entry['r']}")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    console.print(f"results: {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
