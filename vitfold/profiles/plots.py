@@ -31,7 +31,7 @@ def plot_block_times(variants: Mapping[str, Mapping[str, Mapping[str, float]]], 
     labels = list(variants)
     blocks = sorted({b for v in variants.values() for b in v}, key=_block_order)
     width = 0.8 / max(1, len(labels))
-    fig = Figure(figsize=(max(6.0, 0.6 * len(blocks) * max(1, len(labels))), 4.2), layout="constrained")
+    fig = Figure(figsize=(min(14.0, max(6.0, 0.45 * len(blocks) * max(1, len(labels)))), 4.8), layout="constrained")
     ax = fig.add_subplot()
     for k, label in enumerate(labels):
         bottoms = [0.0] * len(blocks)
@@ -45,7 +45,7 @@ def plot_block_times(variants: Mapping[str, Mapping[str, Mapping[str, float]]], 
     ax.set_xlabel("block" + ("  (bars left to right: " + ", ".join(labels) + ")" if len(labels) > 1 else ""))
     ax.set_ylabel("ms per inference")
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    fig.legend(fontsize=7, ncol=4, loc="outside lower center")
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(path, dpi=120)
     return Path(path)
