@@ -178,3 +178,20 @@ def test_cli_profile_per_layer_writes_table_and_chart(openvino_build):
     assert {row["category"] for row in layers["reduced"]} >= {"attention", "mlp", "reduction", "other"}
     markdown = (build_dir / "report.md").read_text()
     assert "Time per block" in markdown and "coverage" in markdown and "reduction overhead" in markdown
+
+
+@pytest.mark.parametrize("method, params, where", [
+    ("evit", {"keep_rate": 0.7, "locations": [1, 2]}, {"1", "2"}),
+    ("topk", {"keep_rate": 0.7, "locations": [2]}, {"2"}),
+])
+def test_pruning_methods_reduce_only_at_their_locations(tmp_path, method, params, where):
+    """Not only ToMe: the pruning methods' TopK / gathers land in the blocks where they prune."""
+    from vitfold.export.onnx import export_onnx
+    from vitfold.reduce import TokenLayout, create_method
+
+    model = tiny_vit()
+    reducer = create_method(method, **params)
+    export_onnx(reducer.apply(model, reducer.schedule(TokenLayout.of(model))), tmp_path / "m.onnx", (1, 3, 32, 32))
+    places = onnx_places(tmp_path / "m.onnx")
+    assert {p.block for p in places.values() if p.category == "reduction"} == where
+    assert all(p.category == "reduction" for p in places.values() if p.op == "TopK")
