@@ -386,7 +386,7 @@ def mean_layers(runs: Sequence[Sequence[Union[LayerTime, Sequence, dict]]]) -> l
 @dataclass(frozen=True)
 class LayerProfileOptions:
     """Counter pass settings: ``warmup`` untimed runs, then ``runs`` runs whose per-layer times are
-    reduced to medians."""
+    averaged (OpenVINO keeps only running means) and held against the mean wall time of those runs."""
 
     warmup: int = 5
     runs: int = 20
