@@ -5,6 +5,9 @@ the TorchScript exporter turns ToMe's scatter_reduce into ``If`` nodes and an in
 opset >= 18 is needed for ScatterElements ``max`` (source tracing). The written file then passes
 :func:`check_contract` (full ``onnx.checker``, every shape static after shape inference, no ``If`` or
 ``NonZero``, constant TopK K) and :func:`validate_onnx` (ONNX Runtime vs torch on real photos).
+A data-dependent gate exported as is (``evit-mass``'s dynamic form) breaks that contract on purpose:
+``dynamic=True`` is the explicit opt-out (NonZero, computed TopK K and dynamic dimensions allowed;
+``If`` / ``Loop`` still refused).
 """
 
 from __future__ import annotations
@@ -51,11 +54,13 @@ def export_onnx(
     *,
     opset: int = DEFAULT_OPSET,
     metadata: dict | None = None,
+    dynamic: bool = False,
 ) -> Path:
     """Trace ``model`` at the static ``input_shape`` ``[B, 3, H, W]`` and write ``path``.
 
     ``metadata`` entries are stored as ONNX ``metadata_props`` (JSON-encoded values, keys prefixed
-    ``vitfold.``) so that ``inspect`` can read the schedule back.
+    ``vitfold.``) so that ``inspect`` can read the schedule back. ``dynamic=True`` checks the graph
+    with ``check_contract(path, dynamic=True)`` (for data-dependent gates exported as is).
 
     Raises:
         ExportError: the exporter fails or the graph breaks the contract (see :func:`check_contract`).
@@ -84,12 +89,15 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"vitfold.{key}", json.dumps(value)
     onnx.save(proto, str(path))
-    check_contract(path)
+    check_contract(path, dynamic=dynamic)
     return Path(path)
 
 
-def check_contract(path: Path) -> dict[str, int]:
+def check_contract(path: Path, dynamic: bool = False) -> dict[str, int]:
     """Full ONNX check plus vitfold's export contract; returns the op histogram.
+
+    ``dynamic=True`` is the opt-out for data-dependent gates: NonZero, a computed TopK K and dynamic
+    dimensions are then allowed (``If`` / ``Loop`` are not).
 
     Raises:
         ExportError: checker failure, a forbidden op (If / Loop / NonZero), a TopK whose K is not a
@@ -105,12 +113,13 @@ def check_contract(path: Path) -> dict[str, int]:
         out for node in graph.node if node.op_type == "Constant" for out in node.output
     }
     problems = []
+    forbidden = {op: why for op, why in _FORBIDDEN_OPS.items() if not (dynamic and op == "NonZero")}
     for node in graph.node:
-        if node.op_type in _FORBIDDEN_OPS:
-            problems.append(f"{node.name} ({node.op_type}): {_FORBIDDEN_OPS[node.op_type]}")
-        if node.op_type == "TopK" and node.input[1] not in constants:
+        if node.op_type in forbidden:
+            problems.append(f"{node.name} ({node.op_type}): {forbidden[node.op_type]}")
+        if node.op_type == "TopK" and node.input[1] not in constants and not dynamic:
             problems.append(f"{node.name} (TopK): K is computed at run time, not a constant")
-    for value in list(graph.value_info) + list(graph.input) + list(graph.output):
+    for value in [] if dynamic else list(graph.value_info) + list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
         if not value.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in dims):
             problems.append(f"tensor {value.name}: shape not static ({[d.dim_param or '?' for d in dims]})")
@@ -144,10 +153,11 @@ def export_and_validate(
     opset: int = DEFAULT_OPSET,
     metadata: dict | None = None,
     what: str = "model",
+    dynamic: bool = False,
 ) -> tuple[ExportResult, np.ndarray]:
     """Export ``model`` at ``batches[0]``'s shape, then validate it; returns the result and the torch
-    reference outputs (reused by later stages' checks)."""
-    export_onnx(model, path, batches[0].shape, opset=opset, metadata=metadata)
+    reference outputs (reused by later stages' checks). ``dynamic``: see :func:`export_onnx`."""
+    export_onnx(model, path, batches[0].shape, opset=opset, metadata=metadata, dynamic=dynamic)
     reference = torch_outputs(model, batches)
     parity = validate_onnx(path, reference, batches, what)
     ops = dict(Counter(node.op_type for node in onnx.load(str(path)).graph.node))

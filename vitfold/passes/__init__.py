@@ -55,3 +55,4 @@ DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
 from . import fold_schedule  # noqa: E402,F401
 from . import merge_as_matmul  # noqa: E402,F401
 from . import precision  # noqa: E402,F401
+from . import fold_gates  # noqa: E402,F401
