@@ -220,8 +220,8 @@ def photos32():
     return batches(load_images(list_images(), pre), 2)
 
 
-@pytest.mark.parametrize("flavour", ["registers", pytest.param("plain", marks=pytest.mark.slow)])
-def test_exports_static_and_exact(tmp_path, photos32, flavour):
+@pytest.mark.parametrize("flavour,what", [("registers", "features"), pytest.param("plain", "logits", marks=pytest.mark.slow)])
+def test_exports_static_and_exact(tmp_path, photos32, flavour, what):
     """Restored features and logits through ONNX Runtime: static, no If/NonZero/scatter, constant K.
 
     A random tiny model has squared token distances of 10-100, so temperature 10 (the reference DPT
@@ -233,12 +233,12 @@ def test_exports_static_and_exact(tmp_path, photos32, flavour):
     from vitfold.reduce.features import DenseFeatures
 
     reduced = patched(tiny_vit(**FLAVOURS[flavour]), location=1, grid=(3, 2), k=6, temperature=10.0)
-    for what, module in (("features", DenseFeatures(reduced).eval()), ("logits", reduced)):
-        result, _ = export_and_validate(module, tmp_path / f"{what}.onnx", photos32, what=what)
-        assert result.parity.max_abs <= 1e-4, what
-        assert not {"If", "Loop", "NonZero", "ScatterElements", "ScatterND"} & set(result.op_counts)
-        assert result.op_counts["Softmax"] == 4 + 5  # 4 attention blocks + 5 k-means rounds
-        assert result.op_counts.get("TopK", 0) == (1 if what == "features" else 0)  # reconstruction only
+    module = DenseFeatures(reduced).eval() if what == "features" else reduced
+    result, _ = export_and_validate(module, tmp_path / f"{what}.onnx", photos32, what=what)
+    assert result.parity.max_abs <= 1e-4, what
+    assert not {"If", "Loop", "NonZero", "ScatterElements", "ScatterND"} & set(result.op_counts)
+    assert result.op_counts["Softmax"] == 4 + 5  # 4 attention blocks + 5 k-means rounds
+    assert result.op_counts.get("TopK", 0) == (1 if what == "features" else 0)  # reconstruction only
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,6 @@ def create_method(name: str, **params):
 
 from . import evit, tome, topk  # noqa: E402,F401  (register "evit", "tome", "topk")
 from . import gates  # noqa: E402,F401  (registers "evit-mass")
-from . import cluster, expedite  # noqa: E402,F401  (register "dpc-knn", "expedite")
+from . import cluster, expedite  # noqa: E402,F401  (register "dpc-knn", "kmedoids", "expedite")
 
 __all__ = ["METHODS", "Schedule", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

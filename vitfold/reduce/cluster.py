@@ -1,4 +1,4 @@
-"""Token clustering (DPC-kNN) as a patch of timm's VisionTransformer, with static shapes.
+"""Token clustering (DPC-kNN, k-medoids) as patches of timm's VisionTransformer, with static shapes.
 
 Source: Haurum et al., "Which Tokens to Use? Investigating Token Reduction in Vision Transformers",
 ICCVW 2023 (reference code: JoakimHaurum/TokenReduction ``models/dpcknn.py``), which takes the
@@ -35,6 +35,17 @@ Differences, none of which change the clustering on untied inputs:
 * a location where the count equals the tokens present is skipped (the reference would reorder the
   tokens and scale them by ``1 / (1 + 1e-6)``), so ``keep_rate=1.0`` is the dense model bit for bit.
 
+**k-medoids** (the same study, ``models/kmedoids.py``, attention-weighted: its training-free variant)
+clusters at the same places with the same counts. Token weights are the attention each token
+*receives* in the block before (softmax probabilities summed over heads and queries); the ``K``
+most-attended tokens start as medoids; ``iters`` rounds (default 3) assign every token to its
+nearest medoid (``cdist``, not scaled) and move each medoid to the member ``i`` with the smallest
+``w_i * sum_j d(i, j)``, the sum over *all* tokens ``j`` as in the reference (an empty cluster takes
+token 0, as the reference's masked argmin does). The medoid tokens themselves (not averages) go on;
+for ``restore`` every token maps to its nearest final medoid. The reference's equal-weight variant
+starts from a random token and is not reproducible, so it is not offered. The block before a
+location computes its attention explicitly (not timm's fused kernel) to get the probabilities.
+
 Schedule: ``tokens[l]`` is the number of tokens *entering* block ``l``, i.e. after the clustering in
 front of it. A reduction at location ``l`` therefore appears as ``removed[l - 1]``, which happens
 after block ``l - 1``'s MLP (not between its attention and MLP as for ToMe/EViT): the analytic FLOP
@@ -50,7 +61,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
@@ -120,6 +132,40 @@ def merge_clusters(x: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     return (members.transpose(1, 2) @ x) / (counts + MERGE_EPS)
 
 
+def cluster_kmedoids(x: torch.Tensor, weights: torch.Tensor, num_clusters: int, iters: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention-weighted k-medoids of ``x`` ``[B, N, C]`` (Haurum et al. 2023, ``k_medoids_fit``).
+
+    Args:
+        x: tokens to cluster (prefix tokens already removed).
+        weights: ``[B, N]`` token weights (attention received); the ``K`` largest start as medoids.
+        num_clusters: ``K``, ``1 <= K <= N`` (a constant TopK K).
+        iters: assignment / update rounds (a Python int: the loop is unrolled).
+
+    Returns:
+        ``(assign [B, N] int64 medoid of each token in [0, K), medoids [B, K] int64 token indices)``.
+
+    Raises:
+        ValueError: ``K`` outside ``[1, N]``.
+    """
+    batch, num_tokens, _ = x.shape
+    if not 1 <= num_clusters <= num_tokens:
+        raise ValueError(f"need 1 <= num_clusters ({num_clusters}) <= N ({num_tokens})")
+    with torch.no_grad():
+        index = torch.arange(num_tokens, device=x.device)
+        diagonal = index[:, None] == index[None, :]
+        dist = pairwise_sq_dists(x, x).clamp(min=0.0).masked_fill(diagonal, 0.0).sqrt()  # [B, N, N]
+        cost = weights * dist.sum(dim=-1)  # [B, N]: w_i * sum_j d(i, j)
+        not_member = torch.full_like(cost, num_tokens * 1e6)[:, None, :]  # the reference's masked rows
+        slots = torch.arange(num_clusters, device=x.device)[:, None]  # [K, 1]
+        _, medoids = torch.topk(weights, num_clusters, dim=-1)  # [B, K]
+        for _ in range(iters):
+            assign = dist.gather(2, medoids[:, None, :].expand(batch, num_tokens, num_clusters)).argmin(dim=-1)
+            members = assign[:, None, :] == slots  # [B, K, N]
+            medoids = torch.where(members, cost[:, None, :], not_member).argmin(dim=-1)
+        assign = dist.gather(2, medoids[:, None, :].expand(batch, num_tokens, num_clusters)).argmin(dim=-1)
+    return assign, medoids
+
+
 @dataclass
 class ClusterState:
     """Per-forward state. ``members``: ``[B, N0, N]`` 0/1, which current token holds each original
@@ -169,6 +215,71 @@ class ClusterBlocks(nn.Sequential):
         return torch.cat([x[:, :P], state.members @ x[:, P:]], dim=1)
 
 
+class WeightedAttention(Attention):
+    """timm ``Attention`` plus :meth:`forward_weighted`. Its ``forward`` is timm's, unchanged."""
+
+    def forward_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with explicit probabilities; also returns the attention each token receives.
+
+        Args:
+            x: ``[B, N, C]`` normalised tokens.
+
+        Returns:
+            ``([B, N, C] attention output, [B, N] probabilities summed over heads and queries)``.
+        """
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, N, N]
+        out = self.norm((self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            out = out * gate
+        return self.proj_drop(self.proj(out)), attn.sum(dim=(1, 2))
+
+
+class WeightedBlock(Block):
+    """timm ``Block`` plus :meth:`forward_weighted` (layer scale and drop path kept)."""
+
+    def forward_weighted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, N, C]`` -> ``([B, N, C], [B, N] attention received)``."""
+        out, received = self.attn.forward_weighted(self.norm1(x))
+        x = x + self.drop_path1(self.ls1(out))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))), received
+
+
+class KMedoidsBlocks(ClusterBlocks):
+    """``model.blocks`` after the k-medoids patch: the block before each location reports the
+    attention its tokens receive; the medoid tokens replace the patch tokens. Attributes:
+    ``clusters`` per block, ``iters``, ``num_protected``; ``last_state`` as :class:`ClusterBlocks`."""
+
+    iters: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N, C]`` -> ``[B, N_L, C]``."""
+        state, received = ClusterState(), None
+        last = len(self) - 1
+        for index, block in enumerate(self):
+            if self.clusters[index]:
+                x = self._medoids(x, received, self.clusters[index], state)
+            if index < last and self.clusters[index + 1]:
+                x, received = block.forward_weighted(x)
+            else:
+                x = block(x)
+        self.last_state = state
+        return x
+
+    def _medoids(self, x: torch.Tensor, received: torch.Tensor, num_clusters: int, state: ClusterState) -> torch.Tensor:
+        P = self.num_protected
+        prefix, tokens = x[:, :P], x[:, P:]
+        assign, medoids = cluster_kmedoids(tokens, received[:, P:], num_clusters, self.iters)
+        members = one_hot(assign, num_clusters, x.dtype)
+        state.members = members if state.members is None else state.members @ members
+        kept = tokens.gather(1, medoids[..., None].expand(-1, -1, tokens.shape[-1]))
+        return torch.cat([prefix, kept], dim=1)
+
+
 def check_locations(locations: Sequence[int], depth: int, first: int) -> tuple[int, ...]:
     """Validate reduction locations: strictly increasing, in ``[first, depth)``.
 
@@ -207,8 +318,73 @@ def cumulative_rates(keep_rate: Union[float, Sequence[float]], locations: tuple[
     return [math.prod(float(r) for r in rates[: i + 1]) for i in range(len(locations))]
 
 
+class _Clustering:
+    """Shared schedule for the clustering methods: counts, locations, validation, patching."""
+
+    name = ""
+
+    def __init__(self, keep_rate: Union[float, Sequence[float]], locations: Sequence[int]):
+        self.keep_rate = keep_rate
+        self.locations = tuple(int(b) for b in locations)
+
+    def params(self) -> dict:
+        rate = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else self.keep_rate
+        return {"keep_rate": rate, "locations": list(self.locations)}
+
+    def _check_step(self, block: int, have: int) -> None:
+        """Method-specific checks for clustering ``have`` patch tokens in front of ``block``."""
+
+    def clusters(self, layout: TokenLayout) -> tuple[int, ...]:
+        """Patch-token clusters in front of each block (0 where nothing happens).
+
+        Raises:
+            ScheduleError: see the class docstring.
+        """
+        locations = check_locations(self.locations, layout.depth, first=1)
+        patches = layout.num_tokens - layout.num_prefix_tokens
+        per_block, have = [0] * layout.depth, patches
+        for block, share in zip(locations, cumulative_rates(self.keep_rate, locations)):
+            count = int(patches * share)
+            if count < 1:
+                raise ScheduleError(f"block {block}: keep rate {self.keep_rate} leaves no cluster of {patches} patches; use a larger keep rate")
+            if count < have:
+                self._check_step(block, have)
+                per_block[block], have = count, count
+        return tuple(per_block)
+
+    def schedule(self, layout: TokenLayout) -> Schedule:
+        """Tokens entering each block (prefix included); see the module docstring for where the
+        reduction happens.
+
+        Raises:
+            ScheduleError: see the class docstring.
+        """
+        tokens = [layout.num_tokens]
+        for count in self.clusters(layout)[1:]:
+            tokens.append(layout.num_prefix_tokens + count if count else tokens[-1])
+        tokens.append(tokens[-1])
+        notes = (f"{self.name} clusters in front of a block: removed[l] happens after block l's MLP",)
+        return Schedule(tokens=tuple(tokens), num_prefix_tokens=layout.num_prefix_tokens,
+                        notes=notes if tokens[-1] < tokens[0] else ())
+
+    def _patch(self, model: VisionTransformer, schedule: Schedule) -> tuple[VisionTransformer, tuple[int, ...]]:
+        """A deep copy of ``model`` and the clusters per block that ``schedule`` asks for."""
+        layout = TokenLayout.of(model)
+        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
+            raise ScheduleError(
+                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
+                f"model has {layout.depth} / {layout.num_tokens}"
+            )
+        if schedule.tokens[-1] != schedule.tokens[-2]:
+            raise ScheduleError(f"{self.name} clusters in front of blocks; a schedule cannot reduce after the last block")
+        P = schedule.num_prefix_tokens
+        pairs = zip(schedule.tokens[:-1], schedule.tokens[1:-1])
+        clusters = (0,) + tuple(after - P if after < before else 0 for before, after in pairs)
+        return copy.deepcopy(model), clusters
+
+
 @register_method("dpc-knn")
-class DPCKNN:
+class DPCKNN(_Clustering):
     """DPC-kNN token clustering (Haurum et al., ICCVW 2023; Zeng et al., CVPR 2022), training-free.
 
     Args:
@@ -228,49 +404,17 @@ class DPCKNN:
 
     def __init__(self, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = DEFAULT_LOCATIONS, k_neighbors: int = 5):
-        self.keep_rate = keep_rate
-        self.locations = tuple(int(b) for b in locations)
+        super().__init__(keep_rate, locations)
         self.k_neighbors = int(k_neighbors)
 
     def params(self) -> dict:
-        rate = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else self.keep_rate
-        return {"keep_rate": rate, "locations": list(self.locations), "k_neighbors": self.k_neighbors}
+        return {**super().params(), "k_neighbors": self.k_neighbors}
 
-    def clusters(self, layout: TokenLayout) -> tuple[int, ...]:
-        """Patch-token clusters in front of each block (0 where nothing happens).
-
-        Raises:
-            ScheduleError: see the class docstring.
-        """
-        locations = check_locations(self.locations, layout.depth, first=1)
-        patches = layout.num_tokens - layout.num_prefix_tokens
-        per_block, have = [0] * layout.depth, patches
-        for block, share in zip(locations, cumulative_rates(self.keep_rate, locations)):
-            count = int(patches * share)
-            if count < 1:
-                raise ScheduleError(f"block {block}: keep rate {self.keep_rate} leaves no cluster of {patches} patches; use a larger keep rate")
-            if count < have:
-                if not 1 <= self.k_neighbors <= have:
-                    raise ScheduleError(
-                        f"k_neighbors={self.k_neighbors} must be in 1..{have} (the patch tokens clustered in front of block {block})"
-                    )
-                per_block[block], have = count, count
-        return tuple(per_block)
-
-    def schedule(self, layout: TokenLayout) -> Schedule:
-        """Tokens entering each block (prefix included); see the module docstring for where the
-        reduction happens.
-
-        Raises:
-            ScheduleError: see the class docstring.
-        """
-        tokens = [layout.num_tokens]
-        for count in self.clusters(layout)[1:]:
-            tokens.append(layout.num_prefix_tokens + count if count else tokens[-1])
-        tokens.append(tokens[-1])
-        notes = ("dpc-knn clusters in front of a block: removed[l] happens after block l's MLP",)
-        return Schedule(tokens=tuple(tokens), num_prefix_tokens=layout.num_prefix_tokens,
-                        notes=notes if tokens[-1] < tokens[0] else ())
+    def _check_step(self, block: int, have: int) -> None:
+        if not 1 <= self.k_neighbors <= have:
+            raise ScheduleError(
+                f"k_neighbors={self.k_neighbors} must be in 1..{have} (the patch tokens clustered in front of block {block})"
+            )
 
     def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
         """Return a patched deep copy of ``model`` running ``schedule``.
@@ -278,22 +422,12 @@ class DPCKNN:
         Raises:
             ScheduleError: the schedule is for a model of another depth or token count.
         """
-        layout = TokenLayout.of(model)
-        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
-            raise ScheduleError(
-                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
-                f"model has {layout.depth} / {layout.num_tokens}"
-            )
-        if schedule.tokens[-1] != schedule.tokens[-2]:
-            raise ScheduleError("dpc-knn clusters in front of blocks; a schedule cannot reduce after the last block")
-        P = schedule.num_prefix_tokens
-        clusters = [0] + [after - P if after < before else 0 for before, after in zip(schedule.tokens[:-1], schedule.tokens[1:-1])]
-        patched = copy.deepcopy(model)
+        patched, clusters = self._patch(model, schedule)
         blocks = patched.blocks
         blocks.__class__ = ClusterBlocks
-        blocks.clusters = tuple(clusters)
+        blocks.clusters = clusters
         blocks.k_neighbors = self.k_neighbors
-        blocks.num_protected = layout.num_prefix_tokens
+        blocks.num_protected = patched.num_prefix_tokens
         return patched
 
     @staticmethod
@@ -304,4 +438,71 @@ class DPCKNN:
             for attr in ("clusters", "k_neighbors", "num_protected", "last_state"):
                 blocks.__dict__.pop(attr, None)
             blocks.__class__ = nn.Sequential
+        return model
+
+
+@register_method("kmedoids")
+class KMedoids(_Clustering):
+    """Attention-weighted k-medoids token clustering (Haurum et al., ICCVW 2023), training-free.
+
+    Args:
+        keep_rate: as :class:`DPCKNN` (``int(P * rate ** (i + 1))`` medoids at the ``i``-th location).
+        locations: as :class:`DPCKNN` (each in ``1 .. depth - 1``: the block before gives the weights).
+        iters: assignment / update rounds (the reference's ``--cluster_iters`` default 3), ``>= 0``.
+
+    Raises (from :meth:`schedule`):
+        ScheduleError: as :class:`DPCKNN`, or ``iters < 0``.
+    """
+
+    name = "kmedoids"
+
+    def __init__(self, keep_rate: Union[float, Sequence[float]] = 0.7,
+                 locations: Sequence[int] = DEFAULT_LOCATIONS, iters: int = 3):
+        super().__init__(keep_rate, locations)
+        self.iters = int(iters)
+
+    def params(self) -> dict:
+        return {**super().params(), "iters": self.iters}
+
+    def _check_step(self, block: int, have: int) -> None:
+        if self.iters < 0:
+            raise ScheduleError(f"iters={self.iters} must be >= 0 (the reference uses 3)")
+
+    def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
+        """Return a patched deep copy of ``model`` running ``schedule``.
+
+        Raises:
+            NotImplementedError: a block before a location is not timm's Block/Attention.
+            ScheduleError: the schedule is for a model of another depth or token count.
+        """
+        patched, clusters = self._patch(model, schedule)
+        blocks = patched.blocks
+        for index, block in enumerate(blocks):
+            if index + 1 < len(blocks) and clusters[index + 1]:
+                attn = getattr(block, "attn", None)
+                if type(block) is not Block or type(attn) is not Attention:
+                    raise NotImplementedError(
+                        f"kmedoids weights tokens by timm Block/Attention probabilities; block {index} is "
+                        f"{type(block).__name__}/{type(attn).__name__}"
+                    )
+                block.__class__ = WeightedBlock
+                attn.__class__ = WeightedAttention
+        blocks.__class__ = KMedoidsBlocks
+        blocks.clusters = clusters
+        blocks.iters = self.iters
+        blocks.num_protected = patched.num_prefix_tokens
+        return patched
+
+    @staticmethod
+    def remove(model: VisionTransformer) -> VisionTransformer:
+        """Undo :meth:`apply` in place; returns ``model``."""
+        blocks = model.blocks
+        if isinstance(blocks, KMedoidsBlocks):
+            for attr in ("clusters", "iters", "num_protected", "last_state"):
+                blocks.__dict__.pop(attr, None)
+            blocks.__class__ = nn.Sequential
+        for block in blocks:
+            if isinstance(block, WeightedBlock):
+                block.__class__ = Block
+                block.attn.__class__ = Attention
         return model
