@@ -327,3 +327,64 @@ def test_counts_per_image_are_real_kept_counts(photos):
         k = int(dynamic.blocks.last_state.kept[0])
         assert tokens.shape[1] == 1 + k + (1 if k < 16 else 0)
         assert math.isclose(k, kept_counts(dynamic, photos[i:i + 1])[0, 0])
+
+
+def test_cli_bad_gate_input(tmp_path):
+    from conftest import deploy
+
+    result = deploy("build", "--method", "evit", "--keep-mass", "1.5", "--out", str(tmp_path / "never"))
+    assert result.returncode == 2 and "keep mass 1.5 must be a number in (0, 1]" in " ".join(result.stderr.split())
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("method_name, params, request_args, message", [
+    ("evit-mass", {}, {"percentile": 0}, r"percentile 0 must be in \(0, 100\]"),
+    ("evit-mass", {}, {"calibrate": "EMPTY"}, "--calibrate: no images"),
+    ("evit-mass", {"capacity": 20}, {"calibrate": "EMPTY"}, "give one or the other"),
+    ("evit-mass", {}, {"task": "features"}, "no dense reconstruction"),
+    ("tome", {"r": 2}, {"calibrate": "EMPTY"}, "--calibrate sets the capacity"),
+])
+def test_build_refuses_bad_gate_requests(tmp_path, method_name, params, request_args, message):
+    from vitfold.build import BuildRequest, build
+    from vitfold.runtimes import BuildConfig
+    from vitfold.spec import ModelSpec
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    request_args = {k: (empty if v == "EMPTY" else v) for k, v in request_args.items()}
+    with pytest.raises(SpecError, match=message):
+        request = BuildRequest(spec=ModelSpec("vit_tiny_patch16_224", img_size=96), method=method_name, params=params,
+                               build=BuildConfig(backend="onnxruntime"), out=tmp_path / "never", **request_args)
+        build(request, log=lambda msg: None)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_cli_gate_build_records_capacity_and_exceeded(tmp_path):
+    """A whole build: capacity calibrated on 3 photos, written into the manifest and the report, with
+    the check photos over it counted; parity of the bounded model with torch holds on all photos."""
+    import json
+    import shutil
+
+    from conftest import deploy
+    from vitfold.images import default_photo_dir
+
+    calibration = tmp_path / "cal"
+    calibration.mkdir()
+    for name in ("astronaut.jpg", "coffee.jpg", "rocket.jpg"):
+        shutil.copy(default_photo_dir() / name, calibration / name)
+    out = tmp_path / "build"
+    result = deploy("build", "--model", "vit_tiny_patch16_224", "--img-size", "96", "--method", "evit", "--keep-mass", "0.7",
+                    "--backend", "onnxruntime", "--calibrate", str(calibration), "--out", str(out), "--min-runs", "3",
+                    "--min-seconds", "0")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    gate = manifest["gate"]
+    assert manifest["method"]["name"] == "evit-mass" and manifest["method"]["params"]["capacity"] == gate["capacity"]
+    assert gate["calibration"]["images"] == 3 and gate["calibration"]["percentile"] == 100.0
+    assert report["gate"] == gate and gate["check"]["images"] == 7
+    assert gate["check"]["exceeded"] == len(gate["check"]["exceeded_images"])
+    assert gate["check"]["max_abs_fitting"] <= 1e-5
+    assert manifest["checks"]["backend_vs_torch"]["max_abs"] <= 1e-4  # bounded torch vs ONNX Runtime, every photo
+    assert f"check photos over the capacity: {gate['check']['exceeded']} of 7" in (out / "report.md").read_text()

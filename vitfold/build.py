@@ -29,6 +29,7 @@ from .passes.pipeline import run_pipeline
 from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
+from .calibrate import DEFAULT_PERCENTILE, calibrate, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
 from .reduce.features import TASKS, DenseFeatures, for_features
@@ -53,22 +54,28 @@ class BuildRequest:
     task: str = "classify"
     dense_dir: Optional[Path] = None
     profile: bool = True
+    calibrate: Optional[Path] = None  # gated methods: folder of images for the capacity (default: the check photos)
+    percentile: float = DEFAULT_PERCENTILE  # gated methods: nearest-rank percentile of the kept counts
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SpecError(f"task {self.task!r} unknown; choose one of {', '.join(TASKS)}")
+        check_percentile(self.percentile)
 
     def name(self) -> str:
         """Default build name, e.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``: every
         parameter the user gave appears, so two different requests never share a directory."""
         params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
         task = "features" if self.task == "features" else ""
-        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.precision, f"b{self.spec.batch_size}"]
+        calibration = f"cal_{Path(self.calibrate).name}" if self.calibrate is not None else ""
+        percentile = f"pct{self.percentile:g}" if self.percentile != DEFAULT_PERCENTILE else ""
+        parts = [self.spec.name, self.method, params, calibration, percentile, task, self.build.backend, self.build.precision,
+                 f"b{self.spec.batch_size}"]
         return "-".join(p for p in parts if p)
 
 
 #: Short names of method parameters in build names (``keep_rate=0.7`` -> ``keep0.7``).
-_ABBREV = {"keep_rate": "keep", "locations": "at", "prop_attn": "propattn", "mode": ""}
+_ABBREV = {"keep_rate": "keep", "locations": "at", "prop_attn": "propattn", "mode": "", "keep_mass": "mass", "capacity": "cap"}
 
 
 def _fmt(key: str, value) -> str:
@@ -167,7 +174,13 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
     method = create_method(request.method, **request.params)
     if request.task == "features":
         method = create_method(request.method, **request.params, **for_features(type(method)))
+    gated = getattr(method, "gated", False)
+    if request.calibrate is not None and not gated:
+        raise SpecError(f"--calibrate sets the capacity of a data-dependent gate; {request.method} has none (use --keep-mass)")
     model, pre = create_model(spec)
+    gate = prepare_gate(method, model, pre, request, log) if gated else None
+    if gate is not None:
+        method, gate = gate
     layout = TokenLayout.of(model)
     schedule = method.schedule(layout)
     for note in schedule.notes:
@@ -201,10 +214,14 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         manifest = build_variant(reduced, schedule, staging,
                                  method={"name": request.method, "params": method.params()}, **variant)
         manifest["dense"] = dense_link
+        if gate is not None:
+            manifest["gate"] = gate
         write_manifest(staging, manifest)
         if request.profile:
             log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
             report = profile_build(staging, images=request.images, options=request.latency)
+            if gate is not None:
+                report = _report_gate(staging, report, gate)
     return out, report
 
 
@@ -253,3 +270,71 @@ def _shared_dense(request: BuildRequest, common: dict, out: Path) -> str:
             raise ArtifactError(f"{dense_dir} cannot be the dense twin: its {key} is {manifest.get(key)}, this build needs {want}")
     return os.path.relpath(dense_dir, Path(out).resolve())
 
+
+def prepare_gate(method, model, pre, request: BuildRequest, log: Callable[[str], None]) -> tuple:
+    """Capacities for a gated method (``evit-mass``) and what the manifest records about them.
+
+    Without ``capacity`` in the method's parameters, the dynamic model is calibrated on
+    ``request.calibrate`` (or the check photos) at ``request.percentile``. Then the dynamic model
+    runs on the check photos: images whose kept count passes a capacity are counted (the bounded
+    model differs from the dynamic one there, by design; the build does not fail for it).
+
+    Returns:
+        ``(method with capacities, gate dict)`` for ``manifest["gate"]``.
+
+    Raises:
+        SpecError: ``--task features``, ``--capacity`` with ``--calibrate`` or ``--percentile``, or a
+            calibration folder without images.
+    """
+    if request.task == "features":
+        raise SpecError(f"{request.method} has no dense reconstruction; use --task classify")
+    check_paths = list_images(request.images)
+    check_images = load_images(check_paths, pre)
+    calibration = None
+    if method.capacity is None:
+        source = "check photos"
+        images = check_images
+        if request.calibrate is not None:
+            try:
+                paths = list_images(request.calibrate)
+            except SpecError as exc:
+                raise SpecError(f"--calibrate: {exc}; give a folder of photos like those the model will see") from exc
+            source, images = str(request.calibrate), load_images(paths, pre)
+        method, calibration = calibrate(method, model, images, percentile=request.percentile, source=source)
+        for note in calibration.notes:
+            log(f"note: {note}")
+        log(f"gate capacity {list(calibration.capacity)} at blocks {list(calibration.locations)} "
+            f"(percentile {calibration.percentile:g} of the kept counts on {calibration.images} images, {source})")
+    elif request.calibrate is not None or request.percentile != DEFAULT_PERCENTILE:
+        raise SpecError("--capacity fixes the capacity; --calibrate / --percentile would compute it: give one or the other")
+    check = check_capacity(method, model, check_images, [p.name for p in check_paths])
+    if check["exceeded"]:
+        log(f"note: {check['exceeded']} of {check['images']} check photos keep more tokens than the capacity "
+            f"({', '.join(check['exceeded_images'])}); the bounded model differs from the dynamic one on them")
+    layout = TokenLayout.of(model)
+    capacity = method.capacities(layout)
+    return method, {
+        "keep_mass": method.keep_mass,
+        "locations": [b for b, k in enumerate(capacity) if k is not None],
+        "capacity": [k for k in capacity if k is not None],
+        "calibration": calibration.to_json() if calibration else None,
+        "check": check,
+    }
+
+
+def _report_gate(directory: Path, report: dict, gate: dict) -> dict:
+    """Add the gate's capacity and the check photos over it to ``report.json`` / ``report.md``."""
+    report = {**report, "gate": gate}
+    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    check = gate["check"]
+    lines = ["", "## Gate", "",
+             f"- keep mass {gate['keep_mass']}, capacity {gate['capacity']} kept tokens at blocks {gate['locations']}"
+             + (f" (percentile {gate['calibration']['percentile']:g} of {gate['calibration']['images']} images, "
+                f"{gate['calibration']['source']})" if gate["calibration"] else " (given)"),
+             f"- check photos over the capacity: {check['exceeded']} of {check['images']}"
+             + (f" ({', '.join(check['exceeded_images'])}): the bounded model differs from the dynamic one there"
+                if check["exceeded"] else ""),
+             f"- bounded vs dynamic torch model on the others: max abs {check['max_abs_fitting']}", ""]
+    with open(directory / "report.md", "a") as handle:
+        handle.write("\n".join(lines))
+    return report

@@ -57,7 +57,7 @@ def parse_value(text: str):
 
 
 def method_params(method: str, *, r=None, inflect=None, prop_attn=None, mode=None, keep_rate=None, locations=None,
-                  fuse=None, extra=()) -> dict:
+                  fuse=None, extra=(), keep_mass=None, capacity=None) -> dict:
     """Method parameters from the options the user actually gave (the method rejects any it does not take).
 
     ToMe without ``--r`` gets r=13, the main job's default.
@@ -80,6 +80,14 @@ def method_params(method: str, *, r=None, inflect=None, prop_attn=None, mode=Non
         params["locations"] = [int(v) for v in parse_floats(locations, "block indices")] if "," in locations else [int(locations)]
     if fuse is not None:
         params["fuse"] = fuse
+    if keep_mass is not None:
+        params["keep_mass"] = parse_floats(keep_mass, "a keep mass")
+    if capacity is not None:
+        try:
+            values = [int(v) for v in capacity.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"--capacity {capacity!r}: give an int (100) or one int per location (100,80,60)") from None
+        params["capacity"] = values[0] if len(values) == 1 and "," not in capacity else values
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -106,6 +114,10 @@ def main() -> None:
 @click.option("--locations", default=None, help="EViT / Top-K: 0-indexed reduction blocks. [default: 3,6,9]")
 @click.option("--fuse/--no-fuse", default=None, help="EViT / Top-K: fuse the pruned tokens into one, weighted by class attention. [default: evit on, topk off]")
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE", help="Any other method parameter (e.g. --param clusters=64); repeatable.")
+@click.option("--keep-mass", default=None, help="EViT with a per-image gate (method evit-mass; --method evit switches to it): keep the fewest tokens holding this share of the class attention, in (0, 1], one value or one per location.")
+@click.option("--capacity", default=None, help="evit-mass: kept-token capacity of the static graph per location (an int or one per location). [default: calibrated]")
+@click.option("--calibrate", type=click.Path(file_okay=False, path_type=Path), default=None, help="evit-mass: folder of images to calibrate the capacity on (the dynamic model's kept counts). [default: the check photos]")
+@click.option("--percentile", type=float, default=100.0, show_default=True, help="evit-mass calibration: nearest-rank percentile of the kept counts per location (100 = the largest seen).")
 @click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="features: output the full patch grid [B, H/p*W/p, C], restored after the reduced blocks (dense prediction).")
 @click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), default="openvino", show_default=True, help="Runtime to build for.")
 @click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
@@ -123,17 +135,19 @@ def main() -> None:
 @click.option("--target-speedup", type=float, default=None, help="--schedule auto: speedup over the dense model, measured on this backend.")
 @click.option("--latency-budget", type=float, default=None, help="--schedule auto: latency budget in ms per batch.")
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
-def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, task, backend,
-          precision, batch, img_size, checkpoint, pretrained, images, out, threads, opset, min_runs, min_seconds,
-          schedule, target_speedup, latency_budget, curve_path) -> None:
+def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
+          calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, threads,
+          opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
     from .profiles.report import LatencyOptions
     from .runtimes import BuildConfig
     from .spec import ModelSpec
 
+    if keep_mass is not None and method == "evit":
+        method = "evit-mass"  # EViT's gate with a per-image keep count
     params = method_params(method, r=r, inflect=inflect, prop_attn=prop_attn, mode=mode, keep_rate=keep_rate,
-                           locations=locations, fuse=fuse, extra=extra_params)
+                           locations=locations, fuse=fuse, extra=extra_params, keep_mass=keep_mass, capacity=capacity)
     spec = ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
                      img_size=img_size, batch_size=batch)
     cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
@@ -159,6 +173,8 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         opset=opset,
         latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
         task=task,
+        calibrate=calibrate,
+        percentile=percentile,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
     if auto is not None:
@@ -383,6 +399,11 @@ def print_report(report: dict) -> None:
         console.print(f"[yellow]warning: CoV above 5% for {', '.join(report['noisy'])}; the machine was busy, re-run `profile`[/]")
     if report["weights"].startswith("random"):
         console.print("[yellow]weights are random: parity is meaningful, fidelity vs dense is not (use --checkpoint)[/]")
+    if "gate" in report:
+        gate, check = report["gate"], report["gate"]["check"]
+        console.print(f"gate capacity {gate['capacity']} at blocks {gate['locations']}; check photos over it: "
+                      f"{check['exceeded']} of {check['images']}" + (" (the bounded model differs from the dynamic one there)"
+                                                                     if check["exceeded"] else ""))
 
 
 if __name__ == "__main__":
