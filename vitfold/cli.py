@@ -293,7 +293,9 @@ def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output folder (default: curves/<model>-<block|whole>-<backend>-<precision>-b<batch>).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=30, show_default=True, help="Timed runs per token count, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Timed seconds per token count, at least.")
-def curve(model, backend, block_mode, tokens, block_index, precision, batch, img_size, threads, out, min_runs, min_seconds) -> None:
+@click.option("--stat", type=click.Choice(["median", "p10", "min"]), default="median", show_default=True, help="Statistic steps, plateaus and auto schedules read the curve with; p10 / min resist other processes on a shared machine.")
+def curve(model, backend, block_mode, tokens, block_index, precision, batch, img_size, threads, out, min_runs, min_seconds,
+          stat) -> None:
     """Measure latency against token count N (one block, or the whole model at a uniform N) and
     write curve.json + curve.png with the steps and plateaus found."""
     from .profiles.curve import CurveOptions, measure_curve, write_curve
@@ -303,7 +305,7 @@ def curve(model, backend, block_mode, tokens, block_index, precision, batch, img
     mode = "block" if block_mode else "whole"
     cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
     spec = ModelSpec(model, img_size=img_size, batch_size=batch)
-    result = _run(measure_curve, spec, cfg, mode=mode, tokens=tokens, block_index=block_index,
+    result = _run(measure_curve, spec, cfg, mode=mode, tokens=tokens, block_index=block_index, stat=stat,
                   options=CurveOptions(min_runs=min_runs, min_seconds=min_seconds),
                   log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
     paths = write_curve(result, out or Path("curves") / f"{model}-{mode}-{backend}-{precision}-b{batch}")
@@ -340,10 +342,10 @@ def inspect(model_path, backend, trt_version, passes, as_json) -> None:
 
 def print_curve(curve: dict) -> None:
     """Console summary of a latency curve: range, slope, steps, plateaus, noise."""
-    points = curve["points"]
+    points, stat = curve["points"], curve.get("stat", "median_ms")
     first, last = points[0], points[-1]
-    console.print(f"{curve['model']} {curve['mode']} on {curve['backend']['backend']} {curve['backend']['precision']}: "
-                  f"N={first['tokens']}: {first['median_ms']:.3f} ms ... N={last['tokens']}: {last['median_ms']:.3f} ms, "
+    console.print(f"{curve['model']} {curve['mode']} on {curve['backend']['backend']} {curve['backend']['precision']} ({stat[:-3]}): "
+                  f"N={first['tokens']}: {first[stat]:.3f} ms ... N={last['tokens']}: {last[stat]:.3f} ms, "
                   f"{len(points)} counts, mean slope {curve['slope_ms_per_token'] * 1e3:.2f} us/token")
     table = Table(title="steps (latency jumps beyond the mean slope)")
     for column in ("from N", "to N", "jump ms", "jump %"):

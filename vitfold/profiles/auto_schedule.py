@@ -47,7 +47,8 @@ class CostModel:
 
     Attributes:
         counts: measured token counts (ascending; the block curve's grid).
-        attn_ms / mlp_ms: the block curve's median at each count, split by MAC share.
+        attn_ms / mlp_ms: the block curve at each count (its statistic: median, p10 or min), split
+            by MAC share.
         base_ms: everything outside the blocks (embedding, head, per-call overhead).
         merge_us_per_token: reduction overhead of a reducing block, per token entering it (us).
     """
@@ -70,11 +71,12 @@ class CostModel:
         if "attn_dim" not in curve or "mlp_hidden" not in curve:
             raise SpecError("this curve does not record the block's widths (attn_dim, mlp_hidden); re-measure it with `deploy.py curve`")
         counts, attn, mlp = [], [], []
+        stat = curve.get("stat", "median_ms")
         for point in sorted(curve["points"], key=lambda p: p["tokens"]):
             share = attention_share(point["tokens"], curve["embed_dim"], curve["attn_dim"], curve["mlp_hidden"])
             counts.append(int(point["tokens"]))
-            attn.append(point["median_ms"] * share)
-            mlp.append(point["median_ms"] * (1 - share))
+            attn.append(point[stat] * share)
+            mlp.append(point[stat] * (1 - share))
         return cls(tuple(counts), tuple(attn), tuple(mlp), base_ms, merge_us_per_token)
 
     def _index(self, tokens: int) -> int:

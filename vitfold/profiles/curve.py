@@ -32,6 +32,9 @@ from .latency import NOISY_COV, measure_interleaved
 
 CURVE_SCHEMA = 1
 MODES = ("block", "whole")
+#: Statistic a curve is read with: the median, or a low percentile / the minimum, which on a shared
+#: machine track what the hardware does better than the median (other processes only add time).
+STATS = {"median": "median_ms", "p10": "p10_ms", "min": "min_ms"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ def measure_curve(
     mode: str = "block",
     tokens: Union[str, Sequence[int], None] = None,
     block_index: int = 0,
+    stat: str = "median",
     options: Optional[CurveOptions] = None,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -120,6 +124,7 @@ def measure_curve(
         tokens: counts N (prefix tokens included), or a spec for :func:`parse_tokens` (``16:197:4``);
             None: every 4 from 16 to the model's full count.
         block_index: which block to export in block mode (all have the same shape).
+        stat: ``median``, ``p10`` or ``min``: the statistic steps, plateaus and schedules are read from.
 
     Returns:
         The curve (see :func:`analyse`), with ``points`` (``tokens``, ``median_ms``, ``p10_ms``,
@@ -139,6 +144,8 @@ def measure_curve(
     options = options or CurveOptions()
     if mode not in MODES:
         raise SpecError(f"curve mode {mode!r} unknown; choose one of {', '.join(MODES)}")
+    if stat not in STATS:
+        raise SpecError(f"curve statistic {stat!r} unknown; choose one of {', '.join(STATS)}")
     module = runtimes.backend_module(cfg.backend)
     model, _ = create_model(spec)
     layout = TokenLayout.of(model)
@@ -182,7 +189,8 @@ def measure_curve(
     for n in sorted(results):
         samples = np.asarray(results[n].samples_ms)
         points.append({"tokens": n, "median_ms": results[n].median_ms, "p10_ms": float(np.percentile(samples, 10)),
-                       "p90_ms": float(np.percentile(samples, 90)), "cov": results[n].cov, "runs": results[n].runs,
+                       "p90_ms": float(np.percentile(samples, 90)), "min_ms": results[n].min_ms, "cov": results[n].cov,
+                       "runs": results[n].runs,
                        "samples_ms": results[n].samples_ms})
     curve = {
         "schema": CURVE_SCHEMA,
@@ -198,6 +206,7 @@ def measure_curve(
         "depth": layout.depth,
         "backend": cfg.to_json(),
         "options": options.to_json(),
+        "stat": STATS[stat],
         "points": points,
         "environment": environment(settings),
     }
@@ -270,12 +279,18 @@ def find_plateaus(tokens: Sequence[int], median_ms: Sequence[float], *, min_poin
     return plateaus
 
 
+def levels(curve: dict) -> list[float]:
+    """The curve's latency at each point, in the statistic it is read with (``curve["stat"]``,
+    default the median)."""
+    return [p[curve.get("stat", "median_ms")] for p in curve["points"]]
+
+
 def analyse(curve: dict) -> dict:
     """Add ``steps``, ``plateaus``, ``noisy`` (counts whose CoV is above 5%) and ``slope_ms_per_token``
-    to a curve dict with ``points``; returns it."""
+    to a curve dict with ``points``, read with its ``stat``; returns it."""
     points = curve["points"]
     tokens = [p["tokens"] for p in points]
-    medians = [p["median_ms"] for p in points]
+    medians = levels(curve)
     curve["steps"] = find_steps(tokens, medians, [_noise(p) for p in points])
     curve["plateaus"] = find_plateaus(tokens, medians)
     curve["noisy"] = [p["tokens"] for p in points if p["cov"] > NOISY_COV]
@@ -293,7 +308,7 @@ def write_curve(curve: dict, out_dir: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(curve, indent=1) + "\n")
     points = curve["points"]
     what = f"block {curve['block_index']}" if curve["mode"] == "block" else "whole model, uniform N"
-    plot_curve([p["tokens"] for p in points], [p["median_ms"] for p in points], paths["png"],
+    plot_curve([p["tokens"] for p in points], levels(curve), paths["png"], label=curve.get("stat", "median_ms")[:-3],
                p10_ms=[p["p10_ms"] for p in points], p90_ms=[p["p90_ms"] for p in points], steps=curve["steps"],
                title=f"{curve['model']} {what}: {curve['backend']['backend']} {curve['backend']['precision']}, "
                      f"batch {curve['batch_size']}")
@@ -317,9 +332,8 @@ def read_curve(path: Path) -> dict:
 
 
 def interpolate(curve: dict, tokens: float) -> float:
-    """Median latency (ms) at ``tokens``, linear between measured counts (clamped at the ends)."""
-    points = curve["points"]
-    return float(np.interp(tokens, [p["tokens"] for p in points], [p["median_ms"] for p in points]))
+    """Latency (ms, the curve's statistic) at ``tokens``, linear between measured counts (clamped at the ends)."""
+    return float(np.interp(tokens, [p["tokens"] for p in curve["points"]], levels(curve)))
 
 
 __all__ = ["CurveOptions", "analyse", "find_plateaus", "find_steps", "interpolate", "measure_curve", "parse_tokens",

@@ -52,12 +52,13 @@ def plot_block_times(variants: Mapping[str, Mapping[str, Mapping[str, float]]], 
 
 
 def plot_curve(tokens: Sequence[int], median_ms: Sequence[float], path: Path, *, p10_ms: Optional[Sequence[float]] = None,
-               p90_ms: Optional[Sequence[float]] = None, steps: Sequence[dict] = (), title: str = "") -> Path:
+               p90_ms: Optional[Sequence[float]] = None, steps: Sequence[dict] = (), title: str = "",
+               label: str = "median") -> Path:
     """Latency vs token count with a p10-p90 band and the steps marked.
 
     Args:
         tokens: token counts N (x axis).
-        median_ms: median latency at each N.
+        median_ms: latency at each N (the curve's statistic, named by ``label``).
         p10_ms / p90_ms: spread at each N (optional band).
         steps: ``{"from": N, "to": N', "jump_ms": ...}`` entries (from :func:`curve.find_steps`).
         path: PNG to write.
@@ -69,7 +70,7 @@ def plot_curve(tokens: Sequence[int], median_ms: Sequence[float], path: Path, *,
     ax = fig.add_subplot()
     if p10_ms is not None and p90_ms is not None:
         ax.fill_between(tokens, p10_ms, p90_ms, alpha=0.25, color="#4C72B0", label="p10-p90")
-    ax.plot(tokens, median_ms, "o-", markersize=3, color="#4C72B0", label="median")
+    ax.plot(tokens, median_ms, "o-", markersize=3, color="#4C72B0", label=label)
     for k, step in enumerate(steps):
         ax.axvspan(step["from"], step["to"], color="#C44E52", alpha=0.2, label="step" if k == 0 else None)
     ax.set_xlabel("tokens N")
