@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--r", default="8,13", help="constant r values to match (comma-separated)")
     parser.add_argument("--curve", type=Path, default=None, help="block curve.json for this model/backend (default: measure)")
+    parser.add_argument("--stat", default="median", choices=["median", "p10", "min"],
+                        help="curve statistic the schedules are picked from (p10 / min resist a busy machine)")
     parser.add_argument("--images", type=Path, default=None, help="photos for fidelity (default: the shipped ones)")
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=3.0)
@@ -89,7 +91,7 @@ def main() -> None:
     check = batches(load_images(list_images(args.images), pre), 1)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    curve = read_curve(args.curve) if args.curve else measure_curve(spec, cfg, mode="block", log=log)
+    curve = read_curve(args.curve) if args.curve else measure_curve(spec, cfg, mode="block", stat=args.stat, log=log)
     if not args.curve:
         write_curve(curve, args.out / "curve")
     cost, calibration = calibrate(spec, cfg, curve, options=CurveOptions(), log=log)
