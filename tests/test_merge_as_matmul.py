@@ -193,3 +193,18 @@ def test_source_tracing_max_stays_by_default_and_is_exact_when_asked(tmp_path):
     assert len(default.notes) == 1 and "reduction 'max' not enabled" in default.notes[0]
     (asked,) = run_pipeline(src, tmp_path / "b.onnx", [("merge-as-matmul", {"reductions": ("add", "max")})], photos)
     assert "ScatterElements" not in ops(tmp_path / "b.onnx") and asked.max_abs_change == 0.0
+
+
+@pytest.mark.slow
+def test_dinov2_real_weights_unchanged_within_tolerance(tmp_path, dinov2_path):
+    """Real activations (DINOv2 ViT-S/14, ToMe r=13): the reordered sums stay within TOLERANCE."""
+    from vitfold.export.models import create_model
+    from vitfold.images import batches, list_images, load_images
+    from vitfold.spec import ModelSpec
+
+    model, pre = create_model(ModelSpec("vit_small_patch14_dinov2", checkpoint=str(dinov2_path), img_size=224))
+    method = create_method("tome", r=13)
+    export_onnx(method.apply(model, method.schedule(TokenLayout.of(model))), tmp_path / "m.onnx", (1, 3, 224, 224))
+    photos = batches(load_images(list_images(), pre), 1)
+    _, merge = run_pipeline(tmp_path / "m.onnx", tmp_path / "out.onnx", ["fold-schedule", "merge-as-matmul"], photos)
+    assert "ScatterElements" not in ops(tmp_path / "out.onnx") and merge.max_abs_change <= TOLERANCE

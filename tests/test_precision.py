@@ -191,3 +191,42 @@ def test_harness_refuses_precision_beyond_its_tolerance(tmp_path, tome_onnx, mon
     with pytest.raises(PassError, match=r"min cosine .* < 1\.0.*refused"):
         run_pipeline(src, tmp_path / "out.onnx", [("precision", {"precision": "fp16"})], batches)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _full_size(spec, tmp_path, precision):
+    """ToMe r=13 on a full-size model, batch 1, every shipped photo: the precision pass through the
+    harness (which checks the stated tolerance), then the result vs torch on its own."""
+    from vitfold.export.models import create_model
+    from vitfold.export.onnx import torch_outputs
+    from vitfold.images import batches, list_images, load_images
+
+    model, pre = create_model(spec)
+    method = create_method("tome", r=13)
+    reduced = method.apply(model, method.schedule(TokenLayout.of(model)))
+    photos = batches(load_images(list_images(), pre), 1)
+    reference = torch_outputs(reduced, photos)
+    export_onnx(reduced, tmp_path / "m.onnx", photos[0].shape)
+    dst = tmp_path / f"m.{precision}.onnx"
+    run_pipeline(tmp_path / "m.onnx", dst, ["fold-schedule", ("precision", {"precision": precision})], photos)
+    if precision == "bf16":
+        onnx.save(emulate_bfloat16(onnx.load(str(dst))), str(tmp_path / "emulated.onnx"))
+        dst = tmp_path / "emulated.onnx"
+    outputs = np.concatenate([next(iter(o.values())) for o in run_onnx(dst, photos)])
+    return compare(reference, outputs).check(TOLERANCES[f"precision-pass:{precision}"], f"{spec.name} {precision} vs torch")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_deit_small_within_the_stated_tolerance(tmp_path, precision):
+    from vitfold.spec import ModelSpec
+
+    measured = _full_size(ModelSpec("deit_small_patch16_224"), tmp_path, precision)
+    assert measured.top1_agreement == 1.0  # random weights: the stated bound, with margin measured at 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_dinov2_real_weights_within_the_stated_tolerance(tmp_path, dinov2_path, precision):
+    from vitfold.spec import ModelSpec
+
+    _full_size(ModelSpec("vit_small_patch14_dinov2", checkpoint=str(dinov2_path), img_size=224), tmp_path, precision)

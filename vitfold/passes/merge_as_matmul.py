@@ -117,8 +117,12 @@ def match_scatter(node: gs.Node, reductions: Sequence[str] = ("add",)) -> Scatte
     found = ScatterMatch(node, reduction)
     data, indices, updates = node.inputs
     if reduction not in reductions:
-        found.reason = (f"reduction {reduction!r} has no one-hot matrix form" if reduction not in ("add", *_FILL)
-                        else f"reduction {reduction!r} not enabled (reductions={tuple(reductions)})")
+        if reduction == "none":
+            found.reason = "reduction 'none': a plain scatter (it overwrites), not a merge"
+        elif reduction not in ("add", *_FILL):
+            found.reason = f"reduction {reduction!r} has no one-hot matrix form"
+        else:
+            found.reason = f"reduction {reduction!r} not enabled (reductions={tuple(reductions)})"
         return found
     if onnx_dtype(data.dtype) not in _FLOATS:
         found.reason = f"data {data.name} is not floating point ({data.dtype})"
