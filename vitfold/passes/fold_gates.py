@@ -225,7 +225,7 @@ def _mask_attention(graph: gs.Graph, valid_names: list[str], token_names: list[s
 
 
 @register_pass("fold-gates", tolerance=TOLERANCE)
-def fold_gates(graph: gs.Graph, capacity: Sequence[int] = ()) -> gs.Graph:
+def fold_gates(graph: gs.Graph, capacity: Sequence[int]) -> gs.Graph:
     """Fold NonZero token gates into TopK to a capacity plus an attention mask (static shapes).
 
     Args:
