@@ -60,7 +60,7 @@ def matched(model, target: float) -> dict[str, tuple]:
                 schedule = method.schedule(layout)
             except Exception:  # infeasible for this model: skip the value
                 continue
-            ratio = schedule_macs(dims, list(schedule.tokens))["total"] / dense
+            ratio = schedule_macs(dims, list(schedule.tokens), schedule.site)["total"] / dense
             if best is None or abs(ratio - target) < abs(best[3] - target):
                 best = (method, {**fixed, key: value}, schedule, ratio)
         if best is not None:

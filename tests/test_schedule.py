@@ -59,3 +59,27 @@ def test_schedule_validation_and_json_round_trip():
         Schedule(tokens=(10, 5, 1), num_prefix_tokens=1)
     schedule = create_method("tome", r=16).schedule(DEIT_S)
     assert Schedule.from_json(schedule.to_json()) == schedule
+
+
+def test_macs_follow_the_reduction_site():
+    """Clustering reduces after the MLP (site 'block'): the MLP of a reducing block runs on all its
+    tokens, and the reduction pays for pairwise distances."""
+    from vitfold.profiles.flops import ModelDims, block_macs, schedule_macs
+
+    dims = ModelDims(embed_dim=384, attn_dim=384, head_dim=64, mlp_hidden=1536, num_patches=196,
+                     patch_macs_per_token=3 * 16 * 16 * 384, num_classes=0)
+    between = block_macs(dims, 197, 140, "attention")
+    after = block_macs(dims, 197, 140, "block")
+    assert after["mlp"] == 2 * 197 * 384 * 1536 and between["mlp"] == 2 * 140 * 384 * 1536
+    assert after["matching"] == 197 * 197 * 384 and after["attention"] == between["attention"]
+    tokens = [197, 197, 140, 140]
+    assert schedule_macs(dims, tokens, "block")["total"] > schedule_macs(dims, tokens)["total"]
+    assert schedule_macs(dims, [197] * 4, "block") == schedule_macs(dims, [197] * 4)  # nothing removed
+
+
+def test_schedule_site_round_trips_and_is_checked():
+    s = Schedule(tokens=(17, 12, 12), num_prefix_tokens=1, site="block")
+    assert Schedule.from_json(s.to_json()) == s
+    assert Schedule.from_json({"tokens": [17, 12], "num_prefix_tokens": 1}).site == "attention"  # older manifests
+    with pytest.raises(ScheduleError, match="site"):
+        Schedule(tokens=(17, 12), num_prefix_tokens=1, site="mlp")

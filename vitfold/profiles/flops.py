@@ -7,6 +7,10 @@ Analytic count per block ``l`` (ToMe / pruning reduce between attention and MLP,
 * token matching when the block reduces: ``ceil(N/2)*floor(N/2)*d`` (ToMe's similarity, ``d`` = head dim);
 * MLP: ``2*M*C*H`` (``H`` = hidden width).
 
+For schedules whose site is ``block`` (clustering methods reduce after the MLP) the MLP runs on ``N``
+and the reduction costs ``N*N*C`` (the pairwise distances that clustering needs; its few iterations
+of assignment are not counted).
+
 Plus the patch embedding and the head. Element-wise ops, norms and softmax are not counted (as in
 the ToMe and EViT papers). :func:`graph_macs` counts the same linear algebra from the ONNX graph,
 as a cross-check that the exported model does what the schedule says.
@@ -40,17 +44,20 @@ class ModelDims:
         return cls(**data)
 
 
-def block_macs(dims: ModelDims, tokens_in: int, tokens_out: int) -> dict[str, int]:
+def block_macs(dims: ModelDims, tokens_in: int, tokens_out: int, site: str = "attention") -> dict[str, int]:
     """MACs of one block (batch 1) split into ``attention``, ``matching`` and ``mlp``."""
     n, m, c, a = tokens_in, tokens_out, dims.embed_dim, dims.attn_dim
     attention = n * c * 3 * a + 2 * n * n * a + n * a * c
+    if site == "block":
+        return {"attention": attention, "matching": n * n * c if m < n else 0, "mlp": 2 * n * c * dims.mlp_hidden}
     matching = ((n + 1) // 2) * (n // 2) * dims.head_dim if m < n else 0
     return {"attention": attention, "matching": matching, "mlp": 2 * m * c * dims.mlp_hidden}
 
 
-def schedule_macs(dims: ModelDims, tokens: list[int]) -> dict:
-    """Total and per-block MACs (batch 1) for a schedule's ``tokens`` (``depth + 1`` entries)."""
-    blocks = [block_macs(dims, n, m) for n, m in zip(tokens, tokens[1:])]
+def schedule_macs(dims: ModelDims, tokens: list[int], site: str = "attention") -> dict:
+    """Total and per-block MACs (batch 1) for a schedule's ``tokens`` (``depth + 1`` entries) with its
+    reduction ``site`` (:class:`vitfold.reduce.schedule.Schedule`)."""
+    blocks = [block_macs(dims, n, m, site) for n, m in zip(tokens, tokens[1:])]
     embed = dims.num_patches * dims.patch_macs_per_token
     head = dims.embed_dim * dims.num_classes
     total = embed + head + sum(sum(b.values()) for b in blocks)

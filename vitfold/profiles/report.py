@@ -129,7 +129,7 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     dims = ModelDims.from_json(manifest["dims"])
     macs = {
         "dense": schedule_macs(dims, dense_manifest["schedule"]["tokens"]),
-        "reduced": schedule_macs(dims, manifest["schedule"]["tokens"]),
+        "reduced": schedule_macs(dims, manifest["schedule"]["tokens"], manifest["schedule"].get("site", "attention")),
     }
     graph = {
         "dense": graph_macs(dense_dir / dense_manifest["files"]["onnx"], batch_size),

@@ -364,7 +364,7 @@ class _Clustering:
             tokens.append(layout.num_prefix_tokens + count if count else tokens[-1])
         tokens.append(tokens[-1])
         notes = (f"{self.name} clusters in front of a block: removed[l] happens after block l's MLP",)
-        return Schedule(tokens=tuple(tokens), num_prefix_tokens=layout.num_prefix_tokens,
+        return Schedule(tokens=tuple(tokens), num_prefix_tokens=layout.num_prefix_tokens, site="block",
                         notes=notes if tokens[-1] < tokens[0] else ())
 
     def _patch(self, model: VisionTransformer, schedule: Schedule) -> tuple[VisionTransformer, tuple[int, ...]]:

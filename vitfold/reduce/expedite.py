@@ -257,7 +257,7 @@ class Expedite:
         reduced = layout.num_prefix_tokens + h * w
         tokens = (layout.num_tokens,) * (location + 1) + (reduced,) * (layout.depth - location)
         notes = (f"expedite clusters to {h}x{w} after block {location}'s MLP; --task features reconstructs the {H}x{W} grid",)
-        return Schedule(tokens=tokens, num_prefix_tokens=layout.num_prefix_tokens, notes=notes)
+        return Schedule(tokens=tokens, num_prefix_tokens=layout.num_prefix_tokens, site="block", notes=notes)
 
     def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
         """Return a patched deep copy of ``model`` running ``schedule``.

@@ -31,6 +31,7 @@ class DenseFeatures(nn.Module):
         super().__init__()
         self.model = model
         self.num_prefix_tokens = model.num_prefix_tokens
+        self.train(model.training)  # a fresh Module is in training mode; follow the wrapped model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.model.forward_features(images)  # [B, N_L, C], final norm applied

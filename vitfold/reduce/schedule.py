@@ -14,6 +14,8 @@ from typing import Sequence, Union
 from ..errors import ScheduleError
 
 RSpec = Union[int, Sequence[int], tuple[int, float]]
+#: Where a block removes its tokens (see :class:`Schedule`).
+SITES = ("attention", "block")
 
 
 @dataclass(frozen=True)
@@ -25,13 +27,19 @@ class Schedule:
         removed: tokens removed inside each block (``depth`` entries): ``tokens[l] - tokens[l + 1]``.
         num_prefix_tokens: class / distillation / register tokens, never merged or pruned.
         notes: human-readable remarks (e.g. where a method capped a request), shown in reports.
+        site: where inside block ``l`` the ``removed[l]`` tokens go: ``attention`` (between attention
+            and MLP: ToMe, EViT, Top-K) or ``block`` (after the MLP, before block ``l + 1``: the
+            clustering methods). FLOP counts depend on it.
     """
 
     tokens: tuple[int, ...]
     num_prefix_tokens: int
     notes: tuple[str, ...] = field(default=())
+    site: str = "attention"
 
     def __post_init__(self) -> None:
+        if self.site not in SITES:
+            raise ScheduleError(f"reduction site {self.site!r} unknown; one of {', '.join(SITES)}")
         if len(self.tokens) < 2:
             raise ScheduleError("a schedule needs at least one block (tokens has depth + 1 entries)")
         for block, (before, after) in enumerate(zip(self.tokens, self.tokens[1:])):
@@ -66,6 +74,7 @@ class Schedule:
             "removed": list(self.removed),
             "num_prefix_tokens": self.num_prefix_tokens,
             "notes": list(self.notes),
+            "site": self.site,
         }
 
     @classmethod
@@ -74,6 +83,7 @@ class Schedule:
             tokens=tuple(data["tokens"]),
             num_prefix_tokens=int(data["num_prefix_tokens"]),
             notes=tuple(data.get("notes", ())),
+            site=data.get("site", "attention"),
         )
 
 
