@@ -34,7 +34,7 @@ from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
 from vitfold.passes import DEFAULT_PIPELINES
 from vitfold.passes.pipeline import run_pipeline
-from vitfold.profiles.auto_schedule import calibrate, pick_schedule, tome_params
+from vitfold.profiles.auto_schedule import calibrate, pick_schedule, tome_max_removed, tome_params
 from vitfold.profiles.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--r", default="8,13", help="constant r values to match (comma-separated)")
     parser.add_argument("--curve", type=Path, default=None, help="block curve.json for this model/backend (default: measure)")
+    parser.add_argument("--max-merge-fraction", type=float, default=0.5,
+                        help="auto schedules merge at most this share of a block's tokens (ToMe's own cap: 0.5)")
     parser.add_argument("--stat", default="median", choices=["median", "p10", "min"],
                         help="curve statistic the schedules are picked from (p10 / min resist a busy machine)")
     parser.add_argument("--images", type=Path, default=None, help="photos for fidelity (default: the shipped ones)")
@@ -100,10 +102,11 @@ def main() -> None:
                   f"{calibration['reference_ms']:.2f} ms")
 
     plan = {}
+    cap = tome_max_removed(layout.num_prefix_tokens, args.max_merge_fraction)
     for r in (int(v) for v in args.r.split(",")):
         constant = list(create_method("tome", r=r).schedule(layout).tokens)
         budget = cost.predict(constant)
-        auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget)
+        auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
         plan[f"r={r}"] = {"tokens": constant, "r": tome_params(constant), "predicted_ms": budget}
         plan[f"auto@r={r}"] = {"tokens": auto, "r": tome_params(auto), "predicted_ms": cost.predict(auto), "budget_ms": budget}
 
@@ -128,7 +131,7 @@ def main() -> None:
             mine = latency[name].median_ms
             if mine > partner * 1.02:
                 budget = entry["budget_ms"] * partner / mine
-                tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget)
+                tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
                 log(f"{name}: measured {mine:.2f} ms vs {partner:.2f} ms; budget {entry['budget_ms']:.2f} -> {budget:.2f} ms")
                 entry.update(tokens=tokens, r=tome_params(tokens), predicted_ms=cost.predict(tokens), budget_ms=budget, refined=True)
                 sessions[name].close()
@@ -147,6 +150,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     dense_ms = latency["dense"].median_ms
     results = {"model": args.model, "weights": weights, "backend": cfg.to_json(), "calibration": calibration,
+               "max_merge_fraction": args.max_merge_fraction, "stat": curve.get("stat", "median_ms"),
                "cost_model": cost.to_json(), "variants": {}}
     for name in ["dense", *plan]:
         tokens = plan[name]["tokens"] if name in plan else [layout.num_tokens] * (layout.depth + 1)
@@ -156,7 +160,7 @@ def main() -> None:
                "predicted_ms": plan.get(name, {}).get("predicted_ms", cost.predict(tokens)), "latency": stats.to_json(),
                "speedup": dense_ms / stats.median_ms, "fidelity": fidelity, "refined": plan.get(name, {}).get("refined", False)}
         results["variants"][name] = row
-        top1 = fidelity.get("top1_agreement")
+        top1 = fidelity.get("top1_agreement") if model.num_classes else None  # argmax of features means nothing
         table.add_row(name, str(tokens[-2]), f"{row['gmacs']:.3f}", f"{row['predicted_ms']:.2f}", f"{stats.median_ms:.2f}",
                       f"{stats.cov:.1%}", f"{row['speedup']:.2f}x", f"{fidelity['mean_cosine']:.4f}",
                       "n/a" if top1 is None else f"{top1:.0%}")

@@ -100,9 +100,13 @@ class CostModel:
         return asdict(self)
 
 
-def tome_max_removed(num_prefix_tokens: int) -> MaxRemoved:
-    """ToMe's limit: bipartite matching merges at most half of a block's unprotected tokens."""
-    return lambda block, tokens: max(0, (tokens - num_prefix_tokens) // 2)
+def tome_max_removed(num_prefix_tokens: int, max_fraction: float = 0.5) -> MaxRemoved:
+    """ToMe's limit: bipartite matching merges at most half of a block's unprotected tokens;
+    ``max_fraction`` < 0.5 caps each block lower (large single merges cost fidelity that the
+    token count does not see)."""
+    if not 0.0 < max_fraction <= 0.5:
+        raise SpecError(f"max merge fraction {max_fraction} must be in (0, 0.5] (bipartite matching merges at most half)")
+    return lambda block, tokens: max(0, min((tokens - num_prefix_tokens) // 2, int(max_fraction * (tokens - num_prefix_tokens))))
 
 
 def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_removed: MaxRemoved):
