@@ -69,3 +69,4 @@ def test_sweep_stops_on_a_bad_point_with_the_reason(tmp_path):
     result = deploy("sweep", "--model", "vit_tiny_patch16_224", "--img-size", "96", "--backend", "onnxruntime",
                     "--out", str(tmp_path / "sw"), "--methods", "evit:r=4", "--min-runs", "3", "--min-seconds", "0")
     assert result.returncode == 2 and "takes no parameter r" in result.stderr
+    assert not (tmp_path / "sw").exists()  # refused before the dense baseline was built

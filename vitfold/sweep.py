@@ -24,6 +24,7 @@ from .artifact import read_manifest
 from .build import BuildRequest, build, build_dense
 from .errors import ArtifactError, SpecError
 from .profiles.report import profile_build
+from .reduce import create_method
 
 #: Short parameter names accepted in a sweep spec (``evit:keep=0.7``).
 ALIASES = {"keep": "keep_rate", "at": "locations"}
@@ -125,6 +126,8 @@ def run_sweep(
         VitfoldError subclasses from the builds: the sweep stops at the first failing point; points
         already built stay cached.
     """
+    for point in points:  # unknown methods / parameters fail before anything is built
+        create_method(point.method, **point.params)
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dense_request = replace(base, method="none", params={}, dense_dir=None)
