@@ -816,3 +816,22 @@ def test_gpu_deit_small_dense_and_tome13(tmp_path, precision):
     gpu_latency = report["backend_profile"]["gpu_latency"]
     for variant in ("dense", "reduced"):
         assert 0 < gpu_latency[variant]["compute"]["median_ms"] <= gpu_latency[variant]["end_to_end"]["median_ms"]
+
+
+@pytest.mark.parametrize("version, precision, target, has_precision_pass", [
+    ("8.5.2", "fp16", "tensorrt-8.5", False),
+    ("10.3.0", "fp16", "tensorrt-10", False),
+    ("11.4.1", "f32", "tensorrt-11", False),
+    ("11.4.1", "fp16", "tensorrt-11", True),
+])
+def test_build_pipeline_follows_the_installed_tensorrt(monkeypatch, version, precision, target, has_precision_pass):
+    """GPU-free: passes and lint rules are picked for the TensorRT that will build the engine."""
+    import vitfold.runtimes.tensorrt as trt_runtime
+    from vitfold.build import pipeline_for
+    from vitfold.runtimes import BuildConfig
+
+    monkeypatch.setattr(trt_runtime, "installed_version", lambda: version)
+    passes, lint_target = pipeline_for(BuildConfig(backend="tensorrt", precision=precision))
+    assert lint_target == target
+    assert "merge-as-matmul" in passes  # no native scatter reduction before 10, a plugin on 10
+    assert (("precision", {"precision": precision}) in passes) == has_precision_pass

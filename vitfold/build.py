@@ -101,6 +101,27 @@ def model_dims(model) -> ModelDims:
     )
 
 
+def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
+    """The pass steps and the lint target for a backend build.
+
+    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules, and on
+    TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
+    the graph through the ``precision`` pass.
+
+    Raises:
+        BackendUnavailable: TensorRT requested but not installed.
+    """
+    passes: list = list(DEFAULT_PIPELINES[cfg.backend])
+    version = None
+    if cfg.backend == "tensorrt":
+        from .runtimes.tensorrt import installed_version
+
+        version = installed_version()
+        if int(version.split(".")[0]) >= 11 and cfg.precision in ("fp16", "bf16"):
+            passes.append(("precision", {"precision": cfg.precision}))
+    return passes, target_for(cfg.backend, version)
+
+
 def tool_versions() -> dict:
     import onnx
     import timm
@@ -129,10 +150,9 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
-    passes = DEFAULT_PIPELINES[request.build.backend]
-    log(f"[{what}] passes: {', '.join(passes)}")
+    passes, lint_target = pipeline_for(request.build)
+    log(f"[{what}] passes: {', '.join(p if isinstance(p, str) else p[0] for p in passes)}")
     pass_reports = run_pipeline(directory / "model.onnx", directory / "model.opt.onnx", passes, check[:1])
-    lint_target = target_for(request.build.backend)
     lint_warnings = require_clean(directory / "model.opt.onnx", lint_target)  # an error finding stops the build
     log(f"[{what}] build {request.build.backend} ({request.build.precision})")
     built = runtimes.build(directory / "model.opt.onnx", directory, request.build)
