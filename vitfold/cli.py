@@ -135,9 +135,10 @@ def main() -> None:
 @click.option("--target-speedup", type=float, default=None, help="--schedule auto: speedup over the dense model, measured on this backend.")
 @click.option("--latency-budget", type=float, default=None, help="--schedule auto: latency budget in ms per batch.")
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
+@click.option("--max-merge-fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.2, show_default=True, help="--schedule auto: most of a block's tokens one block may merge (ToMe itself allows 0.5; large single merges cost fidelity).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
           calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, threads,
-          opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path) -> None:
+          opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
     from .profiles.report import LatencyOptions
@@ -158,7 +159,7 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         if r is not None:
             raise click.BadParameter("--schedule auto picks r itself; drop --r")
         params, auto = _run(auto_schedule, spec, cfg, method=method, params=params, target_speedup=target_speedup,
-                            latency_budget_ms=latency_budget, curve=curve_path,
+                            latency_budget_ms=latency_budget, curve=curve_path, max_merge_fraction=max_merge_fraction,
                             log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
     elif target_speedup is not None or latency_budget is not None or curve_path is not None:
         raise click.BadParameter("--target-speedup, --latency-budget and --curve need --schedule auto")

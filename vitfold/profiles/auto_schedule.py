@@ -283,9 +283,16 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
 AUTO_JSON = "auto_schedule.json"
 
 
+#: Default cap on one block's merge for auto schedules: on DINOv2 ViT-S/14 (benchmarks/hw_aware.py)
+#: ToMe's own cap (0.5) let the picker merge ~100 tokens in one block and lose feature cosine to
+#: constant r at the same latency; with 0.2 the auto schedule beat constant r at r=8 and r=13.
+MAX_MERGE_FRACTION = 0.2
+
+
 def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = None,
                   target_speedup: Optional[float] = None, latency_budget_ms: Optional[float] = None,
-                  curve=None, options=None, log: Callable[[str], None] = print) -> tuple[dict, dict]:
+                  curve=None, max_merge_fraction: float = MAX_MERGE_FRACTION, options=None,
+                  log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Pick a hardware-aware schedule for ``spec`` on backend ``cfg`` (``build --schedule auto``).
 
     Args:
@@ -293,6 +300,7 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
         params: the method's other parameters (e.g. ``prop_attn``); ``r`` is replaced.
         target_speedup / latency_budget_ms: exactly one: over the measured dense model, or in ms.
         curve: a block curve (``curve.json`` path or dict) measured on this backend; None measures one.
+        max_merge_fraction: most of a block's tokens one block may merge (see :data:`MAX_MERGE_FRACTION`).
 
     Returns:
         ``(params with the picked r list, info)``; ``info`` has the budget, tokens, r, predicted ms and
@@ -328,11 +336,12 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
     budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
     if target_speedup is not None:  # over the measured dense model, not the predicted one
         budget = calibration["dense_ms"] / target_speedup
-    tokens = pick_schedule(model, depth, full, prefix, budget)
+    tokens = pick_schedule(model, depth, full, prefix, budget, tome_max_removed(prefix, max_merge_fraction))
     r = tome_params(tokens)
     predicted = model.predict(tokens)
     info = {
         "method": method, "target_speedup": target_speedup, "latency_budget_ms": budget, "tokens": tokens, "r": r,
+        "max_merge_fraction": max_merge_fraction,
         "predicted_ms": predicted, "predicted_speedup": calibration["dense_ms"] / predicted,
         "cost_model": {"base_ms": model.base_ms, "merge_us_per_token": model.merge_us_per_token},
         "calibration": calibration, "curve": source, "curve_steps": curve.get("steps", []),
@@ -373,7 +382,8 @@ def render_markdown(auto: dict) -> list[str]:
               else f"latency budget {auto['latency_budget_ms']:.2f} ms")
     lines = ["", "## Hardware-aware schedule (auto)", "",
              f"- {target}; budget {auto['latency_budget_ms']:.2f} ms; curve: {auto['curve']}",
-             f"- r per block: {auto['r']} (tokens {auto['tokens']})",
+             f"- r per block: {auto['r']} (tokens {auto['tokens']}; at most {auto.get('max_merge_fraction', 0.5):.0%} "
+             "of a block's tokens merged in one block)",
              f"- predicted {auto['predicted_ms']:.2f} ms ({auto['predicted_speedup']:.2f}x over the calibrated dense "
              f"{auto['calibration']['dense_ms']:.2f} ms); cost model: outside blocks {auto['cost_model']['base_ms']:.2f} ms, "
              f"reduction overhead {auto['cost_model']['merge_us_per_token']:.2f} us per token entering a reducing block"]
