@@ -388,3 +388,6 @@ def test_cli_gate_build_records_capacity_and_exceeded(tmp_path):
     assert gate["check"]["max_abs_fitting"] <= 1e-5
     assert manifest["checks"]["backend_vs_torch"]["max_abs"] <= 1e-4  # bounded torch vs ONNX Runtime, every photo
     assert f"check photos over the capacity: {gate['check']['exceeded']} of 7" in (out / "report.md").read_text()
+    again = deploy("profile", str(out), "--min-runs", "3", "--min-seconds", "0")  # a re-profile keeps the gate
+    assert again.returncode == 0, again.stderr
+    assert json.loads((out / "report.json").read_text())["gate"] == gate and "## Gate" in (out / "report.md").read_text()

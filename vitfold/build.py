@@ -240,8 +240,6 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         if request.profile:
             log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
             report = profile_build(staging, images=request.images, options=request.latency)
-            if gate is not None:
-                report = _report_gate(staging, report, gate)
     return out, report
 
 
@@ -340,21 +338,3 @@ def prepare_gate(method, model, pre, request: BuildRequest, log: Callable[[str],
         "calibration": calibration.to_json() if calibration else None,
         "check": check,
     }
-
-
-def _report_gate(directory: Path, report: dict, gate: dict) -> dict:
-    """Add the gate's capacity and the check photos over it to ``report.json`` / ``report.md``."""
-    report = {**report, "gate": gate}
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    check = gate["check"]
-    lines = ["", "## Gate", "",
-             f"- keep mass {gate['keep_mass']}, capacity {gate['capacity']} kept tokens at blocks {gate['locations']}"
-             + (f" (percentile {gate['calibration']['percentile']:g} of {gate['calibration']['images']} images, "
-                f"{gate['calibration']['source']})" if gate["calibration"] else " (given)"),
-             f"- check photos over the capacity: {check['exceeded']} of {check['images']}"
-             + (f" ({', '.join(check['exceeded_images'])}): the bounded model differs from the dynamic one there"
-                if check["exceeded"] else ""),
-             f"- bounded vs dynamic torch model on the others: max abs {check['max_abs_fitting']}", ""]
-    with open(directory / "report.md", "a") as handle:
-        handle.write("\n".join(lines))
-    return report

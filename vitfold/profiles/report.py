@@ -157,6 +157,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "noisy": sorted(k for k, v in latency.items() if v.noisy),
         "environment": environment(settings),
     }
+    if "gate" in manifest:  # data-dependent gate: its capacity and the check photos over it
+        report["gate"] = manifest["gate"]
     if backend_profile is not None:
         report["backend_profile"] = backend_profile
     if per_layer is not None:
@@ -184,6 +186,19 @@ def fidelity_summary(fid: dict) -> str:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def gate_lines(gate: dict) -> list[str]:
+    """report.md lines for a gated build (``evit-mass``): capacity, calibration, photos over it."""
+    check = gate["check"]
+    return ["", "## Gate", "",
+            f"- keep mass {gate['keep_mass']}, capacity {gate['capacity']} kept tokens at blocks {gate['locations']}"
+            + (f" (percentile {gate['calibration']['percentile']:g} of {gate['calibration']['images']} images, "
+               f"{gate['calibration']['source']})" if gate["calibration"] else " (given)"),
+            f"- check photos over the capacity: {check['exceeded']} of {check['images']}"
+            + (f" ({', '.join(check['exceeded_images'])}): the bounded model differs from the dynamic one there"
+               if check["exceeded"] else ""),
+            f"- bounded vs dynamic torch model on the others: max abs {check['max_abs_fitting']}"]
 
 
 def render_markdown(report: dict) -> str:
@@ -227,6 +242,8 @@ def render_markdown(report: dict) -> str:
         from .auto_schedule import render_markdown as auto_lines
 
         lines += auto_lines(report["auto_schedule"])
+    if "gate" in report:
+        lines += gate_lines(report["gate"])
     if report["weights"].startswith("random"):
         lines += ["", "Weights are random: parity with torch is meaningful, fidelity vs dense is not."]
     return "\n".join(lines) + "\n"
