@@ -256,8 +256,9 @@ def find_steps(tokens: Sequence[int], median_ms: Sequence[float], noise_ms: Opti
 
 def find_plateaus(tokens: Sequence[int], median_ms: Sequence[float], *, min_points: int = 3,
                   flat: float = 0.25) -> list[dict]:
-    """Flat stretches: at least ``min_points`` consecutive counts over which latency rises by less
-    than ``flat`` times what the curve's overall slope (least squares) predicts over that span.
+    """Flat stretches: at least ``min_points`` consecutive counts over which latency moves (up or
+    down) by less than ``flat`` times what the curve's overall slope (least squares) predicts over
+    that span.
 
     Returns:
         ``[{"from": N, "to": N', "ms_from", "ms_to"}]``: keeping ``to`` tokens costs what ``from`` costs.
@@ -269,7 +270,7 @@ def find_plateaus(tokens: Sequence[int], median_ms: Sequence[float], *, min_poin
     plateaus, i = [], 0
     while i < len(n) - 1:
         j = i
-        while j + 1 < len(n) and t[j + 1] - t[i] < flat * slope * (n[j + 1] - n[i]):
+        while j + 1 < len(n) and abs(t[j + 1] - t[i]) < flat * slope * (n[j + 1] - n[i]):
             j += 1
         if j - i + 1 >= min_points:
             plateaus.append({"from": int(n[i]), "to": int(n[j]), "ms_from": float(t[i]), "ms_to": float(t[j])})
