@@ -9,7 +9,8 @@ short side, centre crop, mean / std from timm's ``pretrained_cfg``)::
     python examples/classify.py builds/<name> --dense          # the dense twin of the same build
 
 With no image given it classifies the photos shipped with vitfold. A 1000-class model prints
-ImageNet class names (``imagenet_classes.txt`` beside this file); other models print class indices.
+ImageNet class names (``imagenet_classes.txt`` beside this file: synset id and WordNet lemmas per
+class index, written out from timm's ``ImageNetInfo``); other models print class indices.
 """
 
 from __future__ import annotations
