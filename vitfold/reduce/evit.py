@@ -22,7 +22,6 @@ distillation, registers) are protected where the reference handles only the clas
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -34,6 +33,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
+from .patching import patchable_copy
 from .schedule import Schedule, ScheduleError
 
 #: The reference's reduction blocks for 12-block models (``--drop_loc '(3, 6, 9)'``), 0-indexed.
@@ -259,18 +259,7 @@ class EViT:
             ScheduleError: the schedule is for a model of another depth or token count.
         """
         layout = TokenLayout.of(model)
-        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
-            raise ScheduleError(
-                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
-                f"model has {layout.depth} / {layout.num_tokens}"
-            )
-        for index, block in enumerate(model.blocks):
-            attn = getattr(block, "attn", None)
-            if type(block) is not Block or type(attn) is not Attention:
-                raise NotImplementedError(
-                    f"{self.name} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}"
-                )
-        patched = copy.deepcopy(model)
+        patched = patchable_copy(model, schedule, self.name)
         blocks = patched.blocks
         blocks.__class__ = PruneBlocks
         blocks.keep = self.keeps(schedule)

@@ -18,7 +18,6 @@ computes the same function, and differs in how it is built:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from ..errors import SpecError
 from . import TokenLayout, register_method
+from .patching import patchable_copy, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
 
@@ -193,19 +193,7 @@ class ToMe:
             ScheduleError: the schedule is for a model of another depth or token count.
         """
         layout = TokenLayout.of(model)
-        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
-            raise ScheduleError(
-                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
-                f"model has {layout.depth} / {layout.num_tokens}"
-            )
-        for index, block in enumerate(model.blocks):
-            attn = getattr(block, "attn", None)
-            if type(block) is not Block or type(attn) is not Attention:
-                raise NotImplementedError(
-                    f"ToMe patches timm Block/Attention; block {index} is "
-                    f"{type(block).__name__}/{type(attn).__name__}"
-                )
-        patched = copy.deepcopy(model)
+        patched = patchable_copy(model, schedule, self.name)
         blocks = patched.blocks
         blocks.__class__ = ToMeBlocks
         blocks.r = schedule.removed
@@ -221,13 +209,4 @@ class ToMe:
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
-        blocks = model.blocks
-        if isinstance(blocks, ToMeBlocks):
-            for attr in ("r", "prop_attn", "trace_source", "num_protected", "mode", "last_state"):
-                blocks.__dict__.pop(attr, None)
-            blocks.__class__ = nn.Sequential
-        for block in blocks:
-            if isinstance(block, ToMeBlock):
-                block.__class__ = Block
-                block.attn.__class__ = Attention
-        return model
+        return unpatch(model, ToMeBlocks, ToMeBlock, ("r", "prop_attn", "trace_source", "num_protected", "mode"))

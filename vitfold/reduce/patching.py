@@ -1,0 +1,54 @@
+"""What every method's patch shares: checking a model against a schedule, and undoing a patch.
+
+Methods patch by swapping classes on a deep copy (``model.blocks`` becomes the method's
+``nn.Sequential`` subclass, each block and attention module the method's subclass of timm's), so a
+patched model pickles, deep-copies and can be restored to the dense classes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from . import TokenLayout
+from .schedule import Schedule, ScheduleError
+
+
+def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) -> VisionTransformer:
+    """A deep copy of ``model`` ready for ``method`` to patch with ``schedule``.
+
+    Raises:
+        ScheduleError: the schedule is for a model of another depth or token count.
+        NotImplementedError: a block or attention type other than timm's ``Block`` / ``Attention``.
+    """
+    layout = TokenLayout.of(model)
+    if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
+        raise ScheduleError(
+            f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
+            f"model has {layout.depth} / {layout.num_tokens}; make the schedule from this model"
+        )
+    for index, block in enumerate(model.blocks):
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or type(attn) is not Attention:
+            raise NotImplementedError(
+                f"{method} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}"
+            )
+    return copy.deepcopy(model)
+
+
+def unpatch(model: VisionTransformer, blocks_cls: type, block_cls: type, attrs: tuple[str, ...]) -> VisionTransformer:
+    """Undo a class-swap patch in place: ``model.blocks`` back to ``nn.Sequential`` without ``attrs``,
+    blocks of ``block_cls`` back to timm's ``Block`` / ``Attention``; returns ``model``."""
+    blocks = model.blocks
+    if isinstance(blocks, blocks_cls):
+        for attr in (*attrs, "last_state"):
+            blocks.__dict__.pop(attr, None)
+        blocks.__class__ = nn.Sequential
+    for block in blocks:
+        if isinstance(block, block_cls):
+            block.__class__ = Block
+            block.attn.__class__ = Attention
+    return model
