@@ -318,7 +318,7 @@ def test_build_stops_on_lint_errors(tmp_path, monkeypatch):
     from vitfold.spec import ModelSpec
 
     built = []
-    monkeypatch.setattr(build_module, "target_for", lambda backend: "tensorrt-8.5")
+    monkeypatch.setattr(build_module, "target_for", lambda backend, version=None: "tensorrt-8.5")
     monkeypatch.setattr(build_module.runtimes, "build", lambda *a, **k: built.append(a))
     out = tmp_path / "builds" / "x"
     request = BuildRequest(ModelSpec("vit_tiny_patch16_224", img_size=32), "tome", {"r": 1},
