@@ -66,6 +66,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
+from .patching import unpatch
 from .schedule import Schedule, ScheduleError
 
 #: The study's reduction locations for 12-block models (``--reduction_loc 3 6 9``), 0-indexed.
@@ -433,12 +434,7 @@ class DPCKNN(_Clustering):
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place; returns ``model``."""
-        blocks = model.blocks
-        if isinstance(blocks, ClusterBlocks):
-            for attr in ("clusters", "k_neighbors", "num_protected", "last_state"):
-                blocks.__dict__.pop(attr, None)
-            blocks.__class__ = nn.Sequential
-        return model
+        return unpatch(model, ClusterBlocks, None, ("clusters", "k_neighbors", "num_protected"))
 
 
 @register_method("kmedoids")
@@ -496,13 +492,4 @@ class KMedoids(_Clustering):
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place; returns ``model``."""
-        blocks = model.blocks
-        if isinstance(blocks, KMedoidsBlocks):
-            for attr in ("clusters", "iters", "num_protected", "last_state"):
-                blocks.__dict__.pop(attr, None)
-            blocks.__class__ = nn.Sequential
-        for block in blocks:
-            if isinstance(block, WeightedBlock):
-                block.__class__ = Block
-                block.attn.__class__ = Attention
-        return model
+        return unpatch(model, KMedoidsBlocks, WeightedBlock, ("clusters", "iters", "num_protected"))

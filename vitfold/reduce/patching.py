@@ -8,6 +8,7 @@ patched model pickles, deep-copies and can be restored to the dense classes.
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -39,16 +40,17 @@ def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) ->
     return copy.deepcopy(model)
 
 
-def unpatch(model: VisionTransformer, blocks_cls: type, block_cls: type, attrs: tuple[str, ...]) -> VisionTransformer:
+def unpatch(model: VisionTransformer, blocks_cls: type, block_cls: Optional[type], attrs: tuple[str, ...]) -> VisionTransformer:
     """Undo a class-swap patch in place: ``model.blocks`` back to ``nn.Sequential`` without ``attrs``,
-    blocks of ``block_cls`` back to timm's ``Block`` / ``Attention``; returns ``model``."""
+    blocks of ``block_cls`` (None: the patch left blocks alone) back to timm's ``Block`` /
+    ``Attention``; returns ``model``."""
     blocks = model.blocks
     if isinstance(blocks, blocks_cls):
         for attr in (*attrs, "last_state"):
             blocks.__dict__.pop(attr, None)
         blocks.__class__ = nn.Sequential
     for block in blocks:
-        if isinstance(block, block_cls):
+        if block_cls is not None and isinstance(block, block_cls):
             block.__class__ = Block
             block.attn.__class__ = Attention
     return model
