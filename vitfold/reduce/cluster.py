@@ -66,7 +66,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
-from .patching import unpatch
+from .patching import check_schedule, unpatch
 from .schedule import Schedule, ScheduleError
 
 #: The study's reduction locations for 12-block models (``--reduction_loc 3 6 9``), 0-indexed.
@@ -370,12 +370,7 @@ class _Clustering:
 
     def _patch(self, model: VisionTransformer, schedule: Schedule) -> tuple[VisionTransformer, tuple[int, ...]]:
         """A deep copy of ``model`` and the clusters per block that ``schedule`` asks for."""
-        layout = TokenLayout.of(model)
-        if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
-            raise ScheduleError(
-                f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
-                f"model has {layout.depth} / {layout.num_tokens}"
-            )
+        check_schedule(model, schedule)
         if schedule.tokens[-1] != schedule.tokens[-2]:
             raise ScheduleError(f"{self.name} clusters in front of blocks; a schedule cannot reduce after the last block")
         P = schedule.num_prefix_tokens

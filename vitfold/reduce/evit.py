@@ -43,11 +43,13 @@ DEFAULT_LOCATIONS = (3, 6, 9)
 class ScoredAttention(Attention):
     """timm ``Attention`` plus :meth:`forward_scored`. Its ``forward`` is timm's, unchanged."""
 
-    def forward_scored(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_scored(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention that also returns the class token's attention probabilities.
 
         Args:
             x: ``[B, N, C]`` normalised tokens, class token at position 0.
+            bias: ``[B, 1, 1, N]`` added to the logits (a gate's validity mask: 0 for valid keys,
+                ``-inf`` for empty slots, which then get exactly 0 attention), or None.
 
         Returns:
             ``([B, N, C] attention output, [B, N] class-token attention averaged over heads)``.
@@ -57,11 +59,13 @@ class ScoredAttention(Attention):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        logits_cls = (q[:, :, :1] * self.scale) @ k.transpose(-2, -1)  # [B, H, 1, N]
         if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
-            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        cls_attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, H, 1, N]
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            out = (logits if bias is None else logits + bias).softmax(dim=-1) @ v
+        cls_attn = (logits_cls if bias is None else logits_cls + bias).softmax(dim=-1)
         out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             out = out * gate
@@ -235,8 +239,7 @@ class EViT:
             keep = keep_count(have, P, rate)
             if keep < 1:
                 raise ScheduleError(f"block {block}: keep rate {rate} keeps no patch token of {have - P}; use a larger keep rate")
-            pruned = keep < have - P
-            tokens.append(P + keep + (1 if pruned and self.fuse else 0) if pruned else have)
+            tokens.append(P + keep + int(self.fuse) if keep < have - P else have)
         notes = ()
         if self.fuse:
             notes = ("one fused token is appended at each reduction block",)

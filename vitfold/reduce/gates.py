@@ -41,50 +41,17 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
 from . import TokenLayout, register_method
 from .evit import DEFAULT_LOCATIONS, ScoredAttention
+from .patching import check_blocks
 from .schedule import Schedule, ScheduleError
 
 #: Pool types the bounded / batched dynamic forms can mask (timm ``global_pool``).
 MASKABLE_POOLS = ("token", "avg")
-
-
-class GateAttention(ScoredAttention):
-    """timm ``Attention`` plus a masked :meth:`forward_scored`. Its ``forward`` is timm's, unchanged."""
-
-    def forward_scored(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention that also returns the class token's attention probabilities.
-
-        Args:
-            x: ``[B, N, C]`` normalised tokens, class token at position 0.
-            bias: ``[B, 1, 1, N]`` added to the logits (0 for valid keys, ``-inf`` for invalid slots),
-                or None (every token valid: then exactly :class:`ScoredAttention`'s computation).
-
-        Returns:
-            ``([B, N, C] attention output, [B, N] class-token attention averaged over heads)``;
-            invalid keys get exactly 0 attention.
-        """
-        if bias is None:
-            return super().forward_scored(x)
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            out = ((q * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-        cls_attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1)  # [B, H, 1, N]
-        out = self.norm(out.transpose(1, 2).reshape(B, N, self.attn_dim))
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out)), cls_attn.mean(dim=1)[:, 0]
 
 
 @dataclass
@@ -385,11 +352,7 @@ class EViTMass:
         if model.attn_pool is not None or model.global_pool not in MASKABLE_POOLS:
             raise NotImplementedError(f"{self.name}: pooling {model.global_pool!r} cannot skip masked tokens; "
                                       f"supported: {', '.join(MASKABLE_POOLS)}")
-        for index, block in enumerate(model.blocks):
-            attn = getattr(block, "attn", None)
-            if type(block) is not Block or type(attn) is not Attention:
-                raise NotImplementedError(
-                    f"{self.name} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}")
+        check_blocks(model, self.name)
         patched = copy.deepcopy(model)
         patched.__class__ = GatedVisionTransformer
         blocks = patched.blocks
@@ -398,7 +361,7 @@ class EViTMass:
         blocks.dynamic, blocks.fuse, blocks.num_protected = dynamic, self.fuse, model.num_prefix_tokens
         for block in blocks:
             block.__class__ = GateBlock
-            block.attn.__class__ = GateAttention
+            block.attn.__class__ = ScoredAttention
         return patched
 
     def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:

@@ -18,6 +18,16 @@ from . import TokenLayout
 from .schedule import Schedule, ScheduleError
 
 
+def check_schedule(model: VisionTransformer, schedule: Schedule) -> None:
+    """Raise :class:`ScheduleError` unless ``schedule`` was made for ``model``'s depth and token count."""
+    layout = TokenLayout.of(model)
+    if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
+        raise ScheduleError(
+            f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
+            f"model has {layout.depth} / {layout.num_tokens}; make the schedule from this model"
+        )
+
+
 def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) -> VisionTransformer:
     """A deep copy of ``model`` ready for ``method`` to patch with ``schedule``.
 
@@ -25,19 +35,19 @@ def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) ->
         ScheduleError: the schedule is for a model of another depth or token count.
         NotImplementedError: a block or attention type other than timm's ``Block`` / ``Attention``.
     """
-    layout = TokenLayout.of(model)
-    if (schedule.depth, schedule.tokens[0]) != (layout.depth, layout.num_tokens):
-        raise ScheduleError(
-            f"schedule is for {schedule.depth} blocks / {schedule.tokens[0]} tokens, "
-            f"model has {layout.depth} / {layout.num_tokens}; make the schedule from this model"
-        )
+    check_schedule(model, schedule)
+    check_blocks(model, method)
+    return copy.deepcopy(model)
+
+
+def check_blocks(model: VisionTransformer, method: str) -> None:
+    """Raise NotImplementedError unless every block is timm's ``Block`` with timm's ``Attention``."""
     for index, block in enumerate(model.blocks):
         attn = getattr(block, "attn", None)
         if type(block) is not Block or type(attn) is not Attention:
             raise NotImplementedError(
                 f"{method} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}"
             )
-    return copy.deepcopy(model)
 
 
 def unpatch(model: VisionTransformer, blocks_cls: type, block_cls: Optional[type], attrs: tuple[str, ...]) -> VisionTransformer:
