@@ -92,9 +92,7 @@ def session(path: Path, shape: list[int], directory: Path, cfg: BuildConfig, pas
         run_pipeline(path, optimized, passes, [np.zeros(shape, dtype=np.float32)])
     else:
         optimized.write_bytes(Path(path).read_bytes())
-    built = runtimes.build(optimized, directory, cfg)
-    manifest = {"build": cfg.to_json(), "files": built["files"], "input": {"name": "images", "shape": shape}}
-    return runtimes.backend_module(cfg.backend).load(directory, manifest)
+    return runtimes.build_session(optimized, directory, cfg)
 
 
 def cycling(run, inputs: list[np.ndarray]):

@@ -55,8 +55,7 @@ def build_session(model, tokens_or_r, name: str, work: Path, cfg: BuildConfig, c
     where.mkdir(parents=True, exist_ok=True)
     export_onnx(reduced, where / "model.onnx", check[0].shape)
     run_pipeline(where / "model.onnx", where / "model.opt.onnx", DEFAULT_PIPELINES[cfg.backend], check[:1])
-    built = runtimes.build(where / "model.opt.onnx", where, cfg)
-    session = runtimes.backend_module(cfg.backend).load(where, {"files": built["files"], "build": cfg.to_json()})
+    session = runtimes.build_session(where / "model.opt.onnx", where, cfg)
     return session, list(schedule.tokens)
 
 

@@ -27,16 +27,7 @@ from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
 from vitfold.reduce import TokenLayout, create_method
 from vitfold.runtimes import BuildConfig
-from vitfold.runtimes.openvino import OpenVINOSession
-from vitfold.runtimes.ort import OrtSession
 from vitfold.spec import ModelSpec
-
-
-def session_for(backend: str, onnx_path: Path, out: Path, cfg: BuildConfig):
-    runtimes.build(onnx_path, out, cfg)
-    if backend == "openvino":
-        return OpenVINOSession(out / "model.xml", cfg)
-    return OrtSession(out / "model.ort.onnx", cfg)
 
 
 def main() -> None:
@@ -79,7 +70,7 @@ def main() -> None:
                 for name, path in onnx_paths.items():
                     out = Path(tmp) / f"{backend}-{name}-b{batch}"
                     out.mkdir()
-                    sessions[name] = session_for(backend, path, out, cfg)
+                    sessions[name] = runtimes.build_session(path, out, cfg)
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -112,9 +112,7 @@ def main() -> None:
             console.print(f"[dim]{label}: export, passes, {args.backend} build[/]")
             export_onnx(module, out / "model.onnx", sample.shape)
             run_pipeline(out / "model.onnx", out / "model.opt.onnx", DEFAULT_PIPELINES[args.backend], [sample])
-            built = runtimes.build(out / "model.opt.onnx", out, cfg)
-            sessions[label] = runtimes.backend_module(args.backend).load(out, {"build": cfg.to_json(), "files": built["files"],
-                                                                            "input": {"name": "images", "shape": list(sample.shape)}})
+            sessions[label] = runtimes.build_session(out / "model.opt.onnx", out, cfg)
         console.print(f"[dim]measuring {len(sessions)} variants interleaved[/]")
         stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, 1,
                                     min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -98,8 +98,7 @@ def main() -> None:
                 for name, path in onnx_paths.items():
                     out = Path(tmp) / f"{backend}-{name}-b{batch}"
                     out.mkdir()
-                    files = runtimes.build(path, out, cfg)["files"]
-                    sessions[name] = runtimes.backend_module(backend).load(out, {"files": files, "build": cfg.to_json()})
+                    sessions[name] = runtimes.build_session(path, out, cfg)
                 for round_ in range(args.rounds):
                     console.print(f"[dim]measuring {backend} batch {batch} round {round_ + 1} ({', '.join(sessions)})[/]")
                     stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,

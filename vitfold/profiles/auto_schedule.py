@@ -250,7 +250,7 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
     reduced = reducer.apply(model, schedule)
     size = model.patch_embed.img_size
     shape = (spec.batch_size, 3, size[0], size[1])
-    module = runtimes.backend_module(cfg.backend)
+    runtimes.backend_module(cfg.backend)  # a missing backend fails before any export
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="vitfold-calibrate-") as tmp:
         for label, torch_model in (("dense", model), ("reference", reduced)):
@@ -258,8 +258,7 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
             where.mkdir()
             log(f"calibrate: export and build the whole {label} model ({cfg.backend})")
             export_onnx(torch_model, where / "model.onnx", shape)
-            built = runtimes.build(where / "model.onnx", where, cfg)
-            sessions[label] = module.load(where, {"files": built["files"], "build": cfg.to_json()})
+            sessions[label] = runtimes.build_session(where / "model.onnx", where, cfg)
         sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
                                     warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),

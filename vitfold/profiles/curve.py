@@ -146,7 +146,7 @@ def measure_curve(
         raise SpecError(f"curve mode {mode!r} unknown; choose one of {', '.join(MODES)}")
     if stat not in STATS:
         raise SpecError(f"curve statistic {stat!r} unknown; choose one of {', '.join(STATS)}")
-    module = runtimes.backend_module(cfg.backend)
+    runtimes.backend_module(cfg.backend)  # a missing backend fails before any export
     model, _ = create_model(spec)
     layout = TokenLayout.of(model)
     if not 0 <= block_index < layout.depth:
@@ -172,8 +172,7 @@ def measure_curve(
                 where.mkdir()
                 log(f"[N={n}] export {tuple(shape)} and build {cfg.backend}")
                 export_onnx(torch_module, where / "model.onnx", shape)
-                built = runtimes.build(where / "model.onnx", where, cfg)
-                sessions[n] = module.load(where, {"files": built["files"], "build": cfg.to_json()})
+                sessions[n] = runtimes.build_session(where / "model.onnx", where, cfg)
                 inputs[n] = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
             log(f"time {len(sessions)} token counts interleaved")
             stats = measure_interleaved(

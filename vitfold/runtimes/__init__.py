@@ -57,6 +57,17 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     return backend_module(cfg.backend).build(Path(onnx_path), Path(out_dir), cfg)
 
 
+def build_session(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> Session:
+    """Build ``onnx_path`` for ``cfg`` into ``out_dir`` and open it, without a build manifest: for
+    benchmarks, latency curves and calibration runs, which time backend artifacts they throw away.
+
+    Raises:
+        BackendUnavailable: the backend is not installed here.
+    """
+    built = build(onnx_path, out_dir, cfg)
+    return backend_module(cfg.backend).load(Path(out_dir), {"files": built["files"], "build": cfg.to_json()})
+
+
 def load(directory: str | Path) -> Session:
     """Load a build directory (its manifest says which backend) into a ready :class:`Session`.
 
@@ -69,4 +80,4 @@ def load(directory: str | Path) -> Session:
     return backend_module(manifest["build"]["backend"]).load(directory, manifest)
 
 
-__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "load", "require"]
+__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "build_session", "load", "require"]
