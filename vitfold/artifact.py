@@ -25,6 +25,7 @@ MANIFEST_SCHEMA = 1
 
 
 def sha256(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -38,7 +38,8 @@ import numpy as np
 from ..errors import ArtifactError, SpecError
 from . import cudamem
 from .base import BuildConfig, Session
-from .tensorrt_cache import EngineCache, cached_engine, detect_platform, engine_mismatch, file_sha256
+from ..artifact import sha256 as file_sha256
+from .tensorrt_cache import EngineCache, cached_engine, detect_platform, engine_mismatch
 from .tensorrt_config import (  # noqa: F401  (re-exported: the backend's public API)
     WORKSPACE_MB,
     BuildPlan,

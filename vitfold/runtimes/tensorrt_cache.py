@@ -61,15 +61,6 @@ def _read(path: Path) -> str:
         return ""
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _digest(fields: Mapping[str, Any]) -> str:
     text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(f"vitfold-trt-cache/{CACHE_SCHEMA}\n{text}".encode()).hexdigest()[:32]
