@@ -51,3 +51,16 @@ FLAVOURS = {
     "registers": {"reg_tokens": 4, "init_values": 0.1},
     "no_class_token": {"class_token": False, "global_pool": "avg"},
 }
+
+
+def plain_attention(block, x):
+    """A timm block's attention written out (explicit probabilities, one image), for plain references.
+
+    Returns ``(x + ls1(attention output) [1, N, C], probabilities [1, H, N, N])``.
+    """
+    attn = block.attn
+    n, c = x.shape[1], x.shape[2]
+    qkv = attn.qkv(block.norm1(x)).reshape(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    probs = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
+    return x + block.ls1(attn.proj((probs @ v).transpose(1, 2).reshape(1, n, c))), probs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FLAVOURS, tiny_vit
+from conftest import FLAVOURS, plain_attention, tiny_vit
 from vitfold.errors import ScheduleError, SpecError
 from vitfold.export.onnx import export_and_validate
 from vitfold.reduce import TokenLayout, create_method
@@ -82,13 +82,8 @@ def reference_evit(model, images, rates: dict[int, float], fuse: bool):
         members = [[i] for i in range(x.shape[1])]
         frozen = {}
         for index, block in enumerate(model.blocks):
-            attn = block.attn
-            n, c = x.shape[1], x.shape[2]
-            qkv = attn.qkv(block.norm1(x)).reshape(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-            out = attn.proj((a @ v).transpose(1, 2).reshape(1, n, c))
-            x = x + block.ls1(out)
+            n = x.shape[1]
+            x, a = plain_attention(block, x)
             rate = rates.get(index, 1.0)
             left = math.ceil(rate * (n - 1))
             if rate < 1 and left < n - 1:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import FLAVOURS, tiny_vit
+from conftest import FLAVOURS, plain_attention, tiny_vit
 from vitfold.calibrate import calibrate, check_capacity, exceeding, fit_capacity, kept_counts, nearest_rank
 from vitfold.errors import ExportError, PassError, ScheduleError, SpecError
 from vitfold.export.onnx import check_contract, export_and_validate, export_onnx
@@ -92,12 +92,8 @@ def reference_mass(model, images, masses: dict[int, float]):
         x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
         kept_here = []
         for index, block in enumerate(model.blocks):
-            attn = block.attn
-            n, c = x.shape[1], x.shape[2]
-            qkv = attn.qkv(block.norm1(x)).reshape(1, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-            a = ((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1)
-            x = x + block.ls1(attn.proj((a @ v).transpose(1, 2).reshape(1, n, c)))
+            n = x.shape[1]
+            x, a = plain_attention(block, x)
             if index in masses:
                 cls = a[0, :, 0, 1:].mean(dim=0)
                 left = plain_top_p(cls.tolist(), masses[index])
