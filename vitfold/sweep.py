@@ -141,10 +141,11 @@ def run_sweep(
     for point in points:
         request = replace(base, method=point.method, params=point.params, dense_dir=dense_dir, out=None)
         directory = out / f"{request.name()}-{point_key(request)}"
-        if _cached(directory) and (directory / "report.json").is_file() and not reprofile:
+        cached = _cached(directory)
+        if cached and (directory / "report.json").is_file() and not reprofile:
             report = json.loads((directory / "report.json").read_text())
             log(f"{point.method} {point.label}: cached")
-        elif _cached(directory):
+        elif cached:
             log(f"{point.method} {point.label}: cached, profiling again")
             report = profile_build(directory, images=base.images, options=base.latency)
         else:
