@@ -6,6 +6,14 @@
 Prints one table: median / p90 ms per variant, speedup = dense median / reduced median, the FLOP
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
 machine move; the ratios are taken within one interleaved loop and are what to compare.
+
+``--ceiling`` adds the speedup this backend could give with free token reduction: each dense block
+half (``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``) is built alone at every token count of the
+schedules and timed interleaved; the ceiling is the dense time over the time of the same halves at
+the schedule's token counts (attention at a block's input count, MLP at its output count; patch
+embedding and head as in the dense model). The FLOP ratio assumes a token costs the same at any
+count; a CPU GEMM does not (its per-row cost grows as the row count falls), and ``speedup /
+ceiling`` is the share that the reduction ops themselves leave on the table.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +40,49 @@ from vitfold.runtimes import BuildConfig
 from vitfold.spec import ModelSpec
 
 
+class _Half(torch.nn.Module):
+    """One half of a pre-norm ViT block with its residual: ``[B, M, C] -> [B, M, C]``."""
+
+    def __init__(self, block: torch.nn.Module, which: str):
+        super().__init__()
+        self.block, self.which = block, which
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        if self.which == "attn":
+            return x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+
+
+def block_ceiling(model, schedules: dict, backend: str, batch: int, tmp: Path, threads, min_runs: int) -> dict[str, float]:
+    """Zero-overhead speedup per variant (see the module docstring); 'dense' maps to 1.0 by definition.
+
+    Assumes every block has the same cost at a given token count (true of timm ViTs: one width).
+    """
+    block, dim = model.blocks[0], model.embed_dim
+    counts = sorted({n for s in schedules.values() for n in s.tokens})
+    cfg = BuildConfig(backend=backend, threads=threads)
+    sessions = {}
+    for which in ("attn", "mlp"):
+        for n in counts:
+            path = tmp / f"ceiling-{which}-{n}-b{batch}.onnx"
+            export_onnx(_Half(block, which).eval(), path, (batch, n, dim))
+            out = tmp / f"ceiling-{backend}-{which}-{n}-b{batch}"
+            out.mkdir()
+            sessions[which, n] = runtimes.build_session(path, out, cfg)
+    sample = {n: np.random.default_rng(n).standard_normal((batch, n, dim)).astype(np.float32) for n in counts}
+    stats = measure_interleaved({key: (lambda s=s, x=sample[key[1]]: s(x)) for key, s in sessions.items()}, batch,
+                                min_runs=min_runs, min_seconds=0.5)
+    for s in sessions.values():
+        s.close()
+    half = {key: st.median_ms for key, st in stats.items()}
+
+    def blocks_ms(tokens) -> float:
+        return sum(half["attn", tokens[i]] + half["mlp", tokens[i + 1]] for i in range(len(tokens) - 1))
+
+    return {name: blocks_ms(s.tokens) for name, s in schedules.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
@@ -39,6 +92,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: one per core)")
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time dense block halves at each token count: the zero-overhead speedup")
     args = parser.parse_args()
 
     console = Console(width=150)
@@ -53,7 +108,10 @@ def main() -> None:
     photos = load_images(list_images(), pre)
 
     table = Table(title=f"{args.model}: ToMe vs dense, interleaved in one run")
-    for column in ("backend", "batch", "variant", "median ms", "p90 ms", "CoV", "speedup", "FLOP ratio", "speedup / FLOP ratio"):
+    columns = ["backend", "batch", "variant", "median ms", "p90 ms", "CoV", "speedup", "FLOP ratio", "speedup / FLOP ratio"]
+    if args.ceiling:
+        columns += ["ceiling", "speedup / ceiling"]
+    for column in columns:
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory(prefix="vitfold-bench-") as tmp:
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -74,11 +132,20 @@ def main() -> None:
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)
+                ideal = None
+                if args.ceiling:
+                    console.print(f"[dim]measuring {backend} batch {batch} block halves at every token count[/]")
+                    ideal = block_ceiling(model, schedules, backend, batch, Path(tmp), args.threads, args.min_runs)
+                    fixed = stats["dense"].median_ms - ideal["dense"]  # patch embedding, final norm, head
                 for name, st in stats.items():
                     speedup = stats["dense"].median_ms / st.median_ms
                     ratio = macs["dense"] / macs[name]
-                    table.add_row(backend, str(batch), name, f"{st.median_ms:.2f}", f"{st.p90_ms:.2f}", f"{st.cov:.1%}",
-                                  f"{speedup:.2f}x", f"{ratio:.2f}x", f"{speedup / ratio:.0%}")
+                    row = [backend, str(batch), name, f"{st.median_ms:.2f}", f"{st.p90_ms:.2f}", f"{st.cov:.1%}",
+                           f"{speedup:.2f}x", f"{ratio:.2f}x", f"{speedup / ratio:.0%}"]
+                    if ideal is not None:
+                        ceiling = stats["dense"].median_ms / (fixed + ideal[name])
+                        row += [f"{ceiling:.2f}x", f"{speedup / ceiling:.0%}"]
+                    table.add_row(*row)
                 for s in sessions.values():
                     s.close()
     console.print(table)

@@ -23,7 +23,7 @@ materialises ``[B, N, r, C]``), and by default they are left alone. ``mul`` and 
 
 Indices: ScatterElements accepts negative indices (counted from the end); the one-hot does not. When
 the indices cannot be traced to non-negative sources (ArgMax, TopK indices, a non-negative
-constant), a ``Where(idx < 0, idx + N, idx)`` on the small ``[B, 1, r]`` index is inserted so the
+constant, sums and products of those), a ``Where(idx < 0, idx + N, idx)`` on the small ``[B, 1, r]`` index is inserted so the
 rewrite stays exact. Non-finite updates differ: ``0 * inf`` is NaN in the product.
 """
 
@@ -169,7 +169,7 @@ def _non_negative(tensor: gs.Tensor, depth: int = 12) -> bool:
         return tensor is producer.outputs[1]
     if producer.op in _VALUE_PRESERVING:
         return _non_negative(producer.inputs[0], depth - 1)
-    if producer.op == "Concat":
+    if producer.op in ("Concat", "Add", "Mul", "Max"):  # non-negative inputs give a non-negative result
         return all(_non_negative(t, depth - 1) for t in producer.inputs)
     return False
 

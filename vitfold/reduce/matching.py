@@ -57,7 +57,15 @@ def bipartite_soft_matching(
 
     Tokens alternate between set A (even positions) and set B (odd). Each A token draws an edge to
     its most cosine-similar B token; the ``r`` strongest edges are merged (A into B). Prefix tokens
-    (class, distillation, registers) are never merged.
+    (class, distillation, registers) are never merged. The output is the reference's
+    ``cat([unmerged A, B])``: unmerged A tokens by position when there are prefix tokens, else by
+    falling edge score.
+
+    How, for export: tokens are picked with row gathers on the flattened ``[B * N, C]`` tokens
+    (ONNX ``Gather``) rather than ``gather`` along the token axis, which needs its ``[B, r, 1]``
+    index broadcast to ``[B, r, C]`` (an ``Expand`` plus a ``GatherElements`` per pick). One gather
+    takes the unmerged A tokens and all B tokens in output order; one takes the ``r`` merged A
+    tokens; a ``ScatterElements`` adds those into their B partners.
 
     Args:
         metric: ``[B, N, Cm]`` similarity features (ToMe: attention keys averaged over heads).
@@ -77,50 +85,61 @@ def bipartite_soft_matching(
         return _identity, _identity
     if not 0 < r <= max_merge(num_tokens, num_protected):
         raise ValueError(f"r={r} outside [0, {max_merge(num_tokens, num_protected)}] for N={num_tokens}")
+    num_a, num_b = (num_tokens + 1) // 2, num_tokens // 2
+    num_unmerged = num_a - r
+    num_out = num_tokens - r
+    device = metric.device
 
     with torch.no_grad():
         metric = metric / metric.norm(dim=-1, keepdim=True)
         a, b = metric[..., ::2, :], metric[..., 1::2, :]
         scores = a @ b.transpose(-1, -2)  # [B, Na, Nb]
         if num_protected:
-            rows = torch.arange(scores.shape[-2]) * 2 < num_protected  # prefix tokens in A
-            cols = torch.arange(scores.shape[-1]) * 2 + 1 < num_protected  # prefix tokens in B
+            rows = torch.arange(num_a, device=device) * 2 < num_protected  # prefix tokens in A
+            cols = torch.arange(num_b, device=device) * 2 + 1 < num_protected  # prefix tokens in B
             scores = scores.masked_fill(rows[:, None] | cols[None, :], -torch.inf)
-        node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]  # [B, Na, 1]
-        unm_idx = edge_idx[..., r:, :]
-        src_idx = edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+        node_max, node_idx = scores.max(dim=-1)  # best B partner of every A token, [B, Na]
+        edge_idx = node_max.argsort(dim=-1, descending=True)  # [B, Na]
+        unm_idx = edge_idx[..., r:]  # [B, Nu] A indices
+        src_idx = edge_idx[..., :r]  # [B, r]
+        dst_idx = node_idx.gather(dim=-1, index=src_idx)  # [B, r] B indices
         if num_protected:
-            unm_idx = unm_idx.sort(dim=-2)[0]  # prefix tokens back to the front, as the reference
-
-    num_a = (num_tokens + 1) // 2
-    num_unmerged = num_a - r
-    order = _prefix_order(num_tokens - r, num_unmerged, num_protected)
+            unm_idx = unm_idx.sort(dim=-1)[0]  # prefix tokens back to the front, as the reference
+        # Token positions in x (A token i at 2i, B token j at 2j + 1), offset per image in [B * N].
+        offset = (torch.arange(batch, device=device) * num_tokens)[:, None] if batch > 1 else 0
+        keep_rows = torch.cat([2 * unm_idx, (2 * torch.arange(num_b, device=device) + 1).expand(batch, num_b)], -1)
+        dst_slot = dst_idx + num_unmerged  # [B, r] output slot of each partner
+        order = _prefix_order(num_out, num_unmerged, num_protected)
+        if order is not None:  # class + distillation: the reference's interleaved prefix
+            order = order.to(device)
+            keep_rows = keep_rows[..., order]
+            dst_slot = torch.argsort(order)[dst_slot]
+        keep_rows = (keep_rows + offset).reshape(-1)  # [B * (N - r)]
+        src_rows = (2 * src_idx + offset).reshape(-1)  # [B * r]
 
     def merge(x: torch.Tensor, mode: str = "sum") -> torch.Tensor:
         if mode not in ("sum", "amax", "drop"):
             raise ValueError(f"mode {mode!r} does not export exactly; use 'sum' (then divide), 'amax' or 'drop'")
-        src, dst = x[..., ::2, :], x[..., 1::2, :]
-        n, _, c = src.shape
-        unm = src.gather(dim=-2, index=unm_idx.expand(n, num_unmerged, c))
-        if mode != "drop":
-            src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
-            dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
-        out = torch.cat([unm, dst], dim=1)
-        return out if order is None else out.index_select(1, order.to(out.device))
+        n, _, c = x.shape
+        flat = x.reshape(n * num_tokens, c)
+        out = flat.index_select(0, keep_rows).reshape(n, num_out, c)
+        if mode == "drop":
+            return out
+        src = flat.index_select(0, src_rows).reshape(n, r, c)
+        return out.scatter_reduce(-2, dst_slot[..., None].expand(n, r, c), src, reduce=mode)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        if order is not None:
-            x = x.index_select(1, torch.argsort(order).to(x.device))
-        unm, dst = x[..., :num_unmerged, :], x[..., num_unmerged:, :]
-        n, _, c = unm.shape
-        src = dst.gather(dim=-2, index=dst_idx.expand(n, r, c))
-        out = x.new_zeros(n, num_tokens, c)
-        out[..., 1::2, :] = dst
-        out.scatter_(dim=-2, index=(2 * unm_idx).expand(n, num_unmerged, c), src=unm)
-        out.scatter_(dim=-2, index=(2 * src_idx).expand(n, r, c), src=src)
-        return out
+        n, _, c = x.shape
+        with torch.no_grad():  # the output slot every input token lands in, [B, N]
+            slot_a = torch.empty(batch, num_a, dtype=torch.long, device=device)
+            slot_a.scatter_(-1, unm_idx, torch.arange(num_unmerged, device=device).expand(batch, num_unmerged))
+            slot_a.scatter_(-1, src_idx, dst_idx + num_unmerged)
+            slot = torch.empty(batch, num_tokens, dtype=torch.long, device=device)
+            slot[..., ::2] = slot_a
+            slot[..., 1::2] = torch.arange(num_b, device=device) + num_unmerged
+            if order is not None:
+                slot = torch.argsort(order)[slot]
+        return x.gather(-2, slot[..., None].expand(n, num_tokens, c))
 
     return merge, unmerge
 
