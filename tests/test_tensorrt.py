@@ -834,4 +834,5 @@ def test_build_pipeline_follows_the_installed_tensorrt(monkeypatch, version, pre
     passes, lint_target = pipeline_for(BuildConfig(backend="tensorrt", precision=precision))
     assert lint_target == target
     assert "merge-as-matmul" in passes  # no native scatter reduction before 10, a plugin on 10
+    assert ("decompose-layernorm" in passes) == (target == "tensorrt-8.5")  # 8.6 adds LayerNormalization
     assert (("precision", {"precision": precision}) in passes) == has_precision_pass

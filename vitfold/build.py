@@ -24,7 +24,7 @@ from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
 from .metrics import TOLERANCES, compare
-from .passes import DEFAULT_PIPELINES
+from .passes import DEFAULT_PIPELINES, TENSORRT_8_5_PASSES
 from .passes.pipeline import run_pipeline
 from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
@@ -104,7 +104,8 @@ def model_dims(model) -> ModelDims:
 def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
     """The pass steps and the lint target for a backend build.
 
-    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules, and on
+    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules; 8.5 also
+    gets :data:`~vitfold.passes.TENSORRT_8_5_PASSES` (LayerNormalization, integer TopK, opset 17); on
     TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
     the graph through the ``precision`` pass.
 
@@ -117,6 +118,8 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
         from .runtimes.tensorrt import installed_version
 
         version = installed_version()
+        if target_for(cfg.backend, version) == "tensorrt-8.5":
+            passes.extend(TENSORRT_8_5_PASSES)
         if int(version.split(".")[0]) >= 11 and cfg.precision in ("fp16", "bf16"):
             passes.append(("precision", {"precision": cfg.precision}))
     return passes, target_for(cfg.backend, version)

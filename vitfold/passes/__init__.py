@@ -56,8 +56,15 @@ DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
     "openvino": ("fold-schedule",),
     "tensorrt": ("fold-schedule", "merge-as-matmul"),
 }
+#: What TensorRT 8.5 (JetPack 5) needs on top: no LayerNormalization importer (8.6 adds it), TopK over
+#: FP32/FP16 values only, operators read with opset-17 rules (Reduce axes as an attribute). After
+#: these, DeiT-S with ToMe, EViT, Top-K and a folded evit-mass gate lints clean for tensorrt-8.5.
+TENSORRT_8_5_PASSES: tuple = ("topk-float-values", "decompose-layernorm", ("downgrade-opset", {"opset": 17}))
 
 from . import fold_schedule  # noqa: E402,F401
 from . import merge_as_matmul  # noqa: E402,F401
 from . import precision  # noqa: E402,F401
 from . import fold_gates  # noqa: E402,F401
+from . import decompose_layernorm  # noqa: E402,F401
+from . import topk_float  # noqa: E402,F401
+from . import downgrade_opset  # noqa: E402,F401
