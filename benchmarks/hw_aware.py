@@ -1,9 +1,10 @@
-"""Hardware-aware ToMe schedules vs the paper's constant r, at matched latency, in one run.
+"""Hardware-aware schedules vs the papers' constant ones, at matched latency, in one run.
 
-    python benchmarks/hw_aware.py                                     # DINOv2 ViT-S/14 weights, OpenVINO
+    python benchmarks/hw_aware.py                                     # DINOv2 ViT-S/14 weights, OpenVINO, ToMe
     python benchmarks/hw_aware.py --backend onnxruntime --r 8,13 --curve curves/<...>/curve.json
+    python benchmarks/hw_aware.py --method evit --keep 0.7,0.5        # EViT: auto keep rates vs constant ones
 
-For each constant r: predict its latency from the block curve measured on this backend (calibrated
+For each constant r (ToMe) or keep rate (EViT / Top-K, at the method's locations): predict its latency from the block curve measured on this backend (calibrated
 with a dense and a reduced whole-model build), pick the auto schedule for the same predicted latency
 (vitfold.profiles.auto_schedule), then build every variant and time them all in one interleaved loop
 against the dense model. If an auto schedule measures slower than its constant-r partner, its budget
@@ -34,7 +35,7 @@ from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
 from vitfold.passes import DEFAULT_PIPELINES
 from vitfold.passes.pipeline import run_pipeline
-from vitfold.profiles.auto_schedule import calibrate, pick_schedule, tome_max_removed, tome_params
+from vitfold.profiles.auto_schedule import calibrate, describe, pick_schedule, planner
 from vitfold.profiles.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -45,9 +46,10 @@ from vitfold.spec import ModelSpec
 DINOV2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dinov2_vits14_224.safetensors"
 
 
-def build_session(model, tokens_or_r, name: str, work: Path, cfg: BuildConfig, check: list[np.ndarray]):
-    """Export ToMe(r) of ``model``, run the backend's pass pipeline, build and load it."""
-    method = create_method("tome", r=tokens_or_r)
+def build_session(model, method_name: str, params: dict, name: str, work: Path, cfg: BuildConfig,
+                  check: list[np.ndarray]):
+    """Export ``method_name(**params)`` of ``model``, run the backend's pass pipeline, build and load it."""
+    method = create_method(method_name, **params)
     layout = TokenLayout.of(model)
     schedule = method.schedule(layout)
     reduced = method.apply(model, schedule)
@@ -67,10 +69,13 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--backend", default="openvino")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--r", default="8,13", help="constant r values to match (comma-separated)")
+    parser.add_argument("--method", default="tome", choices=["tome", "evit", "topk"])
+    parser.add_argument("--r", default="8,13", help="tome: constant r values to match (comma-separated)")
+    parser.add_argument("--keep", default="0.7,0.5", help="evit / topk: constant keep rates to match (comma-separated)")
     parser.add_argument("--curve", type=Path, default=None, help="block curve.json for this model/backend (default: measure)")
     parser.add_argument("--max-merge-fraction", type=float, default=0.5,
-                        help="auto schedules merge at most this share of a block's tokens (ToMe's own cap: 0.5)")
+                        help="auto schedules remove at most this share of a block's tokens (ToMe's own cap: 0.5; "
+                             "evit / topk: keep rate >= 1 - this)")
     parser.add_argument("--stat", default="median", choices=["median", "p10", "min"],
                         help="curve statistic the schedules are picked from (p10 / min resist a busy machine)")
     parser.add_argument("--images", type=Path, default=None, help="photos for fidelity (default: the shipped ones)")
@@ -95,26 +100,32 @@ def main() -> None:
     curve = read_curve(args.curve) if args.curve else measure_curve(spec, cfg, mode="block", stat=args.stat, log=log)
     if not args.curve:
         write_curve(curve, args.out / "curve")
-    cost, calibration = calibrate(spec, cfg, curve, options=CurveOptions(), log=log)
+    cap, reference, to_params = planner(args.method, {}, layout.num_tokens, layout.num_prefix_tokens, layout.depth,
+                                        args.max_merge_fraction)
+    cost, calibration = calibrate(spec, cfg, curve, method=args.method, params=reference, options=CurveOptions(), log=log)
     console.print(f"cost model: outside blocks {cost.base_ms:.2f} ms, reduction overhead {cost.merge_us_per_token:.2f} us/token; "
-                  f"calibrated dense {calibration['dense_ms']:.2f} ms, ToMe {calibration['reference_params']} "
+                  f"calibrated dense {calibration['dense_ms']:.2f} ms, {args.method} {calibration['reference_params']} "
                   f"{calibration['reference_ms']:.2f} ms")
 
+    if args.method == "tome":
+        constants = {f"r={v}": {"r": int(v)} for v in args.r.split(",")}
+    else:
+        constants = {f"keep={v}": {"keep_rate": float(v)} for v in args.keep.split(",")}
     plan = {}
-    cap = tome_max_removed(layout.num_prefix_tokens, args.max_merge_fraction)
-    for r in (int(v) for v in args.r.split(",")):
-        constant = list(create_method("tome", r=r).schedule(layout).tokens)
+    for label, params in constants.items():
+        constant = list(create_method(args.method, **params).schedule(layout).tokens)
         budget = cost.predict(constant)
         auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
-        plan[f"r={r}"] = {"tokens": constant, "r": tome_params(constant), "predicted_ms": budget}
-        plan[f"auto@r={r}"] = {"tokens": auto, "r": tome_params(auto), "predicted_ms": cost.predict(auto), "budget_ms": budget}
+        plan[label] = {"tokens": constant, "params": params, "predicted_ms": budget}
+        plan[f"auto@{label}"] = {"tokens": auto, "params": to_params(auto), "predicted_ms": cost.predict(auto),
+                                 "budget_ms": budget}
 
     with tempfile.TemporaryDirectory(prefix="vitfold-hw-aware-") as tmp:
         work = Path(tmp)
-        sessions = {"dense": build_session(model, 0, "dense", work, cfg, check)[0]}
+        sessions = {"dense": build_session(model, "tome", {"r": 0}, "dense", work, cfg, check)[0]}
         for name, entry in plan.items():
-            log(f"build {name}: r = {entry['r']}")
-            sessions[name], _ = build_session(model, entry["r"], name.replace("@", "_"), work, cfg, check)
+            log(f"build {name}: {describe(entry['params'])}")
+            sessions[name], _ = build_session(model, args.method, entry["params"], name.replace("@", "_"), work, cfg, check)
 
         def run_all() -> dict:
             sample = check[0]
@@ -132,9 +143,11 @@ def main() -> None:
                 budget = entry["budget_ms"] * partner / mine
                 tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
                 log(f"{name}: measured {mine:.2f} ms vs {partner:.2f} ms; budget {entry['budget_ms']:.2f} -> {budget:.2f} ms")
-                entry.update(tokens=tokens, r=tome_params(tokens), predicted_ms=cost.predict(tokens), budget_ms=budget, refined=True)
+                entry.update(tokens=tokens, params=to_params(tokens), predicted_ms=cost.predict(tokens), budget_ms=budget,
+                             refined=True)
                 sessions[name].close()
-                sessions[name], _ = build_session(model, entry["r"], name.replace("@", "_") + "-refined", work, cfg, check)
+                sessions[name], _ = build_session(model, args.method, entry["params"], name.replace("@", "_") + "-refined",
+                                                  work, cfg, check)
                 refined = True
         if refined:
             latency = run_all()
@@ -143,19 +156,19 @@ def main() -> None:
             session.close()
 
     weights = "real DINOv2 weights" if args.checkpoint else "random weights: fidelity not meaningful"
-    table = Table(title=f"{args.model} ({weights}) on {args.backend}: auto vs constant r at matched latency")
+    table = Table(title=f"{args.model} ({weights}) on {args.backend}: {args.method} auto vs constant schedules at matched latency")
     for column in ("variant", "tokens in last block", "GMACs", "predicted ms", "measured ms", "CoV", "speedup",
                    "cosine vs dense", "top-1 vs dense"):
         table.add_column(column, justify="right")
     dense_ms = latency["dense"].median_ms
-    results = {"model": args.model, "weights": weights, "backend": cfg.to_json(), "calibration": calibration,
+    results = {"model": args.model, "method": args.method, "weights": weights, "backend": cfg.to_json(), "calibration": calibration,
                "max_merge_fraction": args.max_merge_fraction, "stat": curve.get("stat", "median_ms"),
                "cost_model": cost.to_json(), "variants": {}}
     for name in ["dense", *plan]:
         tokens = plan[name]["tokens"] if name in plan else [layout.num_tokens] * (layout.depth + 1)
         fidelity = compare(outputs["dense"], outputs[name]).to_json()
         stats = latency[name]
-        row = {"tokens": tokens, "r": tome_params(tokens), "gmacs": schedule_macs(dims, tokens)["total"] / 1e9,
+        row = {"tokens": tokens, "params": plan.get(name, {}).get("params", {}), "gmacs": schedule_macs(dims, tokens)["total"] / 1e9,
                "predicted_ms": plan.get(name, {}).get("predicted_ms", cost.predict(tokens)), "latency": stats.to_json(),
                "speedup": dense_ms / stats.median_ms, "fidelity": fidelity, "refined": plan.get(name, {}).get("refined", False)}
         results["variants"][name] = row
@@ -165,7 +178,7 @@ def main() -> None:
                       "n/a" if top1 is None else f"{top1:.0%}")
     console.print(table)
     for name, entry in plan.items():
-        console.print(f"{name}: r = {entry['r']}")
+        console.print(f"{name}: {describe(entry['params'])}")
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     console.print(f"results: {args.out / 'results.json'}")
 

@@ -215,3 +215,49 @@ def test_auto_schedule_build_records_predicted_and_measured(tiny_curve, tmp_path
     assert auto["measured_ms"] == report["latency"]["reduced"]["median_ms"] and auto["met_target"]
     assert "Hardware-aware schedule" in (out / "report.md").read_text()
     assert json.loads((out / "auto_schedule.json").read_text())["predicted_ms"] == auto["predicted_ms"]
+
+
+def test_prune_planner_removes_only_at_locations_and_round_trips_to_keep_rates():
+    from vitfold.profiles.auto_schedule import CostModel, pick_schedule, prune_max_removed, prune_params
+    from vitfold.reduce import TokenLayout, create_method
+
+    counts = list(range(2, 66))
+    curve = {"mode": "block", "embed_dim": 32, "attn_dim": 32, "mlp_hidden": 128,
+             "points": [{"tokens": n, "median_ms": 0.1 + 0.01 * n, "cov": 0.0, "samples_ms": []} for n in counts]}
+    model = CostModel.from_curve(curve, merge_us_per_token=1.0)
+    dense = model.predict([65] * 7)
+    for fuse in (True, False):
+        limit = prune_max_removed((1, 3), 1, fuse, max_fraction=0.5)
+        assert limit(0, 65) == 0 and limit(1, 65) == 32 - int(fuse)  # keep >= ceil(0.5 * 64) patch tokens
+        for speedup in (1.2, 1.5):
+            tokens = pick_schedule(model, 6, 65, 1, dense / speedup, limit)
+            changes = [b for b, (x, y) in enumerate(zip(tokens, tokens[1:])) if y != x]
+            assert changes and set(changes) <= {1, 3} and model.predict(tokens) <= dense / speedup
+            rates = prune_params(tokens, (1, 3), 1, fuse)
+            assert all(0.49 < r <= 1.0 for r in rates)
+            # the method, given these rates, runs exactly the picked schedule
+            method = create_method("evit" if fuse else "topk", keep_rate=rates, locations=(1, 3))
+            layout = TokenLayout(num_tokens=65, num_prefix_tokens=1, depth=6)
+            assert list(method.schedule(layout).tokens) == tokens
+    with pytest.raises(Exception, match="not a reduction location"):
+        prune_params([65, 60, 60], (1,), 1, False)
+
+
+def test_auto_schedule_plans_evit_keep_rates(tiny_curve, tmp_path):
+    out = tmp_path / "auto-evit"
+    result = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--method", "evit",
+                    "--locations", "1,3", "--schedule", "auto", "--latency-budget", "1000", "--curve", str(tiny_curve),
+                    "--out", str(out), "--min-runs", "5", "--min-seconds", "0")
+    assert result.returncode == 0, result.stderr + result.stdout
+    auto = json.loads((out / "report.json").read_text())["auto_schedule"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    # a budget everything meets prunes nothing: keep rate 1.0 at both locations, the schedule the build ran
+    assert auto["method"] == "evit" and auto["keep_rate"] == [1.0, 1.0] and auto["locations"] == [1, 3]
+    assert manifest["schedule"]["tokens"] == auto["tokens"] == [17] * 7
+    assert "keep_rate = [1.0, 1.0] at blocks [1, 3]" in (out / "report.md").read_text()
+    refused = deploy("build", "--model", "test_vit", "--method", "evit", "--keep-rate", "0.7", "--schedule", "auto",
+                     "--latency-budget", "5")
+    assert refused.returncode == 2 and "drop --keep-rate" in refused.stderr
+    other = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--method", "kmedoids",
+                   "--schedule", "auto", "--latency-budget", "5", "--curve", str(tiny_curve))
+    assert other.returncode == 2 and "plans tome, evit, topk schedules" in other.stderr

@@ -131,11 +131,11 @@ def main() -> None:
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
-@click.option("--schedule", type=click.Choice(["given", "auto"]), default="given", show_default=True, help="auto: pick ToMe's per-block r from the latency curve measured on this backend to meet --target-speedup or --latency-budget with the fewest tokens removed.")
+@click.option("--schedule", type=click.Choice(["given", "auto"]), default="given", show_default=True, help="auto: pick the schedule (tome: per-block r; evit/topk: keep rate per location) from the latency curve measured on this backend to meet --target-speedup or --latency-budget with the fewest tokens removed.")
 @click.option("--target-speedup", type=float, default=None, help="--schedule auto: speedup over the dense model, measured on this backend.")
 @click.option("--latency-budget", type=float, default=None, help="--schedule auto: latency budget in ms per batch.")
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
-@click.option("--max-merge-fraction", type=click.FloatRange(0, 0.5, min_open=True), default=0.2, show_default=True, help="--schedule auto: most of a block's tokens one block may merge (ToMe itself allows 0.5; large single merges cost fidelity).")
+@click.option("--max-merge-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="--schedule auto: most of a block's tokens one block may merge or prune (default 0.2 for tome, whose matching allows up to 0.5: large single merges cost fidelity; 0.5 for evit/topk, i.e. keep rate >= 0.5).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
           calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, threads,
           opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
@@ -158,6 +158,8 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
 
         if r is not None:
             raise click.BadParameter("--schedule auto picks r itself; drop --r")
+        if keep_rate is not None:
+            raise click.BadParameter("--schedule auto picks the keep rate per location itself; drop --keep-rate")
         params, auto = _run(auto_schedule, spec, cfg, method=method, params=params, target_speedup=target_speedup,
                             latency_budget_ms=latency_budget, curve=curve_path, max_merge_fraction=max_merge_fraction,
                             log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
@@ -184,8 +186,10 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         report = attach_to_build(directory, auto, report)
     print_report(report)
     if auto is not None:
+        from .profiles.auto_schedule import describe
+
         a = report["auto_schedule"]
-        console.print(f"auto schedule r = {a['r']}: predicted {a['predicted_ms']:.2f} ms ({a['predicted_speedup']:.2f}x), "
+        console.print(f"auto schedule {describe(a)}: predicted {a['predicted_ms']:.2f} ms ({a['predicted_speedup']:.2f}x), "
                       f"measured {a['measured_ms']:.2f} ms ({a['measured_speedup']:.2f}x): target "
                       + ("met" if a["met_target"] else "[yellow]missed[/]"))
     console.print(f"build: {directory}")

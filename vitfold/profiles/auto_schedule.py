@@ -19,11 +19,13 @@ block curve (:mod:`vitfold.profiles.curve`):
 
 Methods plug in through the schedule alone: a per-block token list and ``max_removed(block, n)``,
 the most a block may remove from ``n`` tokens (ToMe: half the unprotected tokens, every block;
-pruning methods: only at their locations). :func:`tome_params` turns a schedule into ToMe's ``r``.
+EViT / Top-K: only at their locations, keeping at least one patch token). :func:`tome_params` turns
+a schedule into ToMe's ``r``, :func:`prune_params` into EViT's / Top-K's keep rate per location.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
@@ -107,6 +109,29 @@ def tome_max_removed(num_prefix_tokens: int, max_fraction: float = 0.5) -> MaxRe
     if not 0.0 < max_fraction <= 0.5:
         raise SpecError(f"max merge fraction {max_fraction} must be in (0, 0.5] (bipartite matching merges at most half)")
     return lambda block, tokens: max(0, min((tokens - num_prefix_tokens) // 2, int(max_fraction * (tokens - num_prefix_tokens))))
+
+
+def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,
+                      max_fraction: float = 0.5) -> MaxRemoved:
+    """EViT's / Top-K's limit: tokens go only at the reduction ``locations``; there at most
+    ``max_fraction`` of the patch tokens (keep rate >= 1 - max_fraction), at least one patch token
+    kept, plus the fused token when fusing (``P + keep + 1`` tokens after the block).
+
+    Raises:
+        SpecError: ``max_fraction`` outside (0, 1).
+    """
+    if not 0.0 < max_fraction < 1.0:
+        raise SpecError(f"max prune fraction {max_fraction} must be in (0, 1): a keep rate of 1 - fraction per location")
+    where, extra = frozenset(int(b) for b in locations), int(bool(fuse))
+
+    def limit(block: int, tokens: int) -> int:
+        patches = tokens - num_prefix_tokens
+        if block not in where or patches < 2 + extra:
+            return 0
+        keep = max(1, math.ceil((1.0 - max_fraction) * patches))
+        return max(0, patches - keep - extra)
+
+    return limit
 
 
 def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_removed: MaxRemoved):
@@ -210,6 +235,41 @@ def tome_params(tokens: Sequence[int]) -> list[int]:
     return [a - b for a, b in zip(tokens, tokens[1:])]
 
 
+def prune_params(tokens: Sequence[int], locations: Sequence[int], num_prefix_tokens: int, fuse: bool) -> list[float]:
+    """EViT's / Top-K's keep rate per location for a schedule's ``tokens``.
+
+    A location whose count does not fall keeps rate 1.0. Each other rate is ``keep / (N - P)`` to 6
+    digits, or ``(keep - 0.5) / (N - P)`` where float rounding would make the reference's keep count
+    ``ceil(rate * (N - P))`` land on ``keep + 1``: the method then runs exactly the picked count.
+
+    Raises:
+        ScheduleError: the count changes at a block that is not a location, or a location's count
+            is not one the method can produce.
+    """
+    from ..reduce.evit import keep_count
+
+    where = [int(b) for b in locations]
+    P, extra = num_prefix_tokens, int(bool(fuse))
+    for block, (before, after) in enumerate(zip(tokens, tokens[1:])):
+        if after != before and block not in where:
+            raise ScheduleError(f"block {block} changes the token count ({before} -> {after}) but is not a reduction location {where}")
+    rates = []
+    for block in where:
+        before, after = tokens[block], tokens[block + 1]
+        if after == before:
+            rates.append(1.0)
+            continue
+        keep = after - P - extra
+        if not 1 <= keep < before - P:
+            raise ScheduleError(f"block {block}: {before} -> {after} tokens is no keep count of this method (prefix {P}, fuse {bool(fuse)})")
+        rate = math.floor(keep / (before - P) * 1e6) / 1e6
+        if keep_count(before, P, rate) != keep:  # e.g. 0.1 * 30 = 3.0000000000000004 rounds up
+            rate = round((keep - 0.5) / (before - P), 6)
+        assert keep_count(before, P, rate) == keep, (before, after, rate)
+        rates.append(rate)
+    return rates
+
+
 # ----------------------------------------------------------------------------------- calibration
 
 
@@ -286,25 +346,65 @@ AUTO_JSON = "auto_schedule.json"
 #: ToMe's own cap (0.5) let the picker merge ~100 tokens in one block and lose feature cosine to
 #: constant r at the same latency; with 0.2 the auto schedule beat constant r at r=8 and r=13.
 MAX_MERGE_FRACTION = 0.2
+#: Default cap on one location's pruning (EViT / Top-K): keep rate >= 0.5, the lowest the EViT paper
+#: reports (Liang et al., ICLR 2022, Table 2: keep rates 0.5-0.9 at blocks 4, 7, 10).
+MAX_PRUNE_FRACTION = 0.5
+#: Methods ``--schedule auto`` plans for.
+AUTO_METHODS = ("tome", "evit", "topk")
+
+
+def default_max_fraction(method: str) -> float:
+    """The per-block cap ``auto_schedule`` uses when none is given: merge 0.2 (ToMe), prune 0.5."""
+    return MAX_MERGE_FRACTION if method == "tome" else MAX_PRUNE_FRACTION
+
+
+def planner(method: str, params: dict, full: int, prefix: int, depth: int,
+            max_fraction: Optional[float] = None) -> tuple[MaxRemoved, dict, Callable[[Sequence[int]], dict]]:
+    """How to plan for ``method``: ``(max_removed, reference params, tokens -> method params)``.
+
+    ``reference`` is the reduced model :func:`calibrate` times (ToMe at :func:`reference_r`, EViT /
+    Top-K at keep rate 0.7), with the user's other ``params`` (locations, fuse, prop_attn) kept.
+
+    Raises:
+        SpecError: a method auto schedules do not plan for, or a bad ``max_fraction``.
+    """
+    from ..reduce import create_method
+
+    if method not in AUTO_METHODS:
+        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
+                        "parameters: give them instead")
+    max_fraction = default_max_fraction(method) if max_fraction is None else max_fraction
+    if method == "tome":
+        reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
+        return (tome_max_removed(prefix, max_fraction), reference,
+                lambda tokens: {**params, "r": tome_params(tokens)})
+    probe = create_method(method, **{k: v for k, v in params.items() if k != "keep_rate"})
+    locations, fuse = list(probe.locations), probe.fuse
+    reference = {**{k: v for k, v in params.items() if k != "keep_rate"}, "keep_rate": 0.7}
+    return (prune_max_removed(locations, prefix, fuse, max_fraction), reference,
+            lambda tokens: {**params, "keep_rate": prune_params(tokens, locations, prefix, fuse), "locations": locations})
 
 
 def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = None,
                   target_speedup: Optional[float] = None, latency_budget_ms: Optional[float] = None,
-                  curve=None, max_merge_fraction: float = MAX_MERGE_FRACTION, options=None,
+                  curve=None, max_merge_fraction: Optional[float] = None, options=None,
                   log: Callable[[str], None] = print) -> tuple[dict, dict]:
     """Pick a hardware-aware schedule for ``spec`` on backend ``cfg`` (``build --schedule auto``).
 
     Args:
-        method: the reduction method; ToMe for now (its per-block ``r`` is the schedule).
-        params: the method's other parameters (e.g. ``prop_attn``); ``r`` is replaced.
+        method: ``tome`` (the picked per-block ``r``), ``evit`` or ``topk`` (the picked keep rate at
+            each of the method's locations; the locations are the user's or the method's default).
+        params: the method's other parameters (e.g. ``prop_attn``, ``locations``); ``r`` / ``keep_rate``
+            are replaced.
         target_speedup / latency_budget_ms: exactly one: over the measured dense model, or in ms.
         curve: a block curve (``curve.json`` path or dict) measured on this backend; None measures one.
-        max_merge_fraction: most of a block's tokens one block may merge (see :data:`MAX_MERGE_FRACTION`).
+        max_merge_fraction: most of a block's tokens one block may remove; None: the method's default
+            (:func:`default_max_fraction`: 0.2 for ToMe's merges, 0.5 for EViT / Top-K pruning).
 
     Returns:
-        ``(params with the picked r list, info)``; ``info`` has the budget, tokens, r, predicted ms and
-        speedup, the calibration and the curve used (written to ``auto_schedule.json`` by
-        :func:`attach_to_build`).
+        ``(params with the picked schedule, info)``; ``info`` has the budget, tokens, the method's
+        schedule parameters (``r`` or ``keep_rate``), predicted ms and speedup, the calibration and
+        the curve used (written to ``auto_schedule.json`` by :func:`attach_to_build`).
 
     Raises:
         SpecError: another method, a curve from another model / backend / precision / batch, bad targets.
@@ -312,10 +412,11 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
     """
     from .curve import measure_curve, read_curve
 
-    if method != "tome":
-        raise SpecError(f"--schedule auto picks ToMe schedules (per-block r); {method!r} is not supported yet: use --method tome "
-                        "or give the method's own schedule")
+    if method not in AUTO_METHODS:
+        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
+                        "parameters: give them instead")
     params = dict(params or {})
+    max_fraction = default_max_fraction(method) if max_merge_fraction is None else max_merge_fraction
     if curve is None:
         log("auto schedule: measure the block latency curve on this backend")
         curve, source = measure_curve(spec, cfg, mode="block", options=options, log=log), "measured for this build"
@@ -330,24 +431,33 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
         raise SpecError(f"the latency curve is for {have}, this build is {want}; measure one with "
                         f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")
     depth, full, prefix = curve["depth"], curve["full_tokens"], curve["num_prefix_tokens"]
-    reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
+    max_removed, reference, to_params = planner(method, params, full, prefix, depth, max_fraction)
     model, calibration = calibrate(spec, cfg, curve, method=method, params=reference, options=options, log=log)
     budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
     if target_speedup is not None:  # over the measured dense model, not the predicted one
         budget = calibration["dense_ms"] / target_speedup
-    tokens = pick_schedule(model, depth, full, prefix, budget, tome_max_removed(prefix, max_merge_fraction))
-    r = tome_params(tokens)
+    tokens = pick_schedule(model, depth, full, prefix, budget, max_removed)
+    picked = to_params(tokens)
+    schedule_params = {k: picked[k] for k in ("r", "keep_rate", "locations") if k in picked}
     predicted = model.predict(tokens)
     info = {
-        "method": method, "target_speedup": target_speedup, "latency_budget_ms": budget, "tokens": tokens, "r": r,
-        "max_merge_fraction": max_merge_fraction,
+        "method": method, "target_speedup": target_speedup, "latency_budget_ms": budget, "tokens": tokens,
+        **schedule_params, "max_merge_fraction": max_fraction,
         "predicted_ms": predicted, "predicted_speedup": calibration["dense_ms"] / predicted,
         "cost_model": {"base_ms": model.base_ms, "merge_us_per_token": model.merge_us_per_token},
         "calibration": calibration, "curve": source, "curve_steps": curve.get("steps", []),
     }
-    log(f"auto schedule: r = {r} (tokens {tokens[0]} -> {tokens[-1]}), predicted {predicted:.2f} ms "
+    log(f"auto schedule: {describe(info)} (tokens {tokens[0]} -> {tokens[-1]}), predicted {predicted:.2f} ms "
         f"= {info['predicted_speedup']:.2f}x over the measured dense {calibration['dense_ms']:.2f} ms")
-    return {**params, "r": r}, info
+    return picked, info
+
+
+def describe(info: dict) -> str:
+    """The picked schedule in the method's own terms: ``r = [...]`` or ``keep_rate = [...] at blocks [...]``."""
+    if "r" in info:
+        return f"r = {info['r']}"
+    where = f" at blocks {info['locations']}" if "locations" in info else ""
+    return f"keep_rate = {info['keep_rate']}{where}"
 
 
 def with_measurement(info: dict, report: dict) -> dict:
@@ -381,8 +491,8 @@ def render_markdown(auto: dict) -> list[str]:
               else f"latency budget {auto['latency_budget_ms']:.2f} ms")
     lines = ["", "## Hardware-aware schedule (auto)", "",
              f"- {target}; budget {auto['latency_budget_ms']:.2f} ms; curve: {auto['curve']}",
-             f"- r per block: {auto['r']} (tokens {auto['tokens']}; at most {auto.get('max_merge_fraction', 0.5):.0%} "
-             "of a block's tokens merged in one block)",
+             f"- {auto.get('method', 'tome')}: {describe(auto)} (tokens {auto['tokens']}; at most "
+             f"{auto.get('max_merge_fraction', 0.5):.0%} of a block's tokens removed in one block)",
              f"- predicted {auto['predicted_ms']:.2f} ms ({auto['predicted_speedup']:.2f}x over the calibrated dense "
              f"{auto['calibration']['dense_ms']:.2f} ms); cost model: outside blocks {auto['cost_model']['base_ms']:.2f} ms, "
              f"reduction overhead {auto['cost_model']['merge_us_per_token']:.2f} us per token entering a reducing block"]
