@@ -80,6 +80,9 @@ def block_ceiling(model, schedules: dict, backend: str, batch: int, tmp: Path, t
     def blocks_ms(tokens) -> float:
         return sum(half["attn", tokens[i]] + half["mlp", tokens[i + 1]] for i in range(len(tokens) - 1))
 
+    full = counts[-1]
+    per_token = {n: (half["attn", n] + half["mlp", n]) / n / ((half["attn", full] + half["mlp", full]) / full) for n in counts}
+    print("block cost per token relative to N=%d: " % full + ", ".join(f"{n}: {v:.2f}" for n, v in per_token.items()))
     return {name: blocks_ms(s.tokens) for name, s in schedules.items()}
 
 

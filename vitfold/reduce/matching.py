@@ -2,14 +2,18 @@
 
 Source: Bolya et al., "Token Merging: Your ViT But Faster", ICLR 2023, Sec. 3 (bipartite soft
 matching, size-weighted average, proportional attention). The function computed here equals the
-authors' ``tome/merge.py`` on the same inputs, with two changes that leave its numbers unchanged:
+authors' ``tome/merge.py`` on the same inputs, with three changes that leave its numbers unchanged:
 
 * protected (prefix) tokens are excluded with a constant mask instead of in-place ``-inf`` writes,
   which generalises the reference's class/distillation handling to register tokens and exports
   as one ``Where`` node;
 * only export-exact reductions are used: ``sum`` (ScatterElements add, opset >= 16) followed by a
   divide, and ``amax`` (ScatterElements max, opset >= 18) for source tracing; never ``mean``, which
-  exports as a plain scatter and silently gives wrong numbers.
+  exports as a plain scatter and silently gives wrong numbers;
+* tokens are picked by row gathers on the flattened ``[B * N, C]`` tokens, the reference's
+  ``cat([unm, dst])`` in one gather, instead of ``gather`` along the token axis with indices
+  broadcast over channels (an ``Expand`` + ``GatherElements`` per pick: 0.87 ms of a 17 ms DeiT-S
+  r=13 OpenVINO run, against 0.13 ms for the row gathers).
 
 Layout everywhere: ``x`` is ``[B, N, C]``, tokens on axis 1.
 """
