@@ -29,6 +29,7 @@ from rich.table import Table
 
 from vitfold import runtimes
 from vitfold.build import model_dims
+from vitfold.errors import ScheduleError
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
@@ -115,7 +116,7 @@ def main() -> None:
     for label, params in constants.items():
         constant = list(create_method(args.method, **params).schedule(layout).tokens)
         budget = cost.predict(constant)
-        auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
+        auto = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap, constant)
         plan[label] = {"tokens": constant, "params": params, "predicted_ms": budget}
         plan[f"auto@{label}"] = {"tokens": auto, "params": to_params(auto), "predicted_ms": cost.predict(auto),
                                  "budget_ms": budget}
@@ -141,7 +142,11 @@ def main() -> None:
             mine = latency[name].median_ms
             if mine > partner * 1.02:
                 budget = entry["budget_ms"] * partner / mine
-                tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
+                try:
+                    tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
+                except ScheduleError as exc:  # nothing faster than the schedule it has: keep that one
+                    log(f"{name}: no faster schedule ({exc})")
+                    continue
                 log(f"{name}: measured {mine:.2f} ms vs {partner:.2f} ms; budget {entry['budget_ms']:.2f} -> {budget:.2f} ms")
                 entry.update(tokens=tokens, params=to_params(tokens), predicted_ms=cost.predict(tokens), budget_ms=budget,
                              refined=True)

@@ -261,3 +261,23 @@ def test_auto_schedule_plans_evit_keep_rates(tiny_curve, tmp_path):
     other = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--method", "kmedoids",
                    "--schedule", "auto", "--latency-budget", "5", "--curve", str(tiny_curve))
     assert other.returncode == 2 and "plans tome, evit, topk schedules" in other.stderr
+
+
+def test_a_reference_schedule_off_the_grid_is_a_candidate():
+    """The benchmark's matched-latency budget is predict(constant schedule); EViT keep 0.5 on DINOv2 has
+    counts (130, 67, 35) between the curve's (every 4 tokens), and the reduction overhead is charged on
+    the exact counts, so without them the picker's nearest schedule costs a little more and is refused."""
+    from vitfold.errors import ScheduleError
+    from vitfold.profiles.auto_schedule import CostModel, pick_schedule, prune_max_removed
+
+    counts = list(range(16, 257, 4)) + [257]
+    curve = {"mode": "block", "embed_dim": 384, "attn_dim": 384, "mlp_hidden": 1536,
+             "points": [{"tokens": n, "median_ms": 0.3 + 0.0123456789 * n, "cov": 0.0, "samples_ms": []} for n in counts]}
+    model = CostModel.from_curve(curve, base_ms=4.59, merge_us_per_token=0.58)
+    constant = [257] * 4 + [130] * 3 + [67] * 3 + [35] * 3  # keep 0.5 at blocks 3, 6, 9, fused token included
+    limit = prune_max_removed((3, 6, 9), 1, True, max_fraction=0.5)
+    budget = model.predict(constant)
+    with pytest.raises(ScheduleError, match="out of reach"):
+        pick_schedule(model, 12, 257, 1, budget, limit)
+    picked = pick_schedule(model, 12, 257, 1, budget, limit, extra_counts=constant)
+    assert model.predict(picked) <= budget * (1 + 1e-9) and sum(picked[1:]) >= sum(constant[1:])

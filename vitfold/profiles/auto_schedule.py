@@ -181,7 +181,7 @@ def _path(back: np.ndarray, grid: list[int], j: int, kept: int, full: int) -> li
 
 
 def pick_schedule(model: CostModel, depth: int, full: int, num_prefix_tokens: int, budget_ms: float,
-                  max_removed: Optional[MaxRemoved] = None) -> list[int]:
+                  max_removed: Optional[MaxRemoved] = None, extra_counts: Sequence[int] = ()) -> list[int]:
     """The schedule (``depth + 1`` token counts) that keeps the most tokens (sum of ``tokens[1:]``)
     within ``budget_ms`` of predicted latency; among those, the fastest.
 
@@ -190,6 +190,10 @@ def pick_schedule(model: CostModel, depth: int, full: int, num_prefix_tokens: in
         depth / full / num_prefix_tokens: the model's blocks, tokens entering block 0, prefix tokens.
         budget_ms: predicted latency to stay within.
         max_removed: ``(block, tokens in) -> most tokens that block may remove``; default ToMe's.
+        extra_counts: counts the picker may use besides the measured ones (charged like any count
+            between measured ones). Give a reference schedule's counts when the budget is that
+            schedule's prediction, so the reference itself is a candidate (its counts need not lie
+            on the curve's grid, e.g. EViT keep 0.5 on DINOv2: 257 -> 130 -> 67 -> 35).
 
     Raises:
         ScheduleError: the budget is below what the fastest allowed schedule is predicted to take
@@ -198,10 +202,10 @@ def pick_schedule(model: CostModel, depth: int, full: int, num_prefix_tokens: in
     if full not in model.counts:
         raise ScheduleError(f"the curve has no point at the full token count {full}; re-measure it including {full}")
     max_removed = max_removed or tome_max_removed(num_prefix_tokens)
-    grid = [n for n in model.counts if num_prefix_tokens < n <= full]
+    grid = sorted({n for n in (*model.counts, *extra_counts) if num_prefix_tokens < n <= full})
     cost, back = _frontier(model, depth, full, grid, max_removed)
     best = cost.min(axis=0) + model.base_ms  # least latency for each total of kept tokens
-    feasible = np.flatnonzero(best <= budget_ms + 1e-12)
+    feasible = np.flatnonzero(best <= budget_ms * (1 + 1e-9))  # sums in another order than predict()'s
     if not len(feasible):
         fastest = float(np.min(best))
         raise ScheduleError(
