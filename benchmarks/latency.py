@@ -7,22 +7,21 @@ Prints one table: median / p90 ms per variant, speedup = dense median / reduced 
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
 machine move; the ratios are taken within one interleaved loop and are what to compare.
 
-``--ceiling`` adds the speedup this backend could give with free token reduction: each dense block
-half (``x + attn(norm1(x))`` and ``x + mlp(norm2(x))``) is built alone at every token count of the
-schedules and timed interleaved; the ceiling is the dense time over the time of the same halves at
-the schedule's token counts (attention at a block's input count, MLP at its output count; patch
-embedding and head as in the dense model). The FLOP ratio assumes a token costs the same at any
-count; a CPU GEMM does not (its per-row cost grows as the row count falls), and ``speedup /
-ceiling`` is the share that the reduction ops themselves leave on the table.
+``--ceiling`` adds the speedup this backend could give with free token reduction: for each schedule
+the dense model with every reduction replaced by a truncation (keep the first ``N_l`` tokens, one
+Slice) is built and timed in the same interleaved loop. Its speedup over dense is the ceiling; the
+FLOP ratio assumes a token costs the same at any count, which a CPU GEMM does not (its per-row cost
+grows as the row count falls). ``speedup / ceiling`` is the share that the reduction ops themselves
+(matching, sorting, gathers, merges, proportional attention) leave on the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -40,50 +39,26 @@ from vitfold.runtimes import BuildConfig
 from vitfold.spec import ModelSpec
 
 
-class _Half(torch.nn.Module):
-    """One half of a pre-norm ViT block with its residual: ``[B, M, C] -> [B, M, C]``."""
+class _TruncatedBlock(torch.nn.Module):
+    """A timm block that keeps its first ``keep`` tokens between attention and MLP: the reduced
+    model's shapes with a free reduction (a Slice), for :func:`truncated_model`."""
 
-    def __init__(self, block: torch.nn.Module, which: str):
+    def __init__(self, block: torch.nn.Module, keep: int):
         super().__init__()
-        self.block, self.which = block, which
+        self.block, self.keep = block, keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
-        if self.which == "attn":
-            return x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
+        x = x[:, : self.keep]
         return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
 
 
-def block_ceiling(model, schedules: dict, backend: str, batch: int, tmp: Path, threads, min_runs: int) -> dict[str, float]:
-    """Zero-overhead speedup per variant (see the module docstring); 'dense' maps to 1.0 by definition.
-
-    Assumes every block has the same cost at a given token count (true of timm ViTs: one width).
-    """
-    block, dim = model.blocks[0], model.embed_dim
-    counts = sorted({n for s in schedules.values() for n in s.tokens})
-    cfg = BuildConfig(backend=backend, threads=threads)
-    sessions = {}
-    for which in ("attn", "mlp"):
-        for n in counts:
-            path = tmp / f"ceiling-{which}-{n}-b{batch}.onnx"
-            export_onnx(_Half(block, which).eval(), path, (batch, n, dim))
-            out = tmp / f"ceiling-{backend}-{which}-{n}-b{batch}"
-            out.mkdir()
-            sessions[which, n] = runtimes.build_session(path, out, cfg)
-    sample = {n: np.random.default_rng(n).standard_normal((batch, n, dim)).astype(np.float32) for n in counts}
-    stats = measure_interleaved({key: (lambda s=s, x=sample[key[1]]: s(x)) for key, s in sessions.items()}, batch,
-                                min_runs=min_runs, min_seconds=0.5)
-    for s in sessions.values():
-        s.close()
-    half = {key: st.median_ms for key, st in stats.items()}
-
-    def blocks_ms(tokens) -> float:
-        return sum(half["attn", tokens[i]] + half["mlp", tokens[i + 1]] for i in range(len(tokens) - 1))
-
-    full = counts[-1]
-    per_token = {n: (half["attn", n] + half["mlp", n]) / n / ((half["attn", full] + half["mlp", full]) / full) for n in counts}
-    print("block cost per token relative to N=%d: " % full + ", ".join(f"{n}: {v:.2f}" for n, v in per_token.items()))
-    return {name: blocks_ms(s.tokens) for name, s in schedules.items()}
+def truncated_model(model: torch.nn.Module, tokens) -> torch.nn.Module:
+    """``model`` running ``tokens`` (a schedule's counts) with each reduction a plain truncation."""
+    twin = copy.deepcopy(model)
+    twin.blocks = torch.nn.Sequential(*[_TruncatedBlock(b, n) for b, n in zip(twin.blocks, tokens[1:])])
+    return twin.eval()
 
 
 def main() -> None:
@@ -96,7 +71,7 @@ def main() -> None:
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--ceiling", action="store_true",
-                        help="also time dense block halves at each token count: the zero-overhead speedup")
+                        help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
     args = parser.parse_args()
 
     console = Console(width=150)
@@ -125,6 +100,11 @@ def main() -> None:
                 export_onnx(method.apply(model, schedules[name]), path, sample.shape)
                 run_pipeline(path, path.with_suffix(".opt.onnx"), ("fold-schedule",), [sample])
                 onnx_paths[name] = path.with_suffix(".opt.onnx")
+                if args.ceiling and name != "dense":  # the same token counts, reduced by truncation
+                    path = Path(tmp) / f"{name}-truncated-b{batch}.onnx"
+                    export_onnx(truncated_model(model, schedules[name].tokens), path, sample.shape)
+                    run_pipeline(path, path.with_suffix(".opt.onnx"), ("fold-schedule",), [sample])
+                    onnx_paths[f"{name} truncated"] = path.with_suffix(".opt.onnx")
             for backend in args.backends.split(","):
                 cfg = BuildConfig(backend=backend, threads=args.threads)
                 sessions = {}
@@ -135,18 +115,16 @@ def main() -> None:
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)
-                ideal = None
-                if args.ceiling:
-                    console.print(f"[dim]measuring {backend} batch {batch} block halves at every token count[/]")
-                    ideal = block_ceiling(model, schedules, backend, batch, Path(tmp), args.threads, args.min_runs)
-                    fixed = stats["dense"].median_ms - ideal["dense"]  # patch embedding, final norm, head
                 for name, st in stats.items():
+                    if name.endswith(" truncated"):
+                        continue
                     speedup = stats["dense"].median_ms / st.median_ms
                     ratio = macs["dense"] / macs[name]
                     row = [backend, str(batch), name, f"{st.median_ms:.2f}", f"{st.p90_ms:.2f}", f"{st.cov:.1%}",
                            f"{speedup:.2f}x", f"{ratio:.2f}x", f"{speedup / ratio:.0%}"]
-                    if ideal is not None:
-                        ceiling = stats["dense"].median_ms / (fixed + ideal[name])
+                    if args.ceiling:
+                        truncated = stats.get(f"{name} truncated", stats["dense"])
+                        ceiling = stats["dense"].median_ms / truncated.median_ms
                         row += [f"{ceiling:.2f}x", f"{speedup / ceiling:.0%}"]
                     table.add_row(*row)
                 for s in sessions.values():
