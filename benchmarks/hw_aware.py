@@ -4,10 +4,11 @@
     python benchmarks/hw_aware.py --backend onnxruntime --r 8,13 --curve curves/<...>/curve.json
     python benchmarks/hw_aware.py --method evit --keep 0.7,0.5        # EViT: auto keep rates vs constant ones
 
-For each constant r (ToMe) or keep rate (EViT / Top-K, at the method's locations): predict its latency from the block curve measured on this backend (calibrated
-with a dense and a reduced whole-model build), pick the auto schedule for the same predicted latency
+For each constant r (ToMe) or keep rate (EViT / Top-K, at the method's locations): predict its
+latency from the block curve measured on this backend (calibrated with a dense and a reduced
+whole-model build), pick the auto schedule for the same predicted latency
 (vitfold.profiles.auto_schedule), then build every variant and time them all in one interleaved loop
-against the dense model. If an auto schedule measures slower than its constant-r partner, its budget
+against the dense model. If an auto schedule measures slower than its constant partner, its budget
 is scaled down by the measured ratio once and it is rebuilt, so the pairs compare at matched measured
 latency. Fidelity is measured against the dense model on the shipped photos (or --images): feature
 cosine for a headless backbone (DINOv2), top-1 agreement and logit cosine for classifiers.

@@ -362,22 +362,26 @@ def default_max_fraction(method: str) -> float:
     return MAX_MERGE_FRACTION if method == "tome" else MAX_PRUNE_FRACTION
 
 
+def _require_planned(method: str) -> None:
+    if method not in AUTO_METHODS:
+        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
+                        "parameters: give them instead")
+
+
 def planner(method: str, params: dict, full: int, prefix: int, depth: int,
-            max_fraction: Optional[float] = None) -> tuple[MaxRemoved, dict, Callable[[Sequence[int]], dict]]:
+            max_fraction: float) -> tuple[MaxRemoved, dict, Callable[[Sequence[int]], dict]]:
     """How to plan for ``method``: ``(max_removed, reference params, tokens -> method params)``.
 
     ``reference`` is the reduced model :func:`calibrate` times (ToMe at :func:`reference_r`, EViT /
     Top-K at keep rate 0.7), with the user's other ``params`` (locations, fuse, prop_attn) kept.
+    ``max_fraction``: most of a block's tokens one block may remove (:func:`default_max_fraction`).
 
     Raises:
         SpecError: a method auto schedules do not plan for, or a bad ``max_fraction``.
     """
     from ..reduce import create_method
 
-    if method not in AUTO_METHODS:
-        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
-                        "parameters: give them instead")
-    max_fraction = default_max_fraction(method) if max_fraction is None else max_fraction
+    _require_planned(method)
     if method == "tome":
         reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
         return (tome_max_removed(prefix, max_fraction), reference,
@@ -416,9 +420,7 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
     """
     from .curve import measure_curve, read_curve
 
-    if method not in AUTO_METHODS:
-        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
-                        "parameters: give them instead")
+    _require_planned(method)  # before a curve is measured
     params = dict(params or {})
     max_fraction = default_max_fraction(method) if max_merge_fraction is None else max_merge_fraction
     if curve is None:
