@@ -197,3 +197,15 @@ def test_deit_small_is_tensorrt_8_5_clean_after_the_pipeline(tmp_path):
         _, src = _export(name, params, model_, (1, 3, 224, 224), tmp_path)
         run_pipeline(src, tmp_path / f"{name}.trt85.onnx", TRT85_PIPELINE, photos)
         assert lint(tmp_path / f"{name}.trt85.onnx", "tensorrt-8.5") == [], name
+
+
+def test_inspect_says_the_opset_downgrade_applies():
+    """Its op histogram is unchanged; the opset and the Reduce axes are what it changes."""
+    from vitfold.inspect import try_passes
+
+    inits = [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")]
+    src = model([helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="mean", keepdims=0)],
+                [("x", T.FLOAT, [2, 6, 4])], [("m", T.FLOAT, [2, 4])], inits)
+    found = {entry["name"]: entry for entry in try_passes(src, "tensorrt-8.5")}
+    assert found["downgrade-opset"]["status"] == "applies" and found["downgrade-opset"]["message"] == "opset 18 -> 17"
+    assert found["downgrade-opset"]["errors_after"] == 0 and found["decompose-layernorm"]["status"] == "no change"

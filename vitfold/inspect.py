@@ -65,13 +65,17 @@ def _needs_options(fn) -> list[str]:
             and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
 
 
+def _default_opset(proto: onnx.ModelProto) -> Optional[int]:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
 def try_passes(proto: onnx.ModelProto, target: Optional[str] = None) -> list[dict]:
     """Apply every registered pass alone to ``proto`` (unverified: no ONNX Runtime comparison) and say
     what it would do.
 
     Returns:
         One dict per pass in :data:`vitfold.passes.PASSES`: ``name``, ``description``, ``status``
-        (``applies``: the op histogram changes; ``no change``; ``needs options``: required keyword
+        (``applies``: the op histogram or the opset changes; ``no change``; ``needs options``: required keyword
         options, listed in ``message``; ``refused``: the pass raised, ``message`` says why),
         ``nodes_before`` / ``nodes_after``, ``ops_delta`` (op -> count change) and, with a ``target``,
         ``errors_after`` / ``warnings_after`` (lint findings on the result).
@@ -96,8 +100,11 @@ def try_passes(proto: onnx.ModelProto, target: Optional[str] = None) -> list[dic
         after_ops = Counter(n.op_type for n in result.graph.node)
         delta = {op: after_ops[op] - before_ops[op] for op in sorted(before_ops | after_ops)
                  if after_ops[op] != before_ops[op]}
+        opset_after = _default_opset(result)
+        if opset_after != _default_opset(proto):
+            entry["message"] = f"opset {_default_opset(proto)} -> {opset_after}"
         entry.update(nodes_after=len(result.graph.node), ops_delta=delta,
-                     status="applies" if delta else "no change")
+                     status="applies" if delta or entry["message"] else "no change")
         if target is not None:
             findings = lint(result, target)
             entry.update(errors_after=len(errors(findings)), warnings_after=len(findings) - len(errors(findings)))
