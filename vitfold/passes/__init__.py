@@ -50,7 +50,8 @@ def register_pass(name: str, *, tolerance: float = 0.0) -> Callable[[PassFn], Pa
 #: scatter reduction and 10 needs a plugin. On the CPU backends (benchmarks/passes.py, DeiT-S ToMe
 #: r=13, batch 1 and 8, 2 loaded cores) the MatMul form measured a median 1.01x (ONNX Runtime) and
 #: 1.01-1.03x (OpenVINO) over the scatter form, inside run-to-run noise, the merge itself being
-#: 0.5-2% of a run in either form: no win to take, so they keep the exported scatter.
+#: 0.5-2% of a run in either form: no win to take, so they keep the exported scatter. Re-measured
+#: after the merge moved to row gathers (batch 1): 0.98x (OpenVINO), 0.97x (ONNX Runtime).
 DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("fold-schedule",),
     "openvino": ("fold-schedule",),
