@@ -66,7 +66,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
-from .patching import check_schedule, unpatch
+from .patching import check_schedule, swap_classes, unpatch
 from .schedule import Schedule, ScheduleError
 
 #: The study's reduction locations for 12-block models (``--reduction_loc 3 6 9``), 0-indexed.
@@ -419,12 +419,8 @@ class DPCKNN(_Clustering):
             ScheduleError: the schedule is for a model of another depth or token count.
         """
         patched, clusters = self._patch(model, schedule)
-        blocks = patched.blocks
-        blocks.__class__ = ClusterBlocks
-        blocks.clusters = clusters
-        blocks.k_neighbors = self.k_neighbors
-        blocks.num_protected = patched.num_prefix_tokens
-        return patched
+        return swap_classes(patched, ClusterBlocks, clusters=clusters, k_neighbors=self.k_neighbors,
+                            num_protected=patched.num_prefix_tokens)
 
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
@@ -478,11 +474,8 @@ class KMedoids(_Clustering):
                     )
                 block.__class__ = WeightedBlock
                 attn.__class__ = WeightedAttention
-        blocks.__class__ = KMedoidsBlocks
-        blocks.clusters = clusters
-        blocks.iters = self.iters
-        blocks.num_protected = patched.num_prefix_tokens
-        return patched
+        return swap_classes(patched, KMedoidsBlocks, clusters=clusters, iters=self.iters,
+                            num_protected=patched.num_prefix_tokens)
 
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:

@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
-from .patching import patchable_copy
+from .patching import patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 
 #: The reference's reduction blocks for 12-block models (``--drop_loc '(3, 6, 9)'``), 0-indexed.
@@ -261,16 +261,7 @@ class EViT:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
-        layout = TokenLayout.of(model)
         patched = patchable_copy(model, schedule, self.name)
-        blocks = patched.blocks
-        blocks.__class__ = PruneBlocks
-        blocks.keep = self.keeps(schedule)
-        blocks.fuse = self.fuse
-        blocks.num_protected = layout.num_prefix_tokens
-        blocks.trace_source = self.trace_source
-        blocks.final_norm = [patched.norm]  # a list: a reference, not a second registered submodule
-        for block in blocks:
-            block.__class__ = PruneBlock
-            block.attn.__class__ = ScoredAttention
-        return patched
+        return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
+                            num_protected=model.num_prefix_tokens, trace_source=self.trace_source,
+                            final_norm=[patched.norm])  # a list: a reference, not a second registered submodule

@@ -53,6 +53,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import TokenLayout, register_method
+from .patching import swap_classes, unpatch
 from .cluster import pairwise_sq_dists
 from .schedule import Schedule, ScheduleError
 
@@ -270,12 +271,9 @@ class Expedite:
         dense = grid == patch_grid
         if schedule.tokens != self._plan(layout, location, grid, patch_grid).tokens:
             raise ScheduleError(f"schedule {list(schedule.tokens)} is not expedite's plan for this model ({self.params()})")
-        patched = copy.deepcopy(model)
+        patched = swap_classes(copy.deepcopy(model), ExpediteBlocks, location=None if dense else location, iters=self.iters,
+                               temperature=self.temperature, k=self.k, num_protected=layout.num_prefix_tokens)
         blocks = patched.blocks
-        blocks.__class__ = ExpediteBlocks
-        blocks.location = None if dense else location
-        blocks.iters, blocks.temperature, blocks.k = self.iters, self.temperature, self.k
-        blocks.num_protected = layout.num_prefix_tokens
         blocks.register_buffer("pool", pooling_matrix(patch_grid, grid), persistent=False)
         blocks.register_buffer("allowed", locality_mask(patch_grid, grid, self.window), persistent=False)
         return patched
@@ -283,11 +281,7 @@ class Expedite:
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place; returns ``model``."""
-        blocks = model.blocks
-        if isinstance(blocks, ExpediteBlocks):
-            for attr in ("location", "iters", "temperature", "k", "num_protected", "last_state"):
-                blocks.__dict__.pop(attr, None)
+        if isinstance(model.blocks, ExpediteBlocks):
             for name in ("pool", "allowed"):
-                blocks._buffers.pop(name, None)
-            blocks.__class__ = nn.Sequential
-        return model
+                model.blocks._buffers.pop(name, None)
+        return unpatch(model, ExpediteBlocks, None, ("location", "iters", "temperature", "k", "num_protected"))

@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import SpecError
 from . import TokenLayout, register_method
 from .evit import DEFAULT_LOCATIONS, ScoredAttention
-from .patching import check_blocks
+from .patching import check_blocks, swap_classes
 from .schedule import Schedule, ScheduleError
 
 #: Pool types the bounded / batched dynamic forms can mask (timm ``global_pool``).
@@ -355,14 +355,8 @@ class EViTMass:
         check_blocks(model, self.name)
         patched = copy.deepcopy(model)
         patched.__class__ = GatedVisionTransformer
-        blocks = patched.blocks
-        blocks.__class__ = GateBlocks
-        blocks.mass, blocks.capacity = tuple(masses), tuple(capacities)
-        blocks.dynamic, blocks.fuse, blocks.num_protected = dynamic, self.fuse, model.num_prefix_tokens
-        for block in blocks:
-            block.__class__ = GateBlock
-            block.attn.__class__ = ScoredAttention
-        return patched
+        return swap_classes(patched, GateBlocks, GateBlock, ScoredAttention, mass=tuple(masses), capacity=tuple(capacities),
+                            dynamic=dynamic, fuse=self.fuse, num_protected=model.num_prefix_tokens)
 
     def apply(self, model: VisionTransformer, schedule: Schedule) -> VisionTransformer:
         """The bounded form: a patched deep copy of ``model`` with ``schedule``'s capacities.

@@ -1,4 +1,4 @@
-"""What every method's patch shares: checking a model against a schedule, and undoing a patch.
+"""What every method's patch shares: checking a model against a schedule, swapping classes, undoing it.
 
 Methods patch by swapping classes on a deep copy (``model.blocks`` becomes the method's
 ``nn.Sequential`` subclass, each block and attention module the method's subclass of timm's), so a
@@ -48,6 +48,23 @@ def check_blocks(model: VisionTransformer, method: str) -> None:
             raise NotImplementedError(
                 f"{method} patches timm Block/Attention; block {index} is {type(block).__name__}/{type(attn).__name__}"
             )
+
+
+def swap_classes(model: VisionTransformer, blocks_cls: type, block_cls: Optional[type] = None,
+                 attn_cls: Optional[type] = None, **attrs) -> VisionTransformer:
+    """Apply a class-swap patch in place (the inverse of :func:`unpatch`): ``model.blocks`` becomes
+    ``blocks_cls`` with ``attrs`` set as plain attributes, every block ``block_cls`` and its
+    attention ``attn_cls`` (None: left as they are); returns ``model``."""
+    blocks = model.blocks
+    blocks.__class__ = blocks_cls
+    for name, value in attrs.items():
+        setattr(blocks, name, value)
+    for block in blocks:
+        if block_cls is not None:
+            block.__class__ = block_cls
+        if attn_cls is not None:
+            block.attn.__class__ = attn_cls
+    return model
 
 
 def unpatch(model: VisionTransformer, blocks_cls: type, block_cls: Optional[type], attrs: tuple[str, ...]) -> VisionTransformer:

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import SpecError
 from . import TokenLayout, register_method
-from .patching import patchable_copy, unpatch
+from .patching import patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
 
@@ -192,19 +192,9 @@ class ToMe:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
-        layout = TokenLayout.of(model)
-        patched = patchable_copy(model, schedule, self.name)
-        blocks = patched.blocks
-        blocks.__class__ = ToMeBlocks
-        blocks.r = schedule.removed
-        blocks.prop_attn = self.prop_attn
-        blocks.trace_source = self.trace_source
-        blocks.num_protected = layout.num_prefix_tokens
-        blocks.mode = self.mode
-        for block in blocks:
-            block.__class__ = ToMeBlock
-            block.attn.__class__ = ToMeAttention
-        return patched
+        return swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
+                            r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
+                            num_protected=model.num_prefix_tokens, mode=self.mode)
 
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
