@@ -95,23 +95,19 @@ def main() -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             sample = batches(photos, batch)[0]
             onnx_paths = {}
-            for name, method in variants.items():
-                path = Path(tmp) / f"{name}-b{batch}.onnx"
-                export_onnx(method.apply(model, schedules[name]), path, sample.shape)
+            def folded(torch_model, label: str) -> Path:
+                path = Path(tmp) / f"{label}-b{batch}.onnx"
+                export_onnx(torch_model, path, sample.shape)
                 run_pipeline(path, path.with_suffix(".opt.onnx"), ("fold-schedule",), [sample])
-                onnx_paths[name] = path.with_suffix(".opt.onnx")
+                return path.with_suffix(".opt.onnx")
+
+            for name, method in variants.items():
+                onnx_paths[name] = folded(method.apply(model, schedules[name]), name)
                 if args.ceiling and name != "dense":  # the same token counts, reduced by truncation
-                    path = Path(tmp) / f"{name}-truncated-b{batch}.onnx"
-                    export_onnx(truncated_model(model, schedules[name].tokens), path, sample.shape)
-                    run_pipeline(path, path.with_suffix(".opt.onnx"), ("fold-schedule",), [sample])
-                    onnx_paths[f"{name} truncated"] = path.with_suffix(".opt.onnx")
+                    onnx_paths[f"{name} truncated"] = folded(truncated_model(model, schedules[name].tokens), f"{name}-truncated")
             for backend in args.backends.split(","):
                 cfg = BuildConfig(backend=backend, threads=args.threads)
-                sessions = {}
-                for name, path in onnx_paths.items():
-                    out = Path(tmp) / f"{backend}-{name}-b{batch}"
-                    out.mkdir()
-                    sessions[name] = runtimes.build_session(path, out, cfg)
+                sessions = runtimes.build_sessions(onnx_paths, Path(tmp), cfg, tag=f"-b{batch}")
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -94,11 +94,7 @@ def main() -> None:
                                                                    f"max abs change {r.max_abs_change:.2g}" for r in reports) + "[/]")
             for backend in args.backends.split(","):
                 cfg = BuildConfig(backend=backend, threads=args.threads)
-                sessions = {}
-                for name, path in onnx_paths.items():
-                    out = Path(tmp) / f"{backend}-{name}-b{batch}"
-                    out.mkdir()
-                    sessions[name] = runtimes.build_session(path, out, cfg)
+                sessions = runtimes.build_sessions(onnx_paths, Path(tmp), cfg, tag=f"-b{batch}")
                 for round_ in range(args.rounds):
                     console.print(f"[dim]measuring {backend} batch {batch} round {round_ + 1} ({', '.join(sessions)})[/]")
                     stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
+from typing import Mapping
 
 from ..artifact import read_manifest
 from ..errors import BackendUnavailable, SpecError
@@ -66,6 +67,21 @@ def build_session(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> Session:
     """
     built = build(onnx_path, out_dir, cfg)
     return backend_module(cfg.backend).load(Path(out_dir), {"files": built["files"], "build": cfg.to_json()})
+
+
+def build_sessions(onnx_paths: Mapping[str, Path], work: Path, cfg: BuildConfig, tag: str = "") -> dict[str, Session]:
+    """:func:`build_session` for every ``name -> ONNX file``, each in its own directory
+    ``work/<backend>-<name><tag>`` (for benchmarks that time several variants interleaved).
+
+    Raises:
+        BackendUnavailable: the backend is not installed here.
+    """
+    sessions = {}
+    for name, path in onnx_paths.items():
+        out = Path(work) / f"{cfg.backend}-{name}{tag}"
+        out.mkdir()
+        sessions[name] = build_session(path, out, cfg)
+    return sessions
 
 
 def load(directory: str | Path) -> Session:
