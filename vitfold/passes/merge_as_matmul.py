@@ -50,7 +50,7 @@ TOLERANCE = 1e-4
 _FILL = {"max": -np.inf, "min": np.inf}
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 #: Ops that move or select index values without changing them (data input first).
-_VALUE_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Transpose", "Slice", "Identity",
+VALUE_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Transpose", "Slice", "Identity",
                      "Gather", "GatherElements", "GatherND", "Flatten"}
 
 
@@ -167,7 +167,7 @@ def _non_negative(tensor: gs.Tensor, depth: int = 12) -> bool:
         return True
     if producer.op == "TopK":
         return tensor is producer.outputs[1]
-    if producer.op in _VALUE_PRESERVING:
+    if producer.op in VALUE_PRESERVING:
         return _non_negative(producer.inputs[0], depth - 1)
     if producer.op in ("Concat", "Add", "Mul", "Max"):  # non-negative inputs give a non-negative result
         return all(_non_negative(t, depth - 1) for t in producer.inputs)

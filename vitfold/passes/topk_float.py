@@ -20,25 +20,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import register_pass
+from .merge_as_matmul import VALUE_PRESERVING, onnx_dtype
 
 log = logging.getLogger(__name__)
 
 #: float32 represents every integer of magnitude up to this exactly.
 EXACT_LIMIT = 2 ** 24
-_INTEGER = {np.dtype(t) for t in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)}
-_VALUE_PRESERVING = {"Unsqueeze", "Squeeze", "Reshape", "Expand", "Tile", "Transpose", "Slice", "Identity",
-                     "Gather", "GatherElements", "GatherND", "Flatten", "Concat"}
-
-
-def _as_numpy(dtype) -> Optional[np.dtype]:
-    if dtype is None:
-        return None
-    if isinstance(dtype, int):
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype))
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        return None
+_INTEGER = {onnx.TensorProto.INT8, onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64,
+            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
 
 
 def index_bound(tensor: gs.Tensor, depth: int = 16) -> Optional[int]:
@@ -64,7 +53,7 @@ def index_bound(tensor: gs.Tensor, depth: int = 16) -> Optional[int]:
     if producer.op == "Concat":
         bounds = [index_bound(t, depth - 1) for t in producer.inputs]
         return None if any(b is None for b in bounds) else max(bounds)
-    if producer.op in _VALUE_PRESERVING:
+    if producer.op in VALUE_PRESERVING:
         return index_bound(producer.inputs[0], depth - 1)
     return None
 
@@ -80,13 +69,13 @@ def topk_float_values(graph: gs.Graph) -> gs.Graph:
     graph = gs.import_onnx(onnx.shape_inference.infer_shapes(gs.export_onnx(graph)))
     for node in [n for n in graph.nodes if n.op == "TopK" and not n.domain]:
         values = node.inputs[0]
-        dtype = _as_numpy(values.dtype)
+        dtype = onnx_dtype(values.dtype)
         if dtype not in _INTEGER:
             continue
         bound = index_bound(values)
         if bound is None or bound > EXACT_LIMIT:
             why = "not traceable to TopK / ArgMax indices" if bound is None else f"values up to {bound} > 2**24"
-            log.warning("topk-float-values left %s (TopK over %s): %s", node.name, dtype, why)
+            log.warning("topk-float-values left %s (TopK over %s): %s", node.name, onnx.TensorProto.DataType.Name(dtype), why)
             continue
         name = node.name or node.outputs[0].name
         as_float = gs.Variable(f"{name}_float_in", dtype=np.float32)
@@ -97,5 +86,5 @@ def topk_float_values(graph: gs.Graph) -> gs.Graph:
         float_values = gs.Variable(f"{name}_float_out", dtype=np.float32)
         node.outputs[0] = float_values
         graph.layer(op="Cast", name=f"{name}_to_int", inputs=[float_values],
-                    attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(dtype)}, outputs=[top_values])
+                    attrs={"to": dtype}, outputs=[top_values])
     return graph.cleanup().toposort()
