@@ -13,6 +13,12 @@ Slice) is built and timed in the same interleaved loop. Its speedup over dense i
 FLOP ratio assumes a token costs the same at any count, which a CPU GEMM does not (its per-row cost
 grows as the row count falls). ``speedup / ceiling`` is the share that the reduction ops themselves
 (matching, sorting, gathers, merges, proportional attention) leave on the table.
+
+With ``--ceiling`` two more columns say whether a target is reachable at all: ``reduction ms`` is what
+the reduction ops cost (reduced median minus truncated median), and ``budget ms`` is what they may
+cost for the speedup to reach ``--target`` x the FLOP ratio (dense median / (target x FLOP ratio)
+minus truncated median). A negative budget means no reduction, however cheap, reaches the target on
+this backend at this batch size.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--ceiling", action="store_true",
                         help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
+    parser.add_argument("--target", type=float, default=0.9,
+                        help="--ceiling: speedup target as a fraction of the FLOP ratio, for the budget column")
     args = parser.parse_args()
 
     console = Console(width=150)
@@ -88,7 +96,7 @@ def main() -> None:
     table = Table(title=f"{args.model}: ToMe vs dense, interleaved in one run")
     columns = ["backend", "batch", "variant", "median ms", "p90 ms", "CoV", "speedup", "FLOP ratio", "speedup / FLOP ratio"]
     if args.ceiling:
-        columns += ["ceiling", "speedup / ceiling"]
+        columns += ["ceiling", "speedup / ceiling", "reduction ms", f"budget ms ({args.target:g}x FLOP ratio)"]
     for column in columns:
         table.add_column(column, justify="right")
     with tempfile.TemporaryDirectory(prefix="vitfold-bench-") as tmp:
@@ -121,7 +129,9 @@ def main() -> None:
                     if args.ceiling:
                         truncated = stats.get(f"{name} truncated", stats["dense"])
                         ceiling = stats["dense"].median_ms / truncated.median_ms
+                        budget = stats["dense"].median_ms / (args.target * ratio) - truncated.median_ms
                         row += [f"{ceiling:.2f}x", f"{speedup / ceiling:.0%}"]
+                        row += ["", ""] if name == "dense" else [f"{st.median_ms - truncated.median_ms:.2f}", f"{budget:.2f}"]
                     table.add_row(*row)
                 for s in sessions.values():
                     s.close()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import deploy
 from vitfold.errors import SpecError
-from vitfold.profiles.curve import analyse, find_plateaus, find_steps, interpolate, parse_tokens
+from vitfold.profiles.curve import analyse, find_plateaus, find_steps, fixed_cost, interpolate, parse_tokens
 
 
 def staircase(tokens, steps=((64, 0.5), (128, 0.3)), slope=0.01, noise=0.0, seed=0):
@@ -62,6 +62,23 @@ def test_analyse_and_interpolate():
     assert [s["from"] for s in curve["steps"]] == [64, 128] and curve["noisy"] == []
     assert interpolate(curve, 18) == pytest.approx((medians[0] + medians[1]) / 2)
     assert interpolate(curve, 500) == pytest.approx(medians[-1])
+
+
+def test_fixed_cost_is_the_fit_at_zero_tokens():
+    # A block that costs 0.13 ms whatever N, 8 us per token and 5 ns per token pair, with +-1 us noise.
+    tokens = list(range(41, 198, 13))
+    noise = np.random.default_rng(0).uniform(-1e-3, 1e-3, len(tokens))
+    ms = [0.13 + 8e-3 * n + 5e-6 * n * n + e for n, e in zip(tokens, noise)]
+    fit = fixed_cost(tokens, ms)
+    assert fit["fixed_ms"] == pytest.approx(0.13, abs=0.01)
+    assert fit["linear_ms_per_token"] == pytest.approx(8e-3, rel=0.05)
+    top = 0.13 + 8e-3 * 197 + 5e-6 * 197**2
+    assert fit["fixed_share"] == pytest.approx(0.13 / top, abs=0.01)
+    # A purely proportional curve has no fixed part.
+    assert fixed_cost(tokens, [8e-3 * n for n in tokens])["fixed_ms"] == pytest.approx(0.0, abs=1e-9)
+    assert fixed_cost([16, 16, 20], [1.0, 1.0, 1.1]) is None
+    curve = analyse({"points": [{"tokens": n, "median_ms": t, "cov": 0.01, "samples_ms": []} for n, t in zip(tokens, ms)]})
+    assert curve["fixed"] == fit
 
 
 def test_cli_block_curve(tmp_path):

@@ -358,6 +358,10 @@ def print_curve(curve: dict) -> None:
     for step in curve["steps"]:
         table.add_row(str(step["from"]), str(step["to"]), f"{step['jump_ms']:.3f}", f"{step['jump_pct']:.1%}")
     console.print(table if curve["steps"] else "no steps found")
+    fixed = curve.get("fixed")
+    if fixed:
+        console.print(f"fixed cost {fixed['fixed_ms']:.3f} ms = {fixed['fixed_share']:.1%} of N={last['tokens']} "
+                      "(fit a + bN + cN^2 at N=0): no token reduction removes it")
     for plateau in curve["plateaus"]:
         console.print(f"plateau N={plateau['from']}..{plateau['to']}: {plateau['ms_from']:.3f} -> {plateau['ms_to']:.3f} ms")
     if curve["noisy"]:

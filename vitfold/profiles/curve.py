@@ -285,9 +285,37 @@ def levels(curve: dict) -> list[float]:
     return [p[curve.get("stat", "median_ms")] for p in curve["points"]]
 
 
+def fixed_cost(tokens: Sequence[int], ms: Sequence[float]) -> Optional[dict]:
+    """The part of a curve's latency that no token reduction removes.
+
+    Fits ``t(N) = fixed + linear * N + quadratic * N**2`` by least squares (the token-wise layers are
+    linear in N, attention's two matmuls quadratic) and extrapolates to ``N = 0``. On a CPU the
+    fixed part is mostly the fully connected layers reading their weights, which they do once per
+    call whatever the row count; it is why a schedule's speedup at batch 1 falls short of its FLOP
+    ratio even when the reduction itself is free.
+
+    Args:
+        tokens: token counts N, at least 3 distinct.
+        ms: latency at each count, ms.
+
+    Returns:
+        ``{"fixed_ms", "linear_ms_per_token", "quadratic_ms_per_token2", "fixed_share"}`` with
+        ``fixed_share`` the fixed part over the fitted latency at the largest N; ``None`` for fewer
+        than 3 distinct counts.
+    """
+    n = np.asarray(tokens, dtype=float)
+    if len(np.unique(n)) < 3:
+        return None
+    quadratic, linear, fixed = np.polyfit(n, np.asarray(ms, dtype=float), 2)
+    top = n.max()
+    return {"fixed_ms": float(fixed), "linear_ms_per_token": float(linear), "quadratic_ms_per_token2": float(quadratic),
+            "fixed_share": float(fixed / (fixed + linear * top + quadratic * top**2))}
+
+
 def analyse(curve: dict) -> dict:
-    """Add ``steps``, ``plateaus``, ``noisy`` (counts whose CoV is above 5%) and ``slope_ms_per_token``
-    to a curve dict with ``points``, read with its ``stat``; returns it."""
+    """Add ``steps``, ``plateaus``, ``noisy`` (counts whose CoV is above 5%), ``slope_ms_per_token``
+    and ``fixed`` (:func:`fixed_cost`) to a curve dict with ``points``, read with its ``stat``;
+    returns it."""
     points = curve["points"]
     tokens = [p["tokens"] for p in points]
     medians = levels(curve)
@@ -295,6 +323,7 @@ def analyse(curve: dict) -> dict:
     curve["plateaus"] = find_plateaus(tokens, medians)
     curve["noisy"] = [p["tokens"] for p in points if p["cov"] > NOISY_COV]
     curve["slope_ms_per_token"] = float(np.polyfit(tokens, medians, 1)[0]) if len(points) > 1 else 0.0
+    curve["fixed"] = fixed_cost(tokens, medians)
     return curve
 
 
@@ -336,5 +365,5 @@ def interpolate(curve: dict, tokens: float) -> float:
     return float(np.interp(tokens, [p["tokens"] for p in curve["points"]], levels(curve)))
 
 
-__all__ = ["CurveOptions", "analyse", "find_plateaus", "find_steps", "interpolate", "measure_curve", "parse_tokens",
+__all__ = ["CurveOptions", "analyse", "find_plateaus", "find_steps", "fixed_cost", "interpolate", "measure_curve", "parse_tokens",
            "read_curve", "write_curve"]
