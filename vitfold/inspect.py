@@ -84,6 +84,7 @@ def try_passes(proto: onnx.ModelProto, target: Optional[str] = None) -> list[dic
     from .passes.pipeline import apply_pass
 
     before_ops = Counter(n.op_type for n in proto.graph.node)
+    opset_before = _default_opset(proto)
     results = []
     for name, registered in PASSES.items():
         entry = {"name": name, "description": registered.description, "nodes_before": len(proto.graph.node),
@@ -101,10 +102,10 @@ def try_passes(proto: onnx.ModelProto, target: Optional[str] = None) -> list[dic
         delta = {op: after_ops[op] - before_ops[op] for op in sorted(before_ops | after_ops)
                  if after_ops[op] != before_ops[op]}
         opset_after = _default_opset(result)
-        if opset_after != _default_opset(proto):
-            entry["message"] = f"opset {_default_opset(proto)} -> {opset_after}"
+        if opset_after != opset_before:
+            entry["message"] = f"opset {opset_before} -> {opset_after}"
         entry.update(nodes_after=len(result.graph.node), ops_delta=delta,
-                     status="applies" if delta or entry["message"] else "no change")
+                     status="applies" if delta or opset_after != opset_before else "no change")
         if target is not None:
             findings = lint(result, target)
             entry.update(errors_after=len(errors(findings)), warnings_after=len(findings) - len(errors(findings)))

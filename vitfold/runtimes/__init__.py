@@ -96,4 +96,4 @@ def load(directory: str | Path) -> Session:
     return backend_module(manifest["build"]["backend"]).load(directory, manifest)
 
 
-__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "build_session", "load", "require"]
+__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "build_session", "build_sessions", "load", "require"]
