@@ -62,8 +62,6 @@ def test_method_on_onnxruntime_and_openvino(tmp_path, photos, name, task):
     result, reference = export_and_validate(reduced, tmp_path / "model.onnx", photos)  # ORT <= 1e-4 + contract
     assert not {"If", "Loop", "NonZero"} & set(result.op_counts)
     cfg = BuildConfig(backend="openvino", precision="f32")
-    built = runtimes.build(tmp_path / "model.onnx", tmp_path, cfg)
-    manifest = {"build": cfg.to_json(), "files": built["files"], "input": {"name": "images", "shape": list(photos[0].shape)}}
-    with runtimes.backend_module("openvino").load(tmp_path, manifest) as session:
+    with runtimes.build_session(tmp_path / "model.onnx", tmp_path, cfg) as session:
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in photos])
     compare(reference, outputs).check(TOLERANCES["openvino:f32"], f"{name} ({task}) on OpenVINO f32")
