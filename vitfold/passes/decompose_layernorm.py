@@ -27,8 +27,9 @@ from . import register_pass
 
 log = logging.getLogger(__name__)
 
-#: Max abs output change: a two-pass variance in float32 against the runtime's fused kernel (measured
-#: on DeiT-S with random weights and DINOv2 ViT-S/14 real weights, tests/test_trt85_passes.py).
+#: Max abs output change: a two-pass variance in float32 against the runtime's fused kernel. Measured
+#: 1.1-1.3e-6 on DeiT-S (random weights) with ToMe, EViT, Top-K and evit-mass; tests/test_trt85_passes.py
+#: checks the pipeline's result against torch at this bound.
 TOLERANCE = 1e-4
 
 

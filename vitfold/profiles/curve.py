@@ -290,9 +290,10 @@ def fixed_cost(tokens: Sequence[int], ms: Sequence[float]) -> Optional[dict]:
 
     Fits ``t(N) = fixed + linear * N + quadratic * N**2`` by least squares (the token-wise layers are
     linear in N, attention's two matmuls quadratic) and extrapolates to ``N = 0``. On a CPU the
-    fixed part is mostly the fully connected layers reading their weights, which they do once per
-    call whatever the row count; it is why a schedule's speedup at batch 1 falls short of its FLOP
-    ratio even when the reduction itself is free.
+    fixed part is mostly the fully connected layers: OpenVINO's per-layer counters give each a
+    per-call cost of 34-45 us (DeiT-S) on top of its per-token cost, whatever the row count. It is
+    why a schedule's speedup at batch 1 falls short of its FLOP ratio even when the reduction
+    itself is free.
 
     Args:
         tokens: token counts N, at least 3 distinct.
