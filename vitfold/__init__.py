@@ -5,4 +5,4 @@ Stages, in data-flow order: ``reduce`` (token merging / pruning on a timm ViT) -
 (latency, FLOPs, fidelity). Importing ``vitfold`` imports no torch; only ``reduce`` and ``export`` do.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"

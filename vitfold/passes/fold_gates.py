@@ -3,18 +3,21 @@
 ``evit-mass`` exported as is (:meth:`vitfold.reduce.gates.EViTMass.apply_dynamic`, batch 1) compacts
 each gate's tokens with a boolean selection::
 
-    select [1, T] = Concat(prefix [1, P] (all true), keep [1, n] (top-p rule), fused [1, 1])
-    tokens [u, C] = GatherND(candidates [1, T, C], Transpose(NonZero(select)))      u: data-dependent
+    select [1, T] = Concat(keep [1, n] (top-p rule), fused [1, 1])
+    picked [u, C] = GatherND(candidates [1, T, C], Transpose(NonZero(select)))      u: data-dependent
+    tokens [P + u, C] = Concat(prefix tokens [P, C], picked)
 
-after which every token dimension is dynamic. This pass rewrites each gate, in order, into the bounded
+after which every token dimension is dynamic. (vitfold before 0.1.1 selected the prefix with the same
+mask; such exports are refused: export again.) This pass rewrites each gate, in order, into the bounded
 form of :mod:`vitfold.reduce.gates` with a constant capacity ``K``:
 
 1. ``keep`` (every consumer, the fused-token weights included) becomes ``And(keep, arange(n) < K)``:
    an image that keeps more than ``K`` tokens keeps its ``K`` best and fuses the rest, as the
    re-traced bounded model does;
-2. the compaction becomes ``TopK(select * (T - arange(T)), P + K + 1)`` (distinct keys, so the true
+2. the compaction becomes ``TopK(select * (T - arange(T)), K + 1)`` (distinct keys, so the true
    entries come first in their original order without relying on tie-breaking) and a ``Gather`` of
-   those slots: a static ``[P + K + 1, C]``; ``valid = values > 0`` marks the real ones;
+   those slots: a static ``[K + 1, C]``, ``[P + K + 1, C]`` with the prefix in front;
+   ``valid = Concat(true [1, P], values > 0)`` marks the real ones;
 3. every ``Softmax`` downstream of the gate (until the next one) gets ``Where(valid, 0, -inf)`` added
    on its last axis, which must be that token axis: invalid slots are never attended to, the class
    token gives them 0 attention, so later gates never keep them and the fused token weighs them 0;
@@ -59,7 +62,7 @@ class GateSite:
     gather: gs.Node
     select: gs.Tensor  # [1, T] bool
     keep: gs.Tensor  # [1, n] bool, the top-p rule
-    prefix: int
+    prefix: int  # P protected tokens, concatenated in front of the selected ones
     candidates: gs.Tensor  # [1, T, C]
 
 
@@ -94,12 +97,18 @@ def match_gate(nonzero: gs.Node) -> GateSite:
         raise PassError(f"{where}: batch {candidates.shape[0]}: fold-gates folds batch-1 exports (the dynamic model "
                         "exports per image); re-trace the bounded model (EViTMass.apply) for other batches")
     concat = select.inputs[0] if select.inputs else None
-    if concat is None or concat.op != "Concat" or len(concat.inputs) != 3 or concat.attrs.get("axis") not in (1, -1):
-        raise PassError(f"{where}: the selection is not Concat(prefix, keep, fused) on the token axis")
-    prefix, keep, fused = concat.inputs
-    if not all(_static(t) and len(t.shape) == 2 for t in (prefix, keep)) or not _static(fused) or fused.shape[1] != 1:
-        raise PassError(f"{where}: selection parts {prefix.shape}, {keep.shape}, {fused.shape} are not [1, P], [1, n], [1, 1]")
-    return GateSite(nonzero, gather, select, keep, prefix.shape[1], candidates)
+    if concat is None or concat.op != "Concat" or len(concat.inputs) != 2 or concat.attrs.get("axis") not in (1, -1):
+        raise PassError(f"{where}: the selection is not Concat(keep, fused) on the token axis (an export of vitfold "
+                        "before 0.1.1 selects the prefix too: export it again)")
+    keep, fused = concat.inputs
+    if not _static(keep) or len(keep.shape) != 2 or not _static(fused) or fused.shape[1] != 1:
+        raise PassError(f"{where}: selection parts {keep.shape}, {fused.shape} are not [1, n], [1, 1]")
+    after = [n for n in gather.outputs[0].outputs if n.op == "Concat"]
+    front = after[0].inputs[0] if len(after) == 1 and len(after[0].inputs) == 2 and after[0].inputs[1] is gather.outputs[0] \
+        and after[0].attrs.get("axis") in (0, -2) else None
+    if front is None or not _static(front) or len(front.shape) != 2:
+        raise PassError(f"{where}: the selected tokens are not concatenated after the prefix tokens [P, C] (Concat axis 0)")
+    return GateSite(nonzero, gather, select, keep, front.shape[0], candidates)
 
 
 def _layer(graph: gs.Graph, op: str, name: str, inputs: list, dtype, attrs: dict | None = None, outputs: int = 1):
@@ -122,7 +131,7 @@ def _rewrite(graph: gs.Graph, site: GateSite, index: int, capacity: int) -> str:
             for position, tensor in enumerate(consumer.inputs):
                 if tensor is site.keep:
                     consumer.inputs[position] = clamped
-    slots = min(T, site.prefix + capacity + 1)
+    slots = min(T, capacity + 1)
     as_float = _layer(graph, "Cast", f"{name}_select_float", [site.select], np.float32, {"to": onnx.TensorProto.FLOAT})
     rank = gs.Constant(f"{name}_rank", (T - np.arange(T, dtype=np.float32))[None])
     key = _layer(graph, "Mul", f"{name}_key", [as_float, rank], np.float32)
@@ -135,6 +144,8 @@ def _rewrite(graph: gs.Graph, site: GateSite, index: int, capacity: int) -> str:
     site.gather.outputs.clear()
     graph.layer(op="Squeeze", name=f"{name}_tokens", inputs=[picked, gs.Constant(f"{name}_batch", np.array([0]))], outputs=[out])
     out.shape = None
+    ones = gs.Constant(f"{name}_prefix_valid", np.ones((1, site.prefix), dtype=np.bool_))  # the prefix, in front
+    valid = _layer(graph, "Concat", f"{name}_valid_all", [ones, valid], np.bool_, {"axis": 1})
     return valid.name
 
 

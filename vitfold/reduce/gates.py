@@ -124,13 +124,17 @@ def dynamic_gate(x: torch.Tensor, cls_attn: torch.Tensor, mass: float, prefix: i
     """
     order, weight, keep = top_p(cls_attn[:, prefix:], mass)
     rest = _sorted_tokens(x, order, prefix)
-    parts, select = [x[:, :prefix], rest], [torch.ones_like(keep[:, :prefix]), keep]
+    candidates, select = [rest], [keep]
     if fuse:
         fused, present = _fuse(rest, weight, ~keep)
-        parts.append(fused)
+        candidates.append(fused)
         select.append(present)
-    tokens, select = torch.cat(parts, dim=1), torch.cat(select, dim=1)
-    return tokens[select][None], keep.sum(dim=1)
+    # The prefix is concatenated after the data-dependent selection, not selected with it: the
+    # next gate's candidate count (its TopK K) is then the selected count itself, not (selected -
+    # prefix), which torch.export 2.14 cannot prove >= 0 (GuardOnDataDependentSymNode) and OpenVINO
+    # refuses as a TopK K whose lower bound is negative.
+    picked = torch.cat(candidates, dim=1)[torch.cat(select, dim=1)]  # [k (+1), C]
+    return torch.cat([x[0, :prefix], picked])[None], keep.sum(dim=1)
 
 
 def bounded_gate(x: torch.Tensor, cls_attn: torch.Tensor, mass: float, prefix: int, capacity: int, fuse: bool):
