@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -14,8 +15,8 @@ from onnx import TensorProto as T, helper, numpy_helper
 
 from conftest import tiny_vit
 from vitfold.errors import PassError, SpecError
-from vitfold.passes.lint import (GRAPH_CHECKS, NODE_CHECKS, ORT_MAX_IR_VERSION, ORT_MAX_OPSET, SEVERITIES, TARGETS,
-                                 lint, target_for)
+from vitfold.passes.lint import (GRAPH_CHECKS, NODE_CHECKS, ORT_MEASURED, SEVERITIES, TARGETS,
+                                 lint, onnxruntime_limits, target_for)
 
 TRT = ("tensorrt-8.5", "tensorrt-10", "tensorrt-11")
 
@@ -196,13 +197,42 @@ def _ort_loads(proto) -> bool:
 
 
 def test_onnxruntime_rules_match_onnxruntime():
-    """The table's ONNX Runtime limits are measurements: re-measure them with the installed version."""
+    """The ONNX Runtime rules flag exactly what the installed version refuses: IR version and opset at
+    and one above the probed limits, and the measured bfloat16 rule."""
+    limits = onnxruntime_limits()
+    assert limits.source == "probed" and limits.max_ir_version >= 10 and limits.max_opset >= 18, limits
     relu = lambda **kw: model([helper.make_node("Relu", ["x"], ["y"])], [("x", T.FLOAT, [2])], [("y", T.FLOAT, [2])], **kw)
-    for proto in (relu(ir_version=ORT_MAX_IR_VERSION), relu(ir_version=ORT_MAX_IR_VERSION + 1),
-                  relu(opset=ORT_MAX_OPSET), relu(opset=ORT_MAX_OPSET + 1), bf16("MatMul"), bf16("Reshape")):
+    for proto in (relu(ir_version=limits.max_ir_version), relu(ir_version=limits.max_ir_version + 1),
+                  relu(opset=limits.max_opset), relu(opset=limits.max_opset + 1), bf16("MatMul"), bf16("Reshape")):
         flagged = bool([f for f in lint(proto, "onnxruntime-cpu") if f.severity == "error"])
         assert flagged != _ort_loads(proto), [f.rule for f in lint(proto, "onnxruntime-cpu")]
     assert rules(bf16("MatMul"), "onnxruntime-cpu") == {"bfloat16-cpu": ["error"]}
+    finding = next(f for f in lint(relu(ir_version=limits.max_ir_version + 1), "onnxruntime-cpu") if f.rule == "ir-version")
+    assert f"onnxruntime {limits.version}" in finding.message, finding.message  # names the version it measured
+
+
+def test_measured_onnxruntime_table_matches_the_installed_release():
+    """ORT_MEASURED (used where onnxruntime is absent) holds what the probe finds for this release."""
+    import onnxruntime
+
+    release = ".".join(onnxruntime.__version__.split(".")[:2])
+    if release not in ORT_MEASURED:
+        pytest.skip(f"onnxruntime {onnxruntime.__version__} is not in ORT_MEASURED; add its probed limits")
+    limits = onnxruntime_limits()
+    assert ORT_MEASURED[release] == (limits.max_ir_version, limits.max_opset)
+
+
+def test_onnxruntime_limits_without_onnxruntime(monkeypatch):
+    """Lint without onnxruntime installed falls back to the newest measured release, and says so."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import raises ImportError
+    onnxruntime_limits.cache_clear()
+    try:
+        limits = onnxruntime_limits()
+        newest = max(ORT_MEASURED, key=lambda v: tuple(map(int, v.split("."))))
+        assert (limits.source, limits.version, limits.max_ir_version) == ("table", newest, ORT_MEASURED[newest][0])
+        assert "not installed" in str(limits)
+    finally:
+        onnxruntime_limits.cache_clear()
 
 
 def test_rules_are_data():

@@ -13,13 +13,16 @@ supports operators up to Opset 17"); ``operators.md 10.x`` is the same file for 
 ("opset 9 to opset 24"), the newest table stored, used for 10.3 (JetPack 6) minus the ops the
 onnx-tensorrt Changelog adds after 10.3 and for 11 plus the ops the 11.0 release adds;
 ``Changelog`` is onnx-tensorrt ``docs/Changelog.md``; the ScatterElements plugin is NVIDIA/TensorRT
-``plugin/scatterElementsPlugin/README.md``. ONNX Runtime limits were measured here with
-onnxruntime 1.31.1 (``tests/test_lint.py`` re-measures them). No rule was checked on a TensorRT
+``plugin/scatterElementsPlugin/README.md``. ONNX Runtime's IR version and opset limits are read off the
+installed onnxruntime by loading a one-node model (:func:`onnxruntime_limits`; a table of measured
+releases where it is not installed); its bfloat16 rule was measured with onnxruntime 1.31.1 and 1.32.0
+(``tests/test_lint.py`` re-measures every ONNX Runtime rule against the installed version). No rule was checked on a TensorRT
 device: the tables say what the parser documents, not what a device ran.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
@@ -232,6 +235,18 @@ def _ir_version_above(view: GraphView, max):  # noqa: A002
         yield "", f"IR version {view.ir_version} > {max}"
 
 
+def _ir_version_above_onnxruntime(view: GraphView):
+    limits = onnxruntime_limits()
+    if view.ir_version > limits.max_ir_version:
+        yield "", f"IR version {view.ir_version} > {limits.max_ir_version} ({limits})"
+
+
+def _opset_above_onnxruntime(view: GraphView):
+    limits = onnxruntime_limits()
+    if view.opset is not None and view.opset > limits.max_opset:
+        yield "", f"opset {view.opset} > {limits.max_opset} ({limits})"
+
+
 def _dynamic_input_dims(view: GraphView, skip_axes):
     for value in view.inputs:
         dims = value.type.tensor_type.shape.dim
@@ -267,6 +282,8 @@ NODE_CHECKS: dict[str, Callable[..., Optional[str]]] = {
 GRAPH_CHECKS: dict[str, Callable[..., Iterator[tuple[str, str]]]] = {
     "opset_above": _opset_above,
     "ir_version_above": _ir_version_above,
+    "ir_version_above_onnxruntime": _ir_version_above_onnxruntime,
+    "opset_above_onnxruntime": _opset_above_onnxruntime,
     "dynamic_input_dims": _dynamic_input_dims,
     "tensor_dtype_in": _tensor_dtype_in,
 }
@@ -435,21 +452,62 @@ TRT11_RULES = (
     *_TRT10_COMMON,
 )
 
-#: ONNX Runtime 1.31.1 on this machine: loads IR <= 13 and opset <= 26, refuses IR 14 / opset 27
-#: (measured; vitfold's pass pipeline clamps to runtimes.ort.MAX_IR_VERSION = 10, which it also loads).
-ORT_MAX_IR_VERSION = 13
-ORT_MAX_OPSET = 26
-#: Ops ONNX Runtime 1.31's CPU provider runs in bfloat16 (measured); compute ops (MatMul, Add, Mul,
+@dataclass(frozen=True)
+class RuntimeLimits:
+    """The newest ONNX IR version and default-domain opset a runtime loads, and how that was learnt."""
+
+    version: str
+    max_ir_version: int
+    max_opset: int
+    source: str  # "probed" (the installed package loaded a one-node model) or "table" (ORT_MEASURED)
+
+    def __str__(self) -> str:
+        how = "probed" if self.source == "probed" else "not installed; newest measured release"
+        return f"onnxruntime {self.version}: loads IR <= {self.max_ir_version}, opset <= {self.max_opset}, {how}"
+
+
+#: (IR version, opset) limits measured here per onnxruntime release, for lint where it is not installed.
+ORT_MEASURED = {"1.31": (13, 26), "1.32": (14, 28)}
+
+
+def _loads(ort, ir_version: int, opset: int) -> bool:
+    value = lambda name: onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [value("x")], [value("y")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return True
+    except Exception:  # noqa: BLE001 - any refusal counts
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def onnxruntime_limits() -> RuntimeLimits:
+    """What the installed onnxruntime loads, probed with a one-node Relu model (about 20 ms, once):
+    the highest IR version (at opset 18) and opset (at IR 10) it accepts, searched down from three
+    above what the installed onnx writes. Without onnxruntime: the newest release in :data:`ORT_MEASURED`."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        release = max(ORT_MEASURED, key=lambda v: tuple(int(p) for p in v.split(".")))
+        return RuntimeLimits(release, *ORT_MEASURED[release], "table")
+    ir = next((v for v in range(onnx.IR_VERSION + 3, 2, -1) if _loads(ort, v, 18)), 0)
+    opset = next((v for v in range(onnx.defs.onnx_opset_version() + 3, 6, -1) if _loads(ort, 10, v)), 0)
+    return RuntimeLimits(ort.__version__, ir, opset, "probed")
+
+
+#: Ops ONNX Runtime's CPU provider runs in bfloat16 (measured with 1.31 and 1.32); compute ops (MatMul, Add, Mul,
 #: Softmax, Reduce*, Erf, Where, ...) have no bf16 kernel and fail at session creation.
 ORT_CPU_BF16_OPS = frozenset("Cast CastLike Identity Reshape Transpose Concat Slice Gather GatherElements Unsqueeze "
                              "Squeeze Flatten LayerNormalization Shape Size".split())
 ORT_RULES = (
-    Rule("ir-version", (), (check("ir_version_above", max=ORT_MAX_IR_VERSION),), "error",
-         "ONNX Runtime 1.31 refuses this IR version: set model.ir_version lower (the pass pipeline clamps it)",
-         "measured: onnxruntime 1.31.1 loads IR 13, refuses 14"),
-    Rule("opset", (), (check("opset_above", max=ORT_MAX_OPSET),), "error",
-         "ONNX Runtime 1.31 refuses this opset: export at a lower opset",
-         "measured: onnxruntime 1.31.1 loads opset 26, refuses 27"),
+    Rule("ir-version", (), (check("ir_version_above_onnxruntime"),), "error",
+         "ONNX Runtime refuses this IR version: set model.ir_version lower (the pass pipeline clamps it)",
+         "probed: the installed onnxruntime loads a one-node model at each IR version (ORT_MEASURED without it)"),
+    Rule("opset", (), (check("opset_above_onnxruntime"),), "error",
+         "ONNX Runtime refuses this opset: export at a lower opset",
+         "probed: the installed onnxruntime loads a one-node model at each opset (ORT_MEASURED without it)"),
     Rule("bfloat16-cpu", ("*",),
          (check("op_not_in", ops=ORT_CPU_BF16_OPS), check("input_dtype_in", index="any", dtypes=("BFLOAT16",))), "error",
          "ONNX Runtime's CPU provider has no bfloat16 kernel for this op (NOT_IMPLEMENTED at load): keep it in "
