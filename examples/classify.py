@@ -10,7 +10,9 @@ short side, centre crop, mean / std from timm's ``pretrained_cfg``)::
 
 With no image given it classifies the photos shipped with vitfold. A 1000-class model prints
 ImageNet class names (``imagenet_classes.txt`` beside this file: synset id and WordNet lemmas per
-class index, written out from timm's ``ImageNetInfo``); other models print class indices.
+class index, written out from timm's ``ImageNetInfo``); other models print class indices. A build
+with random weights gets a warning on stderr (its class names mean nothing); a build that outputs
+features / embeddings (a headless model, ``--task features``) is refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -62,6 +64,40 @@ def image_paths(items: list[str]) -> list[Path]:
     return paths
 
 
+def output_shape(build: Path, manifest: dict) -> Optional[list[int]]:
+    """The shape of the build's output for one input batch, read off its saved reference outputs."""
+    name = manifest.get("files", {}).get("reference")
+    if name is None:
+        return None
+    reference = np.load(build / name, mmap_mode="r")  # [images, ...] over all check batches
+    return [manifest["input"]["shape"][0], *reference.shape[1:]]
+
+
+def not_class_scores(build: Path, manifest: dict) -> Optional[str]:
+    """Why the build's output is not class scores (one line), or None when it is a head's logits.
+
+    A headless model (``dims.num_classes`` 0, output ``features``) gives an embedding per image;
+    ``--task features`` gives the patch grid. Neither has classes to rank.
+    """
+    name = manifest["outputs"][0]
+    if name == "logits" and manifest.get("dims", {}).get("num_classes") != 0:
+        return None
+    shape = output_shape(build, manifest)
+    what = f"'{name}', shape {shape}" if shape else f"'{name}'"
+    if manifest.get("task") == "features":
+        fix = "it was built with --task features (the patch grid, for dense prediction); build with --task classify for class scores"
+    else:
+        fix = "its model has no classifier head (num_classes 0); use the embeddings as they are, or build a model that has a head"
+    return f"{build} outputs image features / embeddings ({what}), not class scores: {fix}"
+
+
+def random_weights_warning(manifest: dict) -> Optional[str]:
+    """A warning line for a build made with random weights, whose class names mean nothing."""
+    if not str(manifest.get("weights", "")).startswith("random"):
+        return None
+    return "warning: this build has random weights (built without --pretrained or --checkpoint): its class names mean nothing"
+
+
 def classify(build: Path, paths: list[Path], top: int = 5) -> tuple[list[tuple[Path, list[tuple[int, float]]]], int]:
     """Top-``top`` ``(class index, probability)`` per image with the build in ``build``, and the
     number of classes of its head.
@@ -69,11 +105,12 @@ def classify(build: Path, paths: list[Path], top: int = 5) -> tuple[list[tuple[P
     Raises:
         ArtifactError: not a (complete, compatible) build directory.
         BackendUnavailable: the build's backend is not installed here.
-        VitfoldError: the build outputs features, not class logits.
+        VitfoldError: the build outputs features / embeddings, not class logits.
     """
     manifest = read_manifest(build)
-    if manifest["outputs"][0] != "logits":
-        raise VitfoldError(f"{build} outputs {manifest['outputs'][0]}, not class logits; build it with --task classify")
+    problem = not_class_scores(build, manifest)
+    if problem:
+        raise VitfoldError(problem)
     pre = Preprocess.from_json(manifest["preprocess"])
     images = load_images(paths, pre)  # [N, 3, H, W] float32
     with load(build) as session:
@@ -99,6 +136,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except VitfoldError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    warning = random_weights_warning(read_manifest(build))
+    if warning:
+        print(warning, file=sys.stderr)
     names = class_names(num_classes)
     for path, top in results:
         print(path.name)

@@ -114,3 +114,58 @@ def test_backend_missing_on_this_machine(imagenet_build, tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "deploy.py"), "curve", "--model", "test_vit", "--backend", "openvino"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2 and "'openvino' is not installed here" in result.stderr and "pip install" in result.stderr
+
+
+# ------------------------------------------------------------------- what the build's output means
+
+
+def _edited_copy(build: Path, to: Path, **changes) -> Path:
+    """A copy of ``build`` whose manifest has ``changes`` (``dims`` entries merged)."""
+    shutil.copytree(build, to)
+    manifest = json.loads((to / "manifest.json").read_text())
+    manifest["dims"].update(changes.pop("dims", {}))
+    manifest.update(changes)
+    (to / "manifest.json").write_text(json.dumps(manifest))
+    return to
+
+
+def test_random_weights_are_named_in_one_warning(imagenet_build, tmp_path):
+    photo = str(REPO / "vitfold" / "data" / "photos" / "coffee.jpg")
+    result = run_without_torch(str(imagenet_build), photo)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "random weights" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("warning:") and "mean nothing" in warnings[0], result.stderr
+    assert result.stdout.splitlines()[0] == "coffee.jpg"
+    trained = _edited_copy(imagenet_build, tmp_path / "trained", weights="timm pretrained")
+    result = run_without_torch(str(trained), photo)
+    assert result.returncode == 0 and "random weights" not in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def headless_build(tmp_path_factory) -> Path:
+    """The tiny ViT without a head (``num_classes=0``) built with the default task, classify: its
+    output is a 64-wide embedding per image."""
+    return tiny_build(tmp_path_factory.mktemp("example") / "headless", "openvino", num_classes=0)
+
+
+def test_headless_build_is_refused_naming_its_embedding(headless_build, tmp_path):
+    manifest = json.loads((headless_build / "manifest.json").read_text())
+    assert manifest["task"] == "classify" and manifest["dims"]["num_classes"] == 0
+    result = run_without_torch(str(headless_build))
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "features / embeddings ('features', shape [1, 64]), not class scores" in lines[0]
+    assert "no classifier head" in lines[0] and "--task classify" not in lines[0]  # it was built so already
+    # a --task features build (the patch grid) is told to build with --task classify
+    features = _edited_copy(headless_build, tmp_path / "features", task="features")
+    result = run_without_torch(str(features))
+    assert result.returncode == 2 and "built with --task features" in result.stderr and "--task classify" in result.stderr
+
+
+def test_logits_of_a_zero_class_head_are_not_ranked(imagenet_build, tmp_path):
+    """A manifest saying ``num_classes`` 0 is believed even when the output is called logits."""
+    zero = _edited_copy(imagenet_build, tmp_path / "zero", dims={"num_classes": 0})
+    result = run_without_torch(str(zero))
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert "not class scores" in result.stderr and "shape [1, 1000]" in result.stderr
