@@ -9,19 +9,19 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from .. import __version__, runtimes
-from ..artifact import read_manifest
+from ..artifact import check_writable, read_manifest, write_text_atomic
 from ..images import batches, list_images, load_images
 from ..metrics import TOLERANCES, compare
 from ..spec import Preprocess
 from .flops import ModelDims, graph_macs, schedule_macs
-from .latency import NOISY_COV, measure_interleaved, speedup
+from .latency import NOISY_COV, measure_interleaved, noisy_variants, speedup
 
 REPORT_SCHEMA = 1
 
@@ -78,11 +78,15 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
                   per_layer=None) -> dict:
     """Measure a build and its dense twin; write and return the report.
 
-    ``per_layer`` (a :class:`vitfold.profiles.per_layer.LayerProfileOptions`) adds a separate pass
-    with the backend's per-layer counters: time per block and category, ``per_layer.png``.
+    Before anything is measured, both builds' files are checked against their sha256 and
+    ``directory`` must be writable (the report goes there). ``report.json`` and ``report.md`` are
+    replaced atomically. ``per_layer`` (a :class:`vitfold.profiles.per_layer.LayerProfileOptions`)
+    adds a separate pass with the backend's per-layer counters: time per block and category,
+    ``per_layer.png``.
 
     Raises:
-        ArtifactError: not a complete build directory (or no dense twin).
+        ArtifactError: not a complete build directory (or no dense twin), a file that does not match
+            its sha256, files the backend cannot load, or a directory that is not writable.
         FidelityError: a backend no longer matches its torch reference on the build's photos.
     """
     options = options or LatencyOptions()
@@ -94,6 +98,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         raise ArtifactError(f"{directory} has no dense twin (manifest key 'dense'); rebuild it with `deploy.py build`")
     dense_dir = directory / manifest["dense"]
     dense_manifest = read_manifest(dense_dir)
+    check_writable(directory, "report.json")
+    headless = manifest["outputs"][0] != "logits"  # an embedding [B, C] or a feature map [B, N, C]
     pre = Preprocess.from_json(manifest["preprocess"])
     batch_size = manifest["input"]["shape"][0]
     paths = list_images(images)
@@ -101,6 +107,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     count = len(paths)
     key = f"{manifest['build']['backend']}:{manifest['build']['precision']}"
 
+    # runtimes.load checks every listed file (model.onnx and reference.npy, read below, included)
+    # against its sha256 before the backend opens it: both builds, before anything is measured
     with runtimes.load(dense_dir) as dense, runtimes.load(directory) as reduced:
         dense_out = _outputs(dense, check, count)
         reduced_out = _outputs(reduced, check, count)
@@ -108,8 +116,10 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         if images is None:  # the build's own photos: the saved torch outputs apply
             for label, out, where in (("dense", dense_out, dense_dir), ("reduced", reduced_out, directory)):
                 reference = np.load(where / read_manifest(where)["files"]["reference"])[:count]
-                parity[label] = compare(reference, out).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
-        fidelity = compare(dense_out, reduced_out).to_json()
+                parity[label] = _compare(reference, out, headless).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
+        fidelity = _compare(dense_out, reduced_out, headless).to_json()
+        if headless and dense_out.ndim == 2:
+            fidelity["output"] = "embedding"
         if manifest["outputs"][0] == "logits":
             fidelity["kl"] = kl_divergence(dense_out, reduced_out)
         sample = check[0]
@@ -151,10 +161,10 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "graph_gmacs": {k: v / 1e9 for k, v in graph.items()},
         "flop_ratio": macs["dense"]["total"] / macs["reduced"]["total"],
         "fidelity_vs_dense": fidelity,
-        "parity_vs_torch": parity or {"dense": dense_manifest["checks"]["backend_vs_torch"],
-                                      "reduced": manifest["checks"]["backend_vs_torch"]},
+        "parity_vs_torch": parity or {"dense": _saved_parity(dense_manifest, headless),
+                                      "reduced": _saved_parity(manifest, headless)},
         "images": [p.name for p in paths],
-        "noisy": sorted(k for k, v in latency.items() if v.noisy),
+        "noisy": noisy_variants(latency["dense"], latency["reduced"]),
         "environment": environment(settings),
     }
     if "gate" in manifest:  # data-dependent gate: its capacity and the check photos over it
@@ -169,13 +179,34 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         from .auto_schedule import with_measurement
 
         report["auto_schedule"] = with_measurement(json.loads((directory / "auto_schedule.json").read_text()), report)
-    (directory / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (directory / "report.md").write_text(render_markdown(report))
+    write_text_atomic(directory / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(directory / "report.md", render_markdown(report))
     return report
 
 
+def _saved_parity(manifest: dict, headless: bool) -> dict:
+    """The backend-vs-torch check recorded at build time (top-1 dropped for an embedding)."""
+    parity = dict(manifest["checks"]["backend_vs_torch"])
+    if headless:
+        parity.update(top1_agreement=None, top5_overlap=None)
+    return parity
+
+
+def _compare(reference: np.ndarray, candidate: np.ndarray, headless: bool):
+    """:func:`vitfold.metrics.compare`, without top-1 / top-5 for a headless model's embedding
+    ``[B, C]`` (an argmax over embedding channels means nothing; cosine and max abs remain)."""
+    result = compare(reference, candidate)
+    if headless:
+        result = replace(result, top1_agreement=None, top5_overlap=None)
+    return result
+
+
 def fidelity_summary(fid: dict) -> str:
-    """One line of fidelity vs dense: top-1 / top-5 / cosine / KL for logits, token cosine for features."""
+    """One line of fidelity vs dense: top-1 / top-5 / cosine / KL for logits, embedding cosine and
+    max abs for a headless model's embedding ``[B, C]``, token cosine for feature maps."""
+    if fid.get("output") == "embedding":
+        return (f"embedding cosine mean {fid['mean_cosine']:.4f} (min {fid['min_cosine']:.4f}), "
+                f"max abs {fid['max_abs']:.3g}")
     if fid.get("token_cosine_mean") is not None:
         return (f"per-token cosine mean {fid['token_cosine_mean']:.4f} (min {fid['token_cosine_min']:.4f}), "
                 f"map cosine mean {fid['mean_cosine']:.4f}")
@@ -186,6 +217,28 @@ def fidelity_summary(fid: dict) -> str:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{value:.0%}"
+
+
+def _ms(stats: dict, key: str) -> str:
+    return f"{stats[key]:.2f}" if key in stats else "n/a"  # p10_ms is absent from reports written before it
+
+
+def _ratio(stats: dict) -> str:
+    return f"{stats['p90_ms'] / stats['median_ms']:.2f}"
+
+
+def noise_summary(report: dict) -> str:
+    """Why a report's ``noisy`` variants make its speedup uncertain (see
+    :func:`vitfold.profiles.latency.noisy_variants`); empty when none are."""
+    lat, noisy = report["latency"], report["noisy"]
+    if not noisy:
+        return ""
+    if noisy == ["dense", "reduced"] and all("p10_ms" in lat[v] for v in noisy) and (
+            max(lat[v]["p10_ms"] for v in noisy) <= min(lat[v]["p90_ms"] for v in noisy)):
+        spans = ", ".join(f"{v} {lat[v]['p10_ms']:.2f}..{lat[v]['p90_ms']:.2f} ms" for v in noisy)
+        return f"speedup {report['speedup']:.2f}x is within the run-to-run spread (p10..p90 overlap: {spans})"
+    covs = ", ".join(f"{v} {lat[v]['cov']:.1%}" for v in noisy)
+    return f"CoV above {NOISY_COV:.0%} ({covs}): the speedup is uncertain, the machine was likely busy"
 
 
 def gate_lines(gate: dict) -> list[str]:
@@ -214,12 +267,13 @@ def render_markdown(report: dict) -> str:
         f"- backend: {report['backend']['backend']} ({report['backend']['precision']}), batch {report['batch_size']}, "
         f"{env['runtime'].get('intra_op_threads', env['runtime'].get('inference_num_threads'))} threads on {env['cpu']}",
         "",
-        "| variant | median ms | p90 ms | p99 ms | CoV | img/s | GMACs | max abs vs torch | top-1 vs torch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | median ms | p10 ms | p90 ms | p99 ms | CoV | p90/median | img/s | GMACs | max abs vs torch | top-1 vs torch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in ("dense", "reduced"):
         lines.append(
-            f"| {v} | {lat[v]['median_ms']:.2f} | {lat[v]['p90_ms']:.2f} | {lat[v]['p99_ms']:.2f} | {lat[v]['cov']:.1%} | "
+            f"| {v} | {lat[v]['median_ms']:.2f} | {_ms(lat[v], 'p10_ms')} | {lat[v]['p90_ms']:.2f} | {lat[v]['p99_ms']:.2f} | "
+            f"{lat[v]['cov']:.1%} | {_ratio(lat[v])} | "
             f"{lat[v]['throughput']:.1f} | {report['gmacs'][v]:.3f} | {par[v]['max_abs']:.2e} | {_pct(par[v]['top1_agreement'])} |"
         )
     lines += [
@@ -230,9 +284,8 @@ def render_markdown(report: dict) -> str:
         f"Reduced vs dense on {len(report['images'])} photos: {fidelity_summary(fid)}.",
     ]
     if report["noisy"]:
-        covs = ", ".join(f"{v} {lat[v]['cov']:.1%}" for v in report["noisy"])
-        lines += ["", f"**Warning: CoV above {NOISY_COV:.0%}** ({covs}): the machine was busy; the raw samples are in "
-                      "report.json (`latency.*.samples_ms`); re-run `deploy.py profile`."]
+        lines += ["", f"**Warning: {noise_summary(report)}.** The raw samples are in report.json "
+                      "(`latency.*.samples_ms`); re-run `deploy.py profile` (more `--min-runs`, an idle machine)."]
     lines += report.get("backend_profile", {}).get("markdown", [])
     if "per_layer" in report:
         from .per_layer import render_markdown as per_layer_lines
