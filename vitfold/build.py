@@ -8,6 +8,7 @@ beside the target and renamed into place at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import numpy as np
 
 from . import runtimes
 from .artifact import atomic_directory, read_manifest, write_manifest
+from .outdir import claim
 from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
@@ -56,21 +58,59 @@ class BuildRequest:
     profile: bool = True
     calibrate: Optional[Path] = None  # gated methods: folder of images for the capacity (default: the check photos)
     percentile: float = DEFAULT_PERCENTILE  # gated methods: nearest-rank percentile of the kept counts
+    force: bool = False  # replace an existing build of another request at ``out``
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SpecError(f"task {self.task!r} unknown; choose one of {', '.join(TASKS)}")
         check_percentile(self.percentile)
+        key = f"{self.build.backend}:{self.build.precision}"
+        if key not in TOLERANCES:
+            offered = [k.split(":")[1] for k in TOLERANCES if k.startswith(f"{self.build.backend}:")]
+            raise SpecError(f"--precision {self.build.precision} is not built for {self.build.backend}; "
+                            f"choose {' or '.join(offered)} (fp16 is a TensorRT precision)")
+
+    def identity(self) -> dict:
+        """Everything that defines the artifact (not where it goes or how it is timed): model spec,
+        method and parameters, backend settings, opset, task, check images, gate calibration."""
+        folder = lambda p: str(Path(p).resolve()) if p is not None else None  # noqa: E731
+        return {
+            "spec": {**self.spec.to_json(), "checkpoint": folder(self.spec.checkpoint)},
+            "method": self.method,
+            "params": self.params,
+            "build": self.build.to_json(),
+            "opset": self.opset,
+            "task": self.task,
+            "images": folder(self.images),
+            "calibrate": folder(self.calibrate),
+            "percentile": self.percentile,
+        }
+
+    def key(self) -> str:
+        """sha256 (12 hex digits) of :meth:`identity`: equal keys, same artifact. Recorded in the
+        manifest as ``request_key``; a build into a directory holding the same key is a rebuild."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def name(self) -> str:
-        """Default build name, e.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``: every
-        parameter the user gave appears, so two different requests never share a directory."""
+        """Default build name. The recipe: ``<model>-<method>-<params>[-features]-<backend>-<precision>-b<batch>``
+        (params sorted by name, ``-`` in a value written ``m``: ``r16_m1.0`` for ``--r 16 --inflect -1``),
+        then ``-<8 hex digits>`` when any setting not spelled out differs from its default (image size,
+        checkpoint, pretrained weights, opset, image folder, threads, gate calibration folder and
+        percentile): the hash of those settings. E.g. ``deit_small_patch16_224-tome-r13-openvino-f32-b1``.
+        Two different requests never share a name."""
         params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
         task = "features" if self.task == "features" else ""
-        calibration = f"cal_{Path(self.calibrate).name}" if self.calibrate is not None else ""
-        percentile = f"pct{self.percentile:g}" if self.percentile != DEFAULT_PERCENTILE else ""
-        parts = [self.spec.name, self.method, params, calibration, percentile, task, self.build.backend, self.build.precision,
+        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.precision,
                  f"b{self.spec.batch_size}"]
+        identity = self.identity()
+        unnamed = {"img_size": self.spec.img_size, "checkpoint": identity["spec"]["checkpoint"], "pretrained": self.spec.pretrained,
+                   "opset": self.opset, "images": identity["images"], "threads": self.build.threads,
+                   "calibrate": identity["calibrate"], "percentile": self.percentile}
+        defaults = {"img_size": None, "checkpoint": None, "pretrained": False, "opset": DEFAULT_OPSET, "images": None,
+                    "threads": None, "calibrate": None, "percentile": DEFAULT_PERCENTILE}
+        given = {k: v for k, v in unnamed.items() if v != defaults[k]}
+        if given:
+            parts.append(hashlib.sha256(json.dumps(given, sort_keys=True, default=str).encode()).hexdigest()[:8])
         return "-".join(p for p in parts if p)
 
 
@@ -83,6 +123,7 @@ def _fmt(key: str, value) -> str:
     if isinstance(value, bool):
         return key if value else f"no{key}"
     text = json.dumps(value) if not isinstance(value, (int, float, str)) else str(value)
+    text = re.sub(r"-(?=[0-9.])", "m", text)  # keep the sign: -1 -> m1
     return key + re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
@@ -187,13 +228,27 @@ def build_variant(
 def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Path, dict]:
     """Run a whole build; returns the build directory and its report.
 
+    The target (``request.out`` or ``builds/<request.name()>``) is claimed first (:func:`vitfold.outdir.claim`):
+    a user's folder or another request's build is refused before any work, and the directory is
+    locked against a second build.
+
     Raises:
-        VitfoldError subclasses: bad spec / schedule (before any file is written), export, pass or
-        fidelity failures (the target directory is left untouched).
+        VitfoldError subclasses: bad spec / schedule (before any file is written), a target that may
+        not be written, export, pass or fidelity failures (the target directory is left untouched).
     """
+    runtimes.backend_module(request.build.backend)  # unknown backend fails before the slow steps
+    out = Path(request.out) if request.out else Path.cwd() / "builds" / request.name()
+    with claim(out, request.key(), force=request.force, log=log) as target:
+        if target.state == "rebuilt":
+            log(f"rebuilding {target.target}: it holds a build of the same request")
+        elif target.state == "replaced":
+            log(f"replacing {target.target}: it holds a build of another request (--force)")
+        return _build(request, target.target, log)
+
+
+def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
     spec = request.spec
     cfg = request.build
-    runtimes.backend_module(cfg.backend)  # unknown backend fails before the slow steps
     method = create_method(request.method, **request.params)
     if request.task == "features":
         method = create_method(request.method, **request.params, **for_features(type(method)))
@@ -215,9 +270,9 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         dims = replace(dims, num_classes=0)
     paths = list_images(request.images)
     check = batches(load_images(paths, pre), spec.batch_size)
-    out = Path(request.out) if request.out else Path.cwd() / "builds" / request.name()
     common = {
         "name": out.name,
+        "request_key": request.key(),
         "spec": spec.to_json(),
         "weights": spec.weights,
         "preprocess": pre.to_json(),

@@ -6,6 +6,7 @@ backend), 1 a check failed (export contract, parity with torch, a pass changing 
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -101,6 +102,14 @@ def method_params(method: str, *, r=None, inflect=None, prop_attn=None, mode=Non
 def main() -> None:
     """vitfold: compile token-reduced Vision Transformers (ToMe, ...) to ONNX Runtime and OpenVINO,
     check them against torch on real photos, and profile them against the dense model."""
+    signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (``timeout``, ``kill``, a container stop) unwinds like Ctrl-C: staging directories and
+    locks are removed on the way out, and the process exits 143 (128 + SIGTERM) with one line."""
+    err.print("[bold red]error:[/] terminated (SIGTERM); unfinished builds were removed", soft_wrap=True)
+    raise SystemExit(128 + signal.SIGTERM)
 
 
 @main.command()
@@ -126,7 +135,9 @@ def main() -> None:
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth); the head size is read from it.")
 @click.option("--pretrained", is_flag=True, help="Load timm's hub weights (needs network). Default: random weights, seed 0.")
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos for the checks and fidelity (default: the shipped photos).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Build directory (default: builds/<name> under the current directory).")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Build directory (default: builds/<name> under the current directory). Must be absent, empty, or a vitfold build of the same request; a folder of yours is never touched.")
+@click.option("--force", is_flag=True, help="Replace the vitfold build at --out even when it was built from another request.")
+@click.option("--dense-from", "dense_from", type=click.Path(file_okay=False, path_type=Path), default=None, help="Use this dense twin (another build's dense/ directory, same model, weights, task and backend settings) instead of building one: saves its disk space (half of a build) and time.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
@@ -137,8 +148,8 @@ def main() -> None:
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
 @click.option("--max-merge-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="--schedule auto: most of a block's tokens one block may merge or prune (default 0.2 for tome, whose matching allows up to 0.5: large single merges cost fidelity; 0.5 for evit/topk, i.e. keep rate >= 0.5).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
-          calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, threads,
-          opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
+          calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, dense_from,
+          threads, opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
     from .profiles.report import LatencyOptions
@@ -178,6 +189,8 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         task=task,
         calibrate=calibrate,
         percentile=percentile,
+        force=force,
+        dense_dir=dense_from,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
     if auto is not None:
@@ -192,7 +205,15 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         console.print(f"auto schedule {describe(a)}: predicted {a['predicted_ms']:.2f} ms ({a['predicted_speedup']:.2f}x), "
                       f"measured {a['measured_ms']:.2f} ms ({a['measured_speedup']:.2f}x): target "
                       + ("met" if a["met_target"] else "[yellow]missed[/]"))
-    console.print(f"build: {directory}")
+    console.print(f"build: {directory} ({_disk_use(directory)})", soft_wrap=True)
+
+
+def _disk_use(directory: Path) -> str:
+    """``507 MB on disk: reduced 250 MB, dense twin 257 MB``: what a build costs, so users can plan."""
+    size = lambda root: sum(p.stat().st_size for p in root.rglob("*") if p.is_file())  # noqa: E731
+    total, dense = size(directory), size(directory / "dense") if (directory / "dense").is_dir() else 0
+    mb = lambda n: f"{n / 1e6:.0f} MB"  # noqa: E731
+    return f"{mb(total)} on disk: reduced {mb(total - dense)}, dense twin {mb(dense)}" if dense else f"{mb(total)} on disk"
 
 
 @main.command()
@@ -330,12 +351,16 @@ def inspect(model_path, backend, trt_version, passes, as_json) -> None:
     error findings. The file is only read."""
     import json
 
-    from .inspect import inspect_onnx, render
+    from .inspect import inspect_onnx, onnx_of, render
     from .passes.lint import target_for
 
     if trt_version is not None and backend != "tensorrt":
         raise click.BadParameter("--trt-version needs --backend tensorrt")
     target = _run(target_for, backend, trt_version) if backend else None
+    if model_path.is_dir():
+        model_path = _run(onnx_of, model_path)
+        if not as_json:
+            console.print(f"[dim]build directory: inspecting {escape(str(model_path))} (the traced model)[/]")
     info = _run(inspect_onnx, model_path, target, passes=passes)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -365,7 +390,10 @@ def print_curve(curve: dict) -> None:
     for plateau in curve["plateaus"]:
         console.print(f"plateau N={plateau['from']}..{plateau['to']}: {plateau['ms_from']:.3f} -> {plateau['ms_to']:.3f} ms")
     if curve["noisy"]:
-        console.print(f"[yellow]warning: CoV above 5% at N = {', '.join(map(str, curve['noisy']))}; the machine was busy, re-run[/]")
+        from .profiles.latency import NOISY_COV
+
+        console.print(f"[yellow]warning: CoV above {NOISY_COV:.0%} at N = {', '.join(map(str, curve['noisy']))}; "
+                      "the machine was busy, re-run[/]")
 
 
 def print_per_layer(per_layer: dict, directory: Path) -> None:
@@ -388,26 +416,26 @@ def print_per_layer(per_layer: dict, directory: Path) -> None:
                       f"counters placed in a block cover {s['coverage']:.1%} of it")
     noisy = [v for v in ("dense", "reduced") if v in per_layer and per_layer[v]["run_cov"] > NOISY_COV]
     if noisy:
-        console.print(f"[yellow]warning: counter-pass CoV above 5% for {', '.join(noisy)}; the machine was busy, re-run[/]")
+        console.print(f"[yellow]warning: counter-pass CoV above {NOISY_COV:.0%} for {', '.join(noisy)}; the machine was busy, re-run[/]")
     console.print(f"per block: {directory / 'report.md'}, chart: {directory / per_layer['png']}")
 
 
 def print_report(report: dict) -> None:
     """The console table for a build report."""
-    from .profiles.report import _pct, fidelity_summary
+    from .profiles.report import _pct, fidelity_summary, noise_summary
 
     table = Table(title=f"{report['name']}  ({report['backend']['backend']} {report['backend']['precision']}, batch {report['batch_size']})")
-    for column in ("variant", "median ms", "p90 ms", "CoV", "GMACs", "max abs vs torch", "top-1 vs torch"):
+    for column in ("variant", "median ms", "p90 ms", "CoV", "p90/p50", "GMACs", "max abs vs torch", "top-1 vs torch"):
         table.add_column(column, justify="right")
     for v in ("dense", "reduced"):
         lat, par = report["latency"][v], report["parity_vs_torch"][v]
-        table.add_row(v, f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cov']:.1%}", f"{report['gmacs'][v]:.3f}",
-                      f"{par['max_abs']:.2e}", _pct(par["top1_agreement"]))
+        table.add_row(v, f"{lat['median_ms']:.2f}", f"{lat['p90_ms']:.2f}", f"{lat['cov']:.1%}", f"{lat['p90_ms'] / lat['median_ms']:.2f}",
+                      f"{report['gmacs'][v]:.3f}", f"{par['max_abs']:.2e}", _pct(par["top1_agreement"]))
     console.print(table)
     console.print(f"speedup {report['speedup']:.2f}x  |  FLOP ratio {report['flop_ratio']:.2f}x")
     console.print(f"vs dense: {fidelity_summary(report['fidelity_vs_dense'])}")
     if report["noisy"]:
-        console.print(f"[yellow]warning: CoV above 5% for {', '.join(report['noisy'])}; the machine was busy, re-run `profile`[/]")
+        console.print(f"[yellow]warning: {escape(noise_summary(report))}; re-run `profile`[/]")
     if report["weights"].startswith("random"):
         console.print("[yellow]weights are random: parity is meaningful, fidelity vs dense is not (use --checkpoint)[/]")
     if "gate" in report:

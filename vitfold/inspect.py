@@ -13,7 +13,8 @@ from typing import Optional
 
 import onnx
 
-from .errors import VitfoldError
+from .artifact import MANIFEST
+from .errors import SpecError, VitfoldError
 from .passes.lint import TARGETS, GraphView, errors, lint, load_onnx
 
 
@@ -111,6 +112,27 @@ def try_passes(proto: onnx.ModelProto, target: Optional[str] = None) -> list[dic
             entry.update(errors_after=len(errors(findings)), warnings_after=len(findings) - len(errors(findings)))
         results.append(entry)
     return results
+
+
+def onnx_of(path: Path) -> Path:
+    """The ONNX file to inspect: ``path`` itself, or for a build directory its traced ``model.onnx``
+    (the manifest's ``files["onnx"]``; the passes column then shows what each pass would change).
+
+    Raises:
+        SpecError: a directory that is not a vitfold build, or a build whose manifest lists no ONNX file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{path} is a directory, not an ONNX file, and not a vitfold build (no readable {MANIFEST}); "
+                        "give an .onnx file") from exc
+    name = manifest.get("files", {}).get("onnx") if isinstance(manifest, dict) else None
+    if not name:
+        raise SpecError(f"{path / MANIFEST} lists no ONNX file; give an .onnx file")
+    return path / name
 
 
 def inspect_onnx(path: Path, target: Optional[str] = None, *, passes: bool = True) -> dict:
