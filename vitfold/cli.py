@@ -107,8 +107,11 @@ def main() -> None:
 
 def _terminated(signum, frame) -> None:
     """SIGTERM (``timeout``, ``kill``, a container stop) unwinds like Ctrl-C: staging directories and
-    locks are removed on the way out, and the process exits 143 (128 + SIGTERM) with one line."""
-    err.print("[bold red]error:[/] terminated (SIGTERM); unfinished builds were removed", soft_wrap=True)
+    locks are removed on the way out, and the process exits 143 (128 + SIGTERM) with one line.
+
+    Plain ``sys.stderr``, not rich: the signal can land in the middle of an import (rich imports its
+    emoji table lazily, and printing then re-enters the half-imported module)."""
+    sys.stderr.write("error: terminated (SIGTERM); unfinished builds were removed\n")
     raise SystemExit(128 + signal.SIGTERM)
 
 
