@@ -214,6 +214,8 @@ def test_headless_build_reports_embedding_cosine(headless_build):
     fid = report["fidelity_vs_dense"]
     assert fid["output"] == "embedding" and fid["top1_agreement"] is None and fid["top5_overlap"] is None
     assert "kl" not in fid and report["parity_vs_torch"]["reduced"]["top1_agreement"] is None
+    for check in ("onnxruntime_vs_torch", "backend_vs_torch"):  # the build's own checks, in the manifest
+        assert manifest["checks"][check]["top1_agreement"] is None and manifest["checks"][check]["max_abs"] < 1e-3
     line = fidelity_summary(fid)
     assert "embedding cosine" in line and "max abs" in line and "top-1" not in line and "logit" not in line
     result = deploy("profile", str(headless_build), *FAST)

@@ -87,8 +87,10 @@ def cosine_rows(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, (reference * candidate).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
 
 
-def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
-    """Compare two outputs sample by sample: logits ``[B, K]`` or dense features ``[B, N, C]``.
+def compare(reference: np.ndarray, candidate: np.ndarray, *, classes: bool = True) -> Comparison:
+    """Compare two outputs sample by sample: logits ``[B, K]``, an embedding ``[B, C]`` (a headless
+    model: ``classes=False``) or dense features ``[B, N, C]``. Top-1 and top-5 are computed for
+    class scores only (None for an embedding or a feature map: an argmax over channels means nothing).
 
     Raises:
         FidelityError: the shapes differ.
@@ -105,7 +107,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
         width = np.shape(reference)[-1]
         tokens = cosine_rows(ref.reshape(-1, width), cand.reshape(-1, width))
         token_mean, token_min = float(tokens.mean()), float(tokens.min())
-    else:
+    elif classes:
         top1 = float(np.mean(ref.argmax(axis=1) == cand.argmax(axis=1)))
         k = min(5, ref.shape[1])
         ref5 = np.argsort(-ref, axis=1)[:, :k]

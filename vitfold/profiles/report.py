@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -99,7 +99,7 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     dense_dir = directory / manifest["dense"]
     dense_manifest = read_manifest(dense_dir)
     check_writable(directory, "report.json")
-    headless = manifest["outputs"][0] != "logits"  # an embedding [B, C] or a feature map [B, N, C]
+    classes = manifest["outputs"][0] == "logits"  # else an embedding [B, C] or a feature map [B, N, C]
     pre = Preprocess.from_json(manifest["preprocess"])
     batch_size = manifest["input"]["shape"][0]
     paths = list_images(images)
@@ -114,13 +114,14 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         reduced_out = _outputs(reduced, check, count)
         parity = {}
         if images is None:  # the build's own photos: the saved torch outputs apply
-            for label, out, where in (("dense", dense_out, dense_dir), ("reduced", reduced_out, directory)):
-                reference = np.load(where / read_manifest(where)["files"]["reference"])[:count]
-                parity[label] = _compare(reference, out, headless).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
-        fidelity = _compare(dense_out, reduced_out, headless).to_json()
-        if headless and dense_out.ndim == 2:
+            for label, out, where, listed in (("dense", dense_out, dense_dir, dense_manifest),
+                                              ("reduced", reduced_out, directory, manifest)):
+                reference = np.load(where / listed["files"]["reference"])[:count]
+                parity[label] = compare(reference, out, classes=classes).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
+        fidelity = compare(dense_out, reduced_out, classes=classes).to_json()
+        if not classes and dense_out.ndim == 2:
             fidelity["output"] = "embedding"
-        if manifest["outputs"][0] == "logits":
+        if classes:
             fidelity["kl"] = kl_divergence(dense_out, reduced_out)
         sample = check[0]
         latency = measure_interleaved(
@@ -161,8 +162,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "graph_gmacs": {k: v / 1e9 for k, v in graph.items()},
         "flop_ratio": macs["dense"]["total"] / macs["reduced"]["total"],
         "fidelity_vs_dense": fidelity,
-        "parity_vs_torch": parity or {"dense": _saved_parity(dense_manifest, headless),
-                                      "reduced": _saved_parity(manifest, headless)},
+        "parity_vs_torch": parity or {"dense": dense_manifest["checks"]["backend_vs_torch"],
+                                      "reduced": manifest["checks"]["backend_vs_torch"]},
         "images": [p.name for p in paths],
         "noisy": noisy_variants(latency["dense"], latency["reduced"]),
         "environment": environment(settings),
@@ -182,23 +183,6 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     write_text_atomic(directory / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(directory / "report.md", render_markdown(report))
     return report
-
-
-def _saved_parity(manifest: dict, headless: bool) -> dict:
-    """The backend-vs-torch check recorded at build time (top-1 dropped for an embedding)."""
-    parity = dict(manifest["checks"]["backend_vs_torch"])
-    if headless:
-        parity.update(top1_agreement=None, top5_overlap=None)
-    return parity
-
-
-def _compare(reference: np.ndarray, candidate: np.ndarray, headless: bool):
-    """:func:`vitfold.metrics.compare`, without top-1 / top-5 for a headless model's embedding
-    ``[B, C]`` (an argmax over embedding channels means nothing; cosine and max abs remain)."""
-    result = compare(reference, candidate)
-    if headless:
-        result = replace(result, top1_agreement=None, top5_overlap=None)
-    return result
 
 
 def fidelity_summary(fid: dict) -> str:
