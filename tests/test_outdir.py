@@ -104,14 +104,15 @@ def test_a_second_build_into_the_same_directory_refuses(tmp_path):
 
 
 def test_leftovers_of_a_killed_build_are_removed_and_reported(tmp_path):
-    (tmp_path / ".b.x1y2.tmp" / "dense").mkdir(parents=True)
+    (tmp_path / ".b.x1y2_k9z.tmp" / "dense").mkdir(parents=True)  # atomic_directory's mkdtemp name
     (tmp_path / ".b.old-123").mkdir()
-    (tmp_path / ".other.z9.tmp").mkdir()  # another build's: not ours to remove
+    (tmp_path / ".other.z9abcdef.tmp").mkdir()  # another build's: not ours to remove
+    (tmp_path / ".b.x.abcdefgh.tmp").mkdir()  # build "b.x", maybe running: its name starts like ours
     said = []
     with claim(tmp_path / "b", "k", log=said.append) as c:
-        assert set(c.stale) == {".b.x1y2.tmp", ".b.old-123"}
-    assert not (tmp_path / ".b.x1y2.tmp").exists() and not (tmp_path / ".b.old-123").exists()
-    assert (tmp_path / ".other.z9.tmp").exists()
+        assert set(c.stale) == {".b.x1y2_k9z.tmp", ".b.old-123"}
+    assert not (tmp_path / ".b.x1y2_k9z.tmp").exists() and not (tmp_path / ".b.old-123").exists()
+    assert (tmp_path / ".other.z9abcdef.tmp").exists() and (tmp_path / ".b.x.abcdefgh.tmp").exists()
     assert len(said) == 1 and "removed 2 leftover staging directories" in said[0]
 
 

@@ -10,8 +10,8 @@
 It then holds an exclusive ``flock`` on ``.<name>.lock`` beside the target (the lock file records the
 holder's pid) until the build ends, so a second build into the same directory refuses at once instead
 of racing it. The kernel drops the lock when a process dies, so a killed build never blocks the next
-one; the next build also removes the staging directories a killed build left (``.<name>.*.tmp``) and
-says so. No torch.
+one; the next build also removes the staging directories a killed build left (``.<name>.<8 chars>.tmp``
+from :func:`vitfold.artifact.atomic_directory`, and ``.<name>.old-<pid>``) and says so. No torch.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,10 +82,10 @@ def claim(target: Path, request_key: str, *, force: bool = False,
             (read-only file system, a file in the path, no permission).
     """
     target = Path(target).absolute()
-    with _locked(target) as lock_path:
+    with _locked(target):
         state = _state(target, request_key, force)
-        stale = tuple(sorted(p.name for p in target.parent.glob(f".{target.name}.*")
-                             if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name)))
+        leftover = re.compile(rf"\.{re.escape(target.name)}\.([a-z0-9_]{{8}}\.tmp|old-\d+)")
+        stale = tuple(sorted(p.name for p in target.parent.iterdir() if p.is_dir() and leftover.fullmatch(p.name)))
         for name in stale:
             shutil.rmtree(target.parent / name, ignore_errors=True)
         if stale:
@@ -94,7 +95,7 @@ def claim(target: Path, request_key: str, *, force: bool = False,
 
 
 @contextlib.contextmanager
-def _locked(target: Path) -> Iterator[Path]:
+def _locked(target: Path) -> Iterator[None]:
     """Hold ``flock`` on ``.<name>.lock`` beside ``target``; the file is removed on release. A lock
     taken on a file that its holder removed meanwhile is dropped and taken again on the new file."""
     path = target.parent / f".{target.name}.lock"
@@ -123,7 +124,7 @@ def _locked(target: Path) -> Iterator[Path]:
             handle.write(f"{os.getpid()}\n")
             handle.flush()
             try:
-                yield path
+                yield
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
