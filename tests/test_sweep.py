@@ -8,10 +8,11 @@ import pytest
 
 from conftest import deploy
 from vitfold.build import BuildRequest
+from vitfold.profiles.report import LatencyOptions
 from vitfold.errors import SpecError
 from vitfold.runtimes import BuildConfig
 from vitfold.spec import ModelSpec
-from vitfold.sweep import Point, parse_points, point_key
+from vitfold.sweep import Point, parse_points
 
 
 def test_points_are_every_combination_with_aliases():
@@ -30,16 +31,18 @@ def test_malformed_points_are_refused(text):
         parse_points(text)
 
 
-def test_point_key_is_the_artifact_identity():
+def test_request_key_is_the_artifact_identity():
     base = BuildRequest(spec=ModelSpec("deit_small_patch16_224"), method="tome", params={"r": 8})
-    assert point_key(base) == point_key(BuildRequest(spec=ModelSpec("deit_small_patch16_224"), method="tome", params={"r": 8}))
+    assert base.key() == BuildRequest(spec=ModelSpec("deit_small_patch16_224"), method="tome", params={"r": 8}).key()
     from dataclasses import replace
 
     others = [replace(base, params={"r": 9}), replace(base, method="evit"), replace(base, task="features"),
               replace(base, build=BuildConfig(backend="onnxruntime")), replace(base, spec=ModelSpec("deit_small_patch16_224", batch_size=2))]
-    assert len({point_key(o) for o in others} | {point_key(base)}) == len(others) + 1
+    assert len({o.key() for o in others} | {base.key()}) == len(others) + 1
     # where it goes and how it is timed do not change what is built
-    assert point_key(replace(base, out="/elsewhere")) == point_key(base)
+    assert replace(base, out="/elsewhere").key() == base.key()
+    assert replace(base, latency=LatencyOptions(min_runs=3)).key() == base.key()
+    assert replace(base, force=True).key() == base.key()
 
 
 def test_sweep_builds_once_and_caches(tmp_path):

@@ -13,7 +13,6 @@ a small CPU parallel builds would disturb the latency runs.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass, replace
@@ -79,19 +78,6 @@ def parse_points(text: str) -> list[Point]:
     return points
 
 
-def point_key(request: BuildRequest) -> str:
-    """Hash of everything that defines a build's artifact (not where it goes or how it is timed)."""
-    identity = {
-        "spec": request.spec.to_json(),
-        "method": request.method,
-        "params": request.params,
-        "build": request.build.to_json(),
-        "opset": request.opset,
-        "task": request.task,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def _cached(directory: Path) -> bool:
     try:
         read_manifest(directory)
@@ -131,7 +117,7 @@ def run_sweep(
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     dense_request = replace(base, method="none", params={}, dense_dir=None)
-    dense_dir = out / f"dense-{point_key(dense_request)}"
+    dense_dir = out / f"dense-{dense_request.key()}"
     if not _cached(dense_dir):
         log("dense baseline: build")
         build_dense(replace(dense_request, out=dense_dir), log=log)
@@ -140,7 +126,7 @@ def run_sweep(
     rows = []
     for point in points:
         request = replace(base, method=point.method, params=point.params, dense_dir=dense_dir, out=None)
-        directory = out / f"{request.name()}-{point_key(request)}"
+        directory = out / f"{request.name()}-{request.key()}"
         cached = _cached(directory)
         if cached and (directory / "report.json").is_file() and not reprofile:
             report = json.loads((directory / "report.json").read_text())
