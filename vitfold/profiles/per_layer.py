@@ -454,8 +454,10 @@ def profile_build_layers(directory: Path, sample: np.ndarray, options: Optional[
     (directory / PER_LAYER_JSON).write_text(json.dumps({**result, "layers": layers}, indent=1) + "\n")
     from .plots import plot_block_times
 
-    plot_block_times({k: result[k]["blocks"] for k in variants}, directory / PER_LAYER_PNG,
-                     title=f"{manifest['name']}: time per block ({manifest['build']['backend']})")
+    per_block = {k: result[k]["blocks"] for k in variants}
+    order = sorted({b for v in per_block.values() for b in v}, key=_block_order)
+    plot_block_times(per_block, directory / PER_LAYER_PNG, blocks=order,
+                     categories=CATEGORIES, title=f"{manifest['name']}: time per block ({manifest['build']['backend']})")
     result["png"] = PER_LAYER_PNG
     return result
 

@@ -11,32 +11,31 @@ from typing import Mapping, Optional, Sequence
 
 from matplotlib.figure import Figure
 
-from .per_layer import CATEGORIES, _block_order
-
 COLOURS = {"attention": "#4C72B0", "mlp": "#55A868", "reduction": "#C44E52", "other": "#8C8C8C"}
 HATCHES = ("", "//", "..", "xx")
 
 
-def plot_block_times(variants: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, title: str = "") -> Path:
+def plot_block_times(variants: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path, *, blocks: Sequence[str],
+                     categories: Sequence[str], title: str = "") -> Path:
     """Stacked bars: for each block, one bar per variant (e.g. dense, reduced), split by category.
 
     Args:
         variants: label -> block -> category -> ms (the ``blocks`` of :func:`per_layer.summarize`).
         path: PNG to write.
+        blocks: the blocks in x-axis order; categories: the stacking order (keys of :data:`COLOURS`).
         title: chart title.
 
     Returns:
         ``path``.
     """
     labels = list(variants)
-    blocks = sorted({b for v in variants.values() for b in v}, key=_block_order)
     width = 0.8 / max(1, len(labels))
     fig = Figure(figsize=(min(14.0, max(6.0, 0.45 * len(blocks) * max(1, len(labels)))), 4.8), layout="constrained")
     ax = fig.add_subplot()
     for k, label in enumerate(labels):
         bottoms = [0.0] * len(blocks)
         xs = [i + (k - (len(labels) - 1) / 2) * width for i in range(len(blocks))]
-        for category in CATEGORIES:
+        for category in categories:
             heights = [variants[label].get(b, {}).get(category, 0.0) for b in blocks]
             ax.bar(xs, heights, width * 0.95, bottom=bottoms, color=COLOURS[category], hatch=HATCHES[k % len(HATCHES)],
                    edgecolor="white", linewidth=0.5, label=f"{label}: {category}" if any(heights) else None)

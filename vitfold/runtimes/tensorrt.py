@@ -39,6 +39,7 @@ from ..errors import ArtifactError, SpecError
 from . import cudamem
 from .base import BuildConfig, Session
 from ..artifact import sha256 as file_sha256
+from .tensorrt_profile import gpu_latency, jetson_state, profile_extras, session_layers  # noqa: F401 (re-exported)
 from .tensorrt_cache import EngineCache, cached_engine, detect_platform, engine_mismatch
 from .tensorrt_config import (  # noqa: F401  (re-exported: the backend's public API)
     WORKSPACE_MB,
@@ -412,7 +413,17 @@ class TensorRTSession(Session):
         self._device = None
 
 
-from .tensorrt_profile import gpu_latency, jetson_state, profile_extras, profile_layers  # noqa: E402,F401
+
+def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
+    """Per-layer times of a TensorRT build on ``images`` ``[B, 3, H, W]`` (see
+    :func:`vitfold.runtimes.tensorrt_profile.session_layers`); the entry point
+    :mod:`vitfold.profiles.per_layer` calls for every backend."""
+    session = load(directory, manifest)
+    try:
+        return session_layers(session, images, warmup=warmup, runs=runs)
+    finally:
+        session.close()
+
 
 __all__ = [
     "BuildPlan", "TensorRTSession", "build", "check_available", "check_graph_precision", "diagnose_build_failure",

@@ -170,18 +170,6 @@ def session_layers(session, images: np.ndarray, *, warmup: int = 5, runs: int = 
     return {"runs": layer_runs, "run_ms": run_ms, "settings": dict(session.settings)}
 
 
-def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
-    """Per-layer times of a TensorRT build on ``images`` ``[B, 3, H, W]`` (see :func:`session_layers`);
-    the entry point :mod:`vitfold.profiles.per_layer` calls for every backend."""
-    from .tensorrt import load
-
-    session = load(directory, manifest)
-    try:
-        return session_layers(session, images, warmup=warmup, runs=runs)
-    finally:
-        session.close()
-
-
 # ------------------------------------------------------------------------------------------- Jetson
 
 Runner = Callable[..., subprocess.CompletedProcess]

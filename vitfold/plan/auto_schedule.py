@@ -1,0 +1,459 @@
+"""Hardware-aware token schedules: per-block token counts picked from a measured latency curve.
+
+FLOP counts say removing tokens always helps, and by the same amount everywhere; on a device,
+latency moves in steps (SIMD widths, GEMM tiles, caches), and a merge costs time of its own
+(Eliopoulos et al., WACV 2025). Here the schedule is chosen against the backend's measured
+block curve (:mod:`vitfold.plan.curve`):
+
+* :class:`CostModel` predicts a schedule's latency: ``base`` (embedding, head, per-call overhead)
+  plus, per block ``l``, attention at ``tokens[l]`` and MLP at ``tokens[l + 1]`` (the block curve
+  split by the attention / MLP MAC shares at each count) plus a reduction overhead proportional to
+  the tokens entering a reducing block. A count between measured ones costs what the next measured
+  count above it costs, so a schedule never lands on the slow side of a step it has not measured.
+* :func:`pick_schedule` keeps the most tokens (sum of ``tokens[1:]``, the fewest removed) whose
+  predicted latency fits a budget, over measured counts only: on a plateau it keeps its largest
+  count, at a step it stays on the fast (lower) side. An exact dynamic program over (block, count,
+  tokens kept so far) finds it; no relaxation, since step-shaped latency makes the problem non-convex.
+* :func:`calibrate` (torch) measures the whole dense model and one reduced model on the backend to
+  fit ``base`` and the reduction overhead, so predictions are in measured milliseconds.
+
+Methods plug in through the schedule alone: a per-block token list and ``max_removed(block, n)``,
+the most a block may remove from ``n`` tokens (ToMe: half the unprotected tokens, every block;
+EViT / Top-K: only at their locations, keeping at least one patch token). :func:`tome_params` turns
+a schedule into ToMe's ``r``, :func:`prune_params` into EViT's / Top-K's keep rate per location.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ScheduleError, SpecError
+from ..profiles.schedule_report import describe  # noqa: F401 (also the planner's public API)
+
+MaxRemoved = Callable[[int, int], int]
+
+
+def attention_share(tokens: int, embed_dim: int, attn_dim: int, mlp_hidden: int) -> float:
+    """Attention MACs / (attention + MLP MACs) of a block at ``tokens`` tokens (``vitfold.profiles.flops``)."""
+    n, c, a = tokens, embed_dim, attn_dim
+    attention = n * c * 3 * a + 2 * n * n * a + n * a * c
+    return attention / (attention + 2 * n * c * mlp_hidden)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted latency of a token schedule on one backend, in ms.
+
+    Attributes:
+        counts: measured token counts (ascending; the block curve's grid).
+        attn_ms / mlp_ms: the block curve at each count (its statistic: median, p10 or min), split
+            by MAC share.
+        base_ms: everything outside the blocks (embedding, head, per-call overhead).
+        merge_us_per_token: reduction overhead of a reducing block, per token entering it (us).
+    """
+
+    counts: tuple[int, ...]
+    attn_ms: tuple[float, ...]
+    mlp_ms: tuple[float, ...]
+    base_ms: float = 0.0
+    merge_us_per_token: float = 0.0
+
+    @classmethod
+    def from_curve(cls, curve: dict, base_ms: float = 0.0, merge_us_per_token: float = 0.0) -> "CostModel":
+        """From a block-mode curve (``curve.json``) that records the block's widths.
+
+        Raises:
+            SpecError: a whole-model curve, or one without the widths (re-measure it).
+        """
+        if curve.get("mode") != "block":
+            raise SpecError("hardware-aware schedules need a block curve (`deploy.py curve --block`), not a whole-model one")
+        if "attn_dim" not in curve or "mlp_hidden" not in curve:
+            raise SpecError("this curve does not record the block's widths (attn_dim, mlp_hidden); re-measure it with `deploy.py curve`")
+        counts, attn, mlp = [], [], []
+        stat = curve.get("stat", "median_ms")
+        for point in sorted(curve["points"], key=lambda p: p["tokens"]):
+            share = attention_share(point["tokens"], curve["embed_dim"], curve["attn_dim"], curve["mlp_hidden"])
+            counts.append(int(point["tokens"]))
+            attn.append(point[stat] * share)
+            mlp.append(point[stat] * (1 - share))
+        return cls(tuple(counts), tuple(attn), tuple(mlp), base_ms, merge_us_per_token)
+
+    def _index(self, tokens: int) -> int:
+        """Index of the smallest measured count >= ``tokens`` (the cost a count between two measured
+        ones is charged)."""
+        i = int(np.searchsorted(self.counts, tokens))
+        if i == len(self.counts):
+            raise ScheduleError(f"{tokens} tokens is above the curve's largest measured count {self.counts[-1]}")
+        return i
+
+    def block_ms(self, tokens_in: int, tokens_out: int) -> float:
+        """One block: attention at ``tokens_in``, MLP at ``tokens_out``, plus the reduction overhead."""
+        merge = self.merge_us_per_token * tokens_in / 1e3 if tokens_out < tokens_in else 0.0
+        return self.attn_ms[self._index(tokens_in)] + self.mlp_ms[self._index(tokens_out)] + merge
+
+    def predict(self, tokens: Sequence[int]) -> float:
+        """Predicted latency (ms) of a schedule's ``tokens`` (``depth + 1`` counts)."""
+        return self.base_ms + sum(self.block_ms(a, b) for a, b in zip(tokens, tokens[1:]))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def tome_max_removed(num_prefix_tokens: int, max_fraction: float = 0.5) -> MaxRemoved:
+    """ToMe's limit: bipartite matching merges at most half of a block's unprotected tokens;
+    ``max_fraction`` < 0.5 caps each block lower (large single merges cost fidelity that the
+    token count does not see)."""
+    if not 0.0 < max_fraction <= 0.5:
+        raise SpecError(f"max merge fraction {max_fraction} must be in (0, 0.5] (bipartite matching merges at most half)")
+    return lambda block, tokens: max(0, min((tokens - num_prefix_tokens) // 2, int(max_fraction * (tokens - num_prefix_tokens))))
+
+
+def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,
+                      max_fraction: float = 0.5) -> MaxRemoved:
+    """EViT's / Top-K's limit: tokens go only at the reduction ``locations``; there at most
+    ``max_fraction`` of the patch tokens (keep rate >= 1 - max_fraction), at least one patch token
+    kept, plus the fused token when fusing (``P + keep + 1`` tokens after the block).
+
+    Raises:
+        SpecError: ``max_fraction`` outside (0, 1).
+    """
+    if not 0.0 < max_fraction < 1.0:
+        raise SpecError(f"max prune fraction {max_fraction} must be in (0, 1): a keep rate of 1 - fraction per location")
+    where, extra = frozenset(int(b) for b in locations), int(bool(fuse))
+
+    def limit(block: int, tokens: int) -> int:
+        patches = tokens - num_prefix_tokens
+        if block not in where or patches < 2 + extra:
+            return 0
+        keep = max(1, math.ceil((1.0 - max_fraction) * patches))
+        return max(0, patches - keep - extra)
+
+    return limit
+
+
+def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_removed: MaxRemoved):
+    """Exact dynamic program over (block, count entering it, tokens kept so far): the least predicted
+    block latency for every reachable total of ``tokens[1:]``, with back-pointers.
+
+    Returns:
+        ``(cost [K, S+1] after the last block, back [depth, K, S+1] previous count index, grid)``;
+        totals are exact integers, so no relaxation gap (latency is a step function of N, so the
+        token/latency frontier is not convex and a Lagrangian would miss schedules).
+    """
+    k, total = len(grid), depth * full
+    attn = np.array([model.attn_ms[model._index(n)] for n in grid])
+    mlp = np.array([model.mlp_ms[model._index(n)] for n in grid])
+    merge = np.array(grid) * model.merge_us_per_token / 1e3
+    cost = np.full((k, total + 1), np.inf)
+    cost[grid.index(full), 0] = 0.0
+    back = np.zeros((depth, k, total + 1), dtype=np.int32)
+    for block in range(depth):
+        new = np.full((k, total + 1), np.inf)
+        for i in range(k):
+            if not np.isfinite(cost[i]).any():
+                continue
+            lowest = grid[i] - max_removed(block, grid[i])
+            for j in range(i + 1):
+                if grid[j] < lowest:
+                    continue
+                step = attn[i] + mlp[j] + (merge[i] if j < i else 0.0)
+                shift = grid[j]
+                candidate = cost[i, : total + 1 - shift] + step
+                target = new[j, shift:]
+                better = candidate < target
+                target[better] = candidate[better]
+                back[block, j, shift:][better] = i
+        cost = new
+    return cost, back
+
+
+def _path(back: np.ndarray, grid: list[int], j: int, kept: int, full: int) -> list[int]:
+    tokens = []
+    for block in reversed(range(back.shape[0])):
+        tokens.append(grid[j])
+        i = int(back[block, j, kept])
+        kept -= grid[j]
+        j = i
+    return [full, *reversed(tokens)]
+
+
+def pick_schedule(model: CostModel, depth: int, full: int, num_prefix_tokens: int, budget_ms: float,
+                  max_removed: Optional[MaxRemoved] = None, extra_counts: Sequence[int] = ()) -> list[int]:
+    """The schedule (``depth + 1`` token counts) that keeps the most tokens (sum of ``tokens[1:]``)
+    within ``budget_ms`` of predicted latency; among those, the fastest.
+
+    Args:
+        model: the cost model (block curve + calibration).
+        depth / full / num_prefix_tokens: the model's blocks, tokens entering block 0, prefix tokens.
+        budget_ms: predicted latency to stay within.
+        max_removed: ``(block, tokens in) -> most tokens that block may remove``; default ToMe's.
+        extra_counts: counts the picker may use besides the measured ones (charged like any count
+            between measured ones). Give a reference schedule's counts when the budget is that
+            schedule's prediction, so the reference itself is a candidate (its counts need not lie
+            on the curve's grid, e.g. EViT keep 0.5 on DINOv2: 257 -> 130 -> 67 -> 35).
+
+    Raises:
+        ScheduleError: the budget is below what the fastest allowed schedule is predicted to take
+            (names that latency, so the user can ask for what is reachable), or ``full`` was not measured.
+    """
+    if full not in model.counts:
+        raise ScheduleError(f"the curve has no point at the full token count {full}; re-measure it including {full}")
+    max_removed = max_removed or tome_max_removed(num_prefix_tokens)
+    grid = sorted({n for n in (*model.counts, *extra_counts) if num_prefix_tokens < n <= full})
+    cost, back = _frontier(model, depth, full, grid, max_removed)
+    best = cost.min(axis=0) + model.base_ms  # least latency for each total of kept tokens
+    feasible = np.flatnonzero(best <= budget_ms * (1 + 1e-9))  # sums in another order than predict()'s
+    if not len(feasible):
+        fastest = float(np.min(best))
+        raise ScheduleError(
+            f"latency budget {budget_ms:.2f} ms is out of reach: the fastest schedule this method allows is "
+            f"predicted at {fastest:.2f} ms on this backend; ask for at least that much (or a smaller --target-speedup)"
+        )
+    kept = int(feasible.max())
+    return _path(back, grid, int(np.argmin(cost[:, kept])), kept, full)
+
+
+def budget_for(model: CostModel, depth: int, full: int, *, target_speedup: Optional[float] = None,
+               latency_budget_ms: Optional[float] = None) -> float:
+    """The latency budget (ms) for a target speedup over the predicted dense model, or as given.
+
+    Raises:
+        SpecError: neither or both given, or a speedup below 1 / a budget <= 0.
+    """
+    if (target_speedup is None) == (latency_budget_ms is None):
+        raise SpecError("give exactly one of --target-speedup and --latency-budget for --schedule auto")
+    if target_speedup is not None:
+        if target_speedup < 1.0:
+            raise SpecError(f"--target-speedup {target_speedup} is below 1 (slower than dense); ask for >= 1")
+        return model.predict([full] * (depth + 1)) / target_speedup
+    if latency_budget_ms <= 0:
+        raise SpecError(f"--latency-budget must be positive, got {latency_budget_ms}")
+    return float(latency_budget_ms)
+
+
+def tome_params(tokens: Sequence[int]) -> list[int]:
+    """ToMe's per-block ``r`` for a schedule's ``tokens``."""
+    return [a - b for a, b in zip(tokens, tokens[1:])]
+
+
+def prune_params(tokens: Sequence[int], locations: Sequence[int], num_prefix_tokens: int, fuse: bool) -> list[float]:
+    """EViT's / Top-K's keep rate per location for a schedule's ``tokens``.
+
+    A location whose count does not fall keeps rate 1.0. Each other rate is ``keep / (N - P)`` to 6
+    digits, or ``(keep - 0.5) / (N - P)`` where float rounding would make the reference's keep count
+    ``ceil(rate * (N - P))`` land on ``keep + 1``: the method then runs exactly the picked count.
+
+    Raises:
+        ScheduleError: the count changes at a block that is not a location, or a location's count
+            is not one the method can produce.
+    """
+    from ..reduce.evit import keep_count
+
+    where = [int(b) for b in locations]
+    P, extra = num_prefix_tokens, int(bool(fuse))
+    for block, (before, after) in enumerate(zip(tokens, tokens[1:])):
+        if after != before and block not in where:
+            raise ScheduleError(f"block {block} changes the token count ({before} -> {after}) but is not a reduction location {where}")
+    rates = []
+    for block in where:
+        before, after = tokens[block], tokens[block + 1]
+        if after == before:
+            rates.append(1.0)
+            continue
+        keep = after - P - extra
+        if not 1 <= keep < before - P:
+            raise ScheduleError(f"block {block}: {before} -> {after} tokens is no keep count of this method (prefix {P}, fuse {bool(fuse)})")
+        rate = math.floor(keep / (before - P) * 1e6) / 1e6
+        if keep_count(before, P, rate) != keep:  # e.g. 0.1 * 30 = 3.0000000000000004 rounds up
+            rate = round((keep - 0.5) / (before - P), 6)
+        assert keep_count(before, P, rate) == keep, (before, after, rate)
+        rates.append(rate)
+    return rates
+
+
+# ----------------------------------------------------------------------------------- calibration
+
+
+def reference_r(full: int, num_prefix_tokens: int, depth: int) -> int:
+    """The constant ToMe r calibration builds: about half the tokens gone by the last block (DeiT-S: 8)."""
+    return max(1, (full - num_prefix_tokens) // (2 * depth))
+
+
+def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
+              options=None, log: Callable[[str], None] = print) -> tuple[CostModel, dict]:
+    """Fit ``base_ms`` and ``merge_us_per_token`` on the backend: the whole dense model and the
+    whole model reduced with ``params`` (default ToMe at :func:`reference_r`) are built and timed interleaved; ``base``
+    is the dense time the blocks do not explain, the reduction overhead what the reduced model
+    takes beyond its blocks at their token counts (torch, for the exports).
+
+    Returns:
+        ``(CostModel, {"dense_ms", "reference_ms", "reference_tokens", "reference_params"})``.
+
+    Raises:
+        SpecError / BackendUnavailable / ExportError: as building the two models.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from .. import runtimes
+    from ..export.models import create_model
+    from ..export.onnx import export_onnx
+    from ..reduce import TokenLayout, create_method
+    from .curve import CurveOptions
+    from ..profiles.latency import measure_interleaved
+
+    options = options or CurveOptions()
+    model, _ = create_model(spec)
+    layout = TokenLayout.of(model)
+    params = params or {"r": reference_r(layout.num_tokens, layout.num_prefix_tokens, layout.depth)}
+    reducer = create_method(method, **params)
+    schedule = reducer.schedule(layout)
+    reduced = reducer.apply(model, schedule)
+    size = model.patch_embed.img_size
+    shape = (spec.batch_size, 3, size[0], size[1])
+    runtimes.backend_module(cfg.backend)  # a missing backend fails before any export
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="vitfold-calibrate-") as tmp:
+        for label, torch_model in (("dense", model), ("reference", reduced)):
+            where = Path(tmp) / label
+            where.mkdir()
+            log(f"calibrate: export and build the whole {label} model ({cfg.backend})")
+            export_onnx(torch_model, where / "model.onnx", shape)
+            sessions[label] = runtimes.build_session(where / "model.onnx", where, cfg)
+        sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
+                                    warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),
+                                    block=options.block)
+        for session in sessions.values():
+            session.close()
+    plain = CostModel.from_curve(curve)
+    dense_ms, reference_ms = stats["dense"].median_ms, stats["reference"].median_ms
+    base = dense_ms - plain.predict([layout.num_tokens] * (layout.depth + 1))
+    tokens = list(schedule.tokens)
+    residual = reference_ms - base - plain.predict(tokens)
+    reducing = sum(a for a, b in zip(tokens, tokens[1:]) if b < a)
+    merge = max(0.0, residual) / reducing * 1e3 if reducing else 0.0
+    info = {"dense_ms": dense_ms, "reference_ms": reference_ms, "reference_tokens": tokens, "reference_params": params,
+            "reference_cov": stats["reference"].cov, "dense_cov": stats["dense"].cov}
+    return CostModel.from_curve(curve, base_ms=base, merge_us_per_token=merge), info
+
+
+# ------------------------------------------------------------------------------------ build flow
+
+
+#: Default cap on one block's merge for auto schedules: on DINOv2 ViT-S/14 (benchmarks/hw_aware.py)
+#: ToMe's own cap (0.5) let the picker merge ~100 tokens in one block and lose feature cosine to
+#: constant r at the same latency; with 0.2 the auto schedule beat constant r at r=8 and r=13.
+MAX_MERGE_FRACTION = 0.2
+#: Default cap on one location's pruning (EViT / Top-K): keep rate >= 0.5, the lowest the EViT paper
+#: reports (Liang et al., ICLR 2022, Table 2: keep rates 0.5-0.9 at blocks 4, 7, 10).
+MAX_PRUNE_FRACTION = 0.5
+#: Methods ``--schedule auto`` plans for.
+AUTO_METHODS = ("tome", "evit", "topk")
+
+
+def default_max_fraction(method: str) -> float:
+    """The per-block cap ``auto_schedule`` uses when none is given: merge 0.2 (ToMe), prune 0.5."""
+    return MAX_MERGE_FRACTION if method == "tome" else MAX_PRUNE_FRACTION
+
+
+def _require_planned(method: str) -> None:
+    if method not in AUTO_METHODS:
+        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
+                        "parameters: give them instead")
+
+
+def planner(method: str, params: dict, full: int, prefix: int, depth: int,
+            max_fraction: float) -> tuple[MaxRemoved, dict, Callable[[Sequence[int]], dict]]:
+    """How to plan for ``method``: ``(max_removed, reference params, tokens -> method params)``.
+
+    ``reference`` is the reduced model :func:`calibrate` times (ToMe at :func:`reference_r`, EViT /
+    Top-K at keep rate 0.7), with the user's other ``params`` (locations, fuse, prop_attn) kept.
+    ``max_fraction``: most of a block's tokens one block may remove (:func:`default_max_fraction`).
+
+    Raises:
+        SpecError: a method auto schedules do not plan for, or a bad ``max_fraction``.
+    """
+    from ..reduce import create_method
+
+    _require_planned(method)
+    if method == "tome":
+        reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
+        return (tome_max_removed(prefix, max_fraction), reference,
+                lambda tokens: {**params, "r": tome_params(tokens)})
+    probe = create_method(method, **{k: v for k, v in params.items() if k != "keep_rate"})
+    locations, fuse = list(probe.locations), probe.fuse
+    reference = {**{k: v for k, v in params.items() if k != "keep_rate"}, "keep_rate": 0.7}
+    return (prune_max_removed(locations, prefix, fuse, max_fraction), reference,
+            lambda tokens: {**params, "keep_rate": prune_params(tokens, locations, prefix, fuse), "locations": locations})
+
+
+def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = None,
+                  target_speedup: Optional[float] = None, latency_budget_ms: Optional[float] = None,
+                  curve=None, max_merge_fraction: Optional[float] = None, options=None,
+                  log: Callable[[str], None] = print) -> tuple[dict, dict]:
+    """Pick a hardware-aware schedule for ``spec`` on backend ``cfg`` (``build --schedule auto``).
+
+    Args:
+        method: ``tome`` (the picked per-block ``r``), ``evit`` or ``topk`` (the picked keep rate at
+            each of the method's locations; the locations are the user's or the method's default).
+        params: the method's other parameters (e.g. ``prop_attn``, ``locations``); ``r`` / ``keep_rate``
+            are replaced.
+        target_speedup / latency_budget_ms: exactly one: over the measured dense model, or in ms.
+        curve: a block curve (``curve.json`` path or dict) measured on this backend; None measures one.
+        max_merge_fraction: most of a block's tokens one block may remove; None: the method's default
+            (:func:`default_max_fraction`: 0.2 for ToMe's merges, 0.5 for EViT / Top-K pruning).
+
+    Returns:
+        ``(params with the picked schedule, info)``; ``info`` has the budget, tokens, the method's
+        schedule parameters (``r`` or ``keep_rate``), predicted ms and speedup, the calibration and
+        the curve used (written to ``auto_schedule.json`` by :func:`attach_to_build`).
+
+    Raises:
+        SpecError: another method, a curve from another model / backend / precision / batch, bad targets.
+        ScheduleError: a target this backend cannot reach with the method (names what it can reach).
+    """
+    from .curve import measure_curve, read_curve
+
+    _require_planned(method)  # before a curve is measured
+    params = dict(params or {})
+    max_fraction = default_max_fraction(method) if max_merge_fraction is None else max_merge_fraction
+    if curve is None:
+        log("auto schedule: measure the block latency curve on this backend")
+        curve, source = measure_curve(spec, cfg, mode="block", options=options, log=log), "measured for this build"
+    elif isinstance(curve, dict):
+        source = "given"
+    else:
+        curve, source = read_curve(curve), str(curve)
+    want = {"model": spec.name, "batch_size": spec.batch_size, "backend": cfg.backend, "precision": cfg.precision}
+    have = {"model": curve.get("model"), "batch_size": curve.get("batch_size"),
+            "backend": curve.get("backend", {}).get("backend"), "precision": curve.get("backend", {}).get("precision")}
+    if want != have:
+        raise SpecError(f"the latency curve is for {have}, this build is {want}; measure one with "
+                        f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")
+    depth, full, prefix = curve["depth"], curve["full_tokens"], curve["num_prefix_tokens"]
+    max_removed, reference, to_params = planner(method, params, full, prefix, depth, max_fraction)
+    model, calibration = calibrate(spec, cfg, curve, method=method, params=reference, options=options, log=log)
+    budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
+    if target_speedup is not None:  # over the measured dense model, not the predicted one
+        budget = calibration["dense_ms"] / target_speedup
+    tokens = pick_schedule(model, depth, full, prefix, budget, max_removed)
+    picked = to_params(tokens)
+    schedule_params = {k: picked[k] for k in ("r", "keep_rate", "locations") if k in picked}
+    predicted = model.predict(tokens)
+    info = {
+        "method": method, "target_speedup": target_speedup, "latency_budget_ms": budget, "tokens": tokens,
+        **schedule_params, "max_merge_fraction": max_fraction,
+        "predicted_ms": predicted, "predicted_speedup": calibration["dense_ms"] / predicted,
+        "cost_model": {"base_ms": model.base_ms, "merge_us_per_token": model.merge_us_per_token},
+        "calibration": calibration, "curve": source, "curve_steps": curve.get("steps", []),
+    }
+    log(f"auto schedule: {describe(info)} (tokens {tokens[0]} -> {tokens[-1]}), predicted {predicted:.2f} ms "
+        f"= {info['predicted_speedup']:.2f}x over the measured dense {calibration['dense_ms']:.2f} ms")
+    return picked, info
+
+
