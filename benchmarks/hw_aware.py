@@ -7,7 +7,7 @@
 For each constant r (ToMe) or keep rate (EViT / Top-K, at the method's locations): predict its
 latency from the block curve measured on this backend (calibrated with a dense and a reduced
 whole-model build), pick the auto schedule for the same predicted latency
-(vitfold.profiles.auto_schedule), then build every variant and time them all in one interleaved loop
+(vitfold.plan.auto_schedule), then build every variant and time them all in one interleaved loop
 against the dense model. If an auto schedule measures slower than its constant partner, its budget
 is scaled down by the measured ratio once and it is rebuilt, so the pairs compare at matched measured
 latency. Fidelity is measured against the dense model on the shipped photos (or --images): feature
@@ -37,8 +37,8 @@ from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
 from vitfold.passes import DEFAULT_PIPELINES
 from vitfold.passes.pipeline import run_pipeline
-from vitfold.profiles.auto_schedule import calibrate, describe, pick_schedule, planner
-from vitfold.profiles.curve import CurveOptions, measure_curve, read_curve, write_curve
+from vitfold.plan.auto_schedule import calibrate, describe, pick_schedule, planner
+from vitfold.plan.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
 from vitfold.reduce import TokenLayout, create_method

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import deploy
 from vitfold.errors import SpecError
-from vitfold.profiles.curve import analyse, find_plateaus, find_steps, fixed_cost, interpolate, parse_tokens
+from vitfold.plan.curve import analyse, find_plateaus, find_steps, fixed_cost, interpolate, parse_tokens
 
 
 def staircase(tokens, steps=((64, 0.5), (128, 0.3)), slope=0.01, noise=0.0, seed=0):
@@ -104,7 +104,7 @@ def test_cli_curve_bad_tokens_and_block():
 
 def test_whole_model_curve(tmp_path):
     """Whole model at a uniform token count: more tokens never run faster by a wide margin."""
-    from vitfold.profiles.curve import CurveOptions, measure_curve
+    from vitfold.plan.curve import CurveOptions, measure_curve
     from vitfold.runtimes import BuildConfig
     from vitfold.spec import ModelSpec
 
@@ -126,7 +126,7 @@ def step_curve(counts, step_after=32, low=1.0, high=2.0):
 
 
 def test_picker_lands_on_the_fast_side_of_a_step():
-    from vitfold.profiles.auto_schedule import CostModel, pick_schedule
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule
 
     model = CostModel.from_curve(step_curve(range(8, 65, 4)))
     anything = lambda block, tokens: tokens - 2  # a pruning method without ToMe's half cap
@@ -143,7 +143,7 @@ def test_picker_lands_on_the_fast_side_of_a_step():
 
 def test_picker_budget_limits_and_messages():
     from vitfold.errors import ScheduleError
-    from vitfold.profiles.auto_schedule import CostModel, budget_for, pick_schedule, tome_params
+    from vitfold.plan.auto_schedule import CostModel, budget_for, pick_schedule, tome_params
 
     counts = list(range(8, 65, 4))
     curve = {"mode": "block", "embed_dim": 64, "attn_dim": 64, "mlp_hidden": 256,
@@ -171,7 +171,7 @@ def test_picker_budget_limits_and_messages():
 def test_picker_matches_brute_force_on_a_small_case():
     import itertools
 
-    from vitfold.profiles.auto_schedule import CostModel, pick_schedule
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule
 
     counts = [5, 9, 13, 17]
     rng = np.random.default_rng(1)
@@ -235,7 +235,7 @@ def test_auto_schedule_build_records_predicted_and_measured(tiny_curve, tmp_path
 
 
 def test_prune_planner_removes_only_at_locations_and_round_trips_to_keep_rates():
-    from vitfold.profiles.auto_schedule import CostModel, pick_schedule, prune_max_removed, prune_params
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule, prune_max_removed, prune_params
     from vitfold.reduce import TokenLayout, create_method
 
     counts = list(range(2, 66))
@@ -285,7 +285,7 @@ def test_a_reference_schedule_off_the_grid_is_a_candidate():
     counts (130, 67, 35) between the curve's (every 4 tokens), and the reduction overhead is charged on
     the exact counts, so without them the picker's nearest schedule costs a little more and is refused."""
     from vitfold.errors import ScheduleError
-    from vitfold.profiles.auto_schedule import CostModel, pick_schedule, prune_max_removed
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule, prune_max_removed
 
     counts = list(range(16, 257, 4)) + [257]
     curve = {"mode": "block", "embed_dim": 384, "attn_dim": 384, "mlp_hidden": 1536,

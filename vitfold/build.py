@@ -31,6 +31,7 @@ from .passes.pipeline import run_pipeline
 from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
+from .profiles.schedule_report import AUTO_JSON
 from .calibrate import DEFAULT_PERCENTILE, calibrate, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
@@ -59,6 +60,7 @@ class BuildRequest:
     calibrate: Optional[Path] = None  # gated methods: folder of images for the capacity (default: the check photos)
     percentile: float = DEFAULT_PERCENTILE  # gated methods: nearest-rank percentile of the kept counts
     force: bool = False  # replace an existing build of another request at ``out``
+    auto_schedule: Optional[dict] = None  # the planner's record (vitfold.plan.auto_schedule), written before profiling
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -301,6 +303,8 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
         if gate is not None:
             manifest["gate"] = gate
         write_manifest(staging, manifest)
+        if request.auto_schedule is not None:  # profile_build reports predicted beside measured
+            (staging / AUTO_JSON).write_text(json.dumps(request.auto_schedule, indent=2) + "\n")
         if request.profile:
             log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
             report = profile_build(staging, images=request.images, options=request.latency)

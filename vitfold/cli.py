@@ -168,7 +168,7 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
     cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
     auto = None
     if schedule == "auto":
-        from .profiles.auto_schedule import auto_schedule
+        from .plan.auto_schedule import auto_schedule
 
         if r is not None:
             raise click.BadParameter("--schedule auto picks r itself; drop --r")
@@ -194,15 +194,12 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         percentile=percentile,
         force=force,
         dense_dir=dense_from,
+        auto_schedule=auto,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
-    if auto is not None:
-        from .profiles.auto_schedule import attach_to_build
-
-        report = attach_to_build(directory, auto, report)
     print_report(report)
     if auto is not None:
-        from .profiles.auto_schedule import describe
+        from .profiles.schedule_report import describe
 
         a = report["auto_schedule"]
         console.print(f"auto schedule {describe(a)}: predicted {a['predicted_ms']:.2f} ms ({a['predicted_speedup']:.2f}x), "
@@ -327,7 +324,7 @@ def curve(model, backend, block_mode, tokens, block_index, precision, batch, img
           stat) -> None:
     """Measure latency against token count N (one block, or the whole model at a uniform N) and
     write curve.json + curve.png with the steps and plateaus found."""
-    from .profiles.curve import CurveOptions, measure_curve, write_curve
+    from .plan.curve import CurveOptions, measure_curve, write_curve
     from .runtimes import BuildConfig
     from .spec import ModelSpec
 

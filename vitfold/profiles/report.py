@@ -22,6 +22,7 @@ from ..metrics import TOLERANCES, compare
 from ..spec import Preprocess
 from .flops import ModelDims, graph_macs, schedule_macs
 from .latency import NOISY_COV, measure_interleaved, noisy_variants, speedup
+from .schedule_report import AUTO_JSON, render_markdown as schedule_lines, with_measurement
 
 REPORT_SCHEMA = 1
 
@@ -176,10 +177,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         from .per_layer import profile_build_layers
 
         report["per_layer"] = profile_build_layers(directory, check[0], per_layer)
-    if (directory / "auto_schedule.json").is_file():  # a hardware-aware schedule: predicted vs measured
-        from .auto_schedule import with_measurement
-
-        report["auto_schedule"] = with_measurement(json.loads((directory / "auto_schedule.json").read_text()), report)
+    if (directory / AUTO_JSON).is_file():  # a hardware-aware schedule: predicted vs measured
+        report["auto_schedule"] = with_measurement(json.loads((directory / AUTO_JSON).read_text()), report)
     write_text_atomic(directory / "report.json", json.dumps(report, indent=2) + "\n")
     write_text_atomic(directory / "report.md", render_markdown(report))
     return report
@@ -276,9 +275,7 @@ def render_markdown(report: dict) -> str:
 
         lines += per_layer_lines(report["per_layer"])
     if "auto_schedule" in report:
-        from .auto_schedule import render_markdown as auto_lines
-
-        lines += auto_lines(report["auto_schedule"])
+        lines += schedule_lines(report["auto_schedule"])
     if "gate" in report:
         lines += gate_lines(report["gate"])
     if report["weights"].startswith("random"):
