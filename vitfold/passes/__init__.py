@@ -3,48 +3,13 @@
 A pass is ``fn(graph: gs.Graph, **opts) -> gs.Graph`` registered with :func:`register_pass` under a
 name, with the output tolerance it declares. :func:`run_pipeline` (in :mod:`.pipeline`) runs passes in
 order and refuses any pass whose outputs move beyond that tolerance on the check inputs.
-Adding a pass is one module plus one import line at the bottom of this file.
+Adding a pass is one module (registering itself through :mod:`._registry`) plus one import line at
+the bottom of this file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import onnx_graphsurgeon as gs
-
-PassFn = Callable[..., gs.Graph]
-
-
-@dataclass(frozen=True)
-class Pass:
-    """A registered rewrite: ``fn``, the max abs output change it may cause, and what it does."""
-
-    name: str
-    fn: PassFn
-    tolerance: float
-    description: str
-
-
-PASSES: dict[str, Pass] = {}
-
-
-def register_pass(name: str, *, tolerance: float = 0.0) -> Callable[[PassFn], PassFn]:
-    """Decorator: register ``fn`` as pass ``name`` (first docstring line = description).
-
-    Raises:
-        ValueError: ``name`` is already registered.
-    """
-
-    def wrap(fn: PassFn) -> PassFn:
-        if name in PASSES:
-            raise ValueError(f"pass {name!r} is already registered by {PASSES[name].fn.__module__}")
-        doc = (fn.__doc__ or "").strip().splitlines()
-        PASSES[name] = Pass(name, fn, tolerance, doc[0] if doc else "")
-        return fn
-
-    return wrap
-
+from ._registry import PASSES, Pass, PassFn, register_pass  # noqa: F401 (the package's API)
 
 #: Passes each backend's default pipeline runs, in order. merge-as-matmul: TensorRT 8.5 has no
 #: scatter reduction and 10 needs a plugin. On the CPU backends (benchmarks/passes.py, DeiT-S ToMe
@@ -62,10 +27,10 @@ DEFAULT_PIPELINES: dict[str, tuple[str, ...]] = {
 #: these, DeiT-S with ToMe, EViT, Top-K and a folded evit-mass gate lints clean for tensorrt-8.5.
 TENSORRT_8_5_PASSES: tuple = ("topk-float-values", "decompose-layernorm", ("downgrade-opset", {"opset": 17}))
 
-from . import fold_schedule  # noqa: E402,F401
-from . import merge_as_matmul  # noqa: E402,F401
-from . import precision  # noqa: E402,F401
-from . import fold_gates  # noqa: E402,F401
-from . import decompose_layernorm  # noqa: E402,F401
-from . import topk_float  # noqa: E402,F401
-from . import downgrade_opset  # noqa: E402,F401
+from . import fold_schedule  # noqa: F401
+from . import merge_as_matmul  # noqa: F401
+from . import precision  # noqa: F401
+from . import fold_gates  # noqa: F401
+from . import decompose_layernorm  # noqa: F401
+from . import topk_float  # noqa: F401
+from . import downgrade_opset  # noqa: F401

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import register_pass
+from ._registry import register_pass
 
 log = logging.getLogger(__name__)
 

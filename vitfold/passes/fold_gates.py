@@ -45,7 +45,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import PassError
 from ..runtimes.ort import MAX_IR_VERSION
-from . import register_pass
+from ._registry import register_pass
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from . import register_pass
+from ._registry import register_pass
 
 
 @register_pass("fold-schedule", tolerance=1e-5)  # ORT may fuse the folded graph differently

@@ -29,7 +29,7 @@ import onnx_graphsurgeon as gs
 from ..errors import FidelityError, PassError
 from ..metrics import Tolerance, compare
 from ..runtimes.ort import MAX_IR_VERSION, run_onnx
-from . import PASSES
+from ._registry import PASSES
 from .precision import emulate_bfloat16, has_bfloat16
 
 #: A pipeline step: a registered pass name, or ``(name, options)`` passed to the pass as keywords.

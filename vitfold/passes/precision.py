@@ -37,7 +37,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..metrics import TOLERANCES, Tolerance
-from . import register_pass
+from ._registry import register_pass
 from .merge_as_matmul import onnx_dtype
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import register_pass
+from ._registry import register_pass
 from .merge_as_matmul import VALUE_PRESERVING, onnx_dtype
 
 log = logging.getLogger(__name__)

@@ -3,75 +3,17 @@
 A method is a class registered under its paper's short name. ``create_method("tome", r=13)`` builds
 one; ``method.schedule(layout)`` turns its parameters into a static :class:`Schedule`, and
 ``method.apply(model, schedule)`` returns a patched copy (the original stays dense).
-Adding a method is one new module plus one import line at the bottom of this file.
+Adding a method is one new module (registering itself through :mod:`._registry`) plus one import
+line at the bottom of this file.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
-from dataclasses import dataclass
-from typing import Callable, TypeVar
-
-from ..errors import SpecError
+from ._registry import METHODS, TokenLayout, create_method, register_method
 from .schedule import Schedule, ScheduleError, parse_r
 
-METHODS: dict[str, type] = {}
-T = TypeVar("T", bound=type)
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """What a schedule needs to know about a model: ``depth`` blocks, ``num_tokens`` entering block 0
-    (prefix included), ``num_prefix_tokens`` class/distillation/register tokens."""
-
-    depth: int
-    num_tokens: int
-    num_prefix_tokens: int
-
-    @classmethod
-    def of(cls, model) -> "TokenLayout":
-        """Read the layout off a timm ``VisionTransformer``."""
-        num_patches = model.patch_embed.num_patches
-        prefix = model.num_prefix_tokens
-        return cls(depth=len(model.blocks), num_tokens=num_patches + prefix, num_prefix_tokens=prefix)
-
-
-def register_method(name: str) -> Callable[[T], T]:
-    """Class decorator: register a method under ``name``. Registering a name twice raises."""
-
-    def wrap(cls: T) -> T:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is already registered by {METHODS[name].__name__}")
-        METHODS[name] = cls
-        cls.name = name
-        return cls
-
-    return wrap
-
-
-def create_method(name: str, **params):
-    """Instantiate method ``name`` with ``params``.
-
-    Raises:
-        SpecError: unknown method (with close matches) or a parameter the method does not take.
-    """
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise SpecError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}.{hint}")
-    cls = METHODS[name]
-    accepted = set(inspect.signature(cls).parameters)
-    unknown = sorted(set(params) - accepted)
-    if unknown:
-        raise SpecError(
-            f"method {name!r} takes no parameter {', '.join(unknown)}; it takes: {', '.join(sorted(accepted))}"
-        )
-    return cls(**params)
-
-
-from . import evit, tome, topk  # noqa: E402,F401  (register "evit", "tome", "topk")
-from . import gates  # noqa: E402,F401  (registers "evit-mass")
-from . import cluster, expedite  # noqa: E402,F401  (register "dpc-knn", "kmedoids", "expedite")
+from . import evit, tome, topk  # noqa: F401  (register "evit", "tome", "topk")
+from . import gates  # noqa: F401  (registers "evit-mass")
+from . import cluster, expedite  # noqa: F401  (register "dpc-knn", "kmedoids", "expedite")
 
 __all__ = ["METHODS", "Schedule", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

@@ -65,7 +65,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from . import TokenLayout, register_method
+from ._registry import TokenLayout, register_method
 from .patching import check_schedule, swap_classes, unpatch
 from .schedule import Schedule, ScheduleError
 

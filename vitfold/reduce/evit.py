@@ -32,7 +32,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from . import TokenLayout, register_method
+from ._registry import TokenLayout, register_method
 from .patching import patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 

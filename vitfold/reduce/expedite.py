@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import TokenLayout, register_method
+from ._registry import TokenLayout, register_method
 from .patching import swap_classes, unpatch
 from .cluster import pairwise_sq_dists
 from .schedule import Schedule, ScheduleError

@@ -45,7 +45,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from . import TokenLayout, register_method
+from ._registry import TokenLayout, register_method
 from .evit import DEFAULT_LOCATIONS, ScoredAttention
 from .patching import check_blocks, swap_classes
 from .schedule import Schedule, ScheduleError

@@ -14,7 +14,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from . import TokenLayout
+from ._registry import TokenLayout
 from .schedule import Schedule, ScheduleError
 
 

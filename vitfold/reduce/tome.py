@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from . import TokenLayout, register_method
+from ._registry import TokenLayout, register_method
 from .patching import patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r

@@ -8,7 +8,7 @@ Vision Transformers", ICCVW 2023 (Sec. 3): EViT's attentive-token selection (Lia
 
 from __future__ import annotations
 
-from . import register_method
+from ._registry import register_method
 from .evit import EViT
 
 
