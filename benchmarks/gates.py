@@ -40,7 +40,7 @@ from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx, torch_outputs
 from vitfold.images import list_images, load_images
 from vitfold.metrics import compare
-from vitfold.passes import DEFAULT_PIPELINES
+from vitfold.runtimes.backends import get_backend
 from vitfold.passes.pipeline import run_pipeline
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -141,7 +141,7 @@ def latency_table(console, args, model, pre, photos, method, fitted, tmp: Path) 
             runners, sessions = {}, [dyn, folded]
             for label in ("dense", "bounded"):
                 s = session(paths[f"{label}-b{batch}"], [batch, *single[1:]], where / f"{label}-b{batch}", cfg,
-                            DEFAULT_PIPELINES[backend])
+                            get_backend(backend).pipeline)
                 sessions.append(s)
                 runners[label] = cycling(s, [batch_input, batch_input[::-1].copy()])
                 if batch == 1:

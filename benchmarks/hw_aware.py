@@ -35,7 +35,7 @@ from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
-from vitfold.passes import DEFAULT_PIPELINES
+from vitfold.runtimes.backends import get_backend
 from vitfold.passes.pipeline import run_pipeline
 from vitfold.plan.auto_schedule import calibrate, describe, pick_schedule, planner
 from vitfold.plan.curve import CurveOptions, measure_curve, read_curve, write_curve
@@ -58,7 +58,7 @@ def build_session(model, method_name: str, params: dict, name: str, work: Path, 
     where = work / name
     where.mkdir(parents=True, exist_ok=True)
     export_onnx(reduced, where / "model.onnx", check[0].shape)
-    run_pipeline(where / "model.onnx", where / "model.opt.onnx", DEFAULT_PIPELINES[cfg.backend], check[:1])
+    run_pipeline(where / "model.onnx", where / "model.opt.onnx", get_backend(cfg.backend).pipeline, check[:1])
     session = runtimes.build_session(where / "model.opt.onnx", where, cfg)
     return session, list(schedule.tokens)
 

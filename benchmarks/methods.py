@@ -26,7 +26,7 @@ from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx, torch_outputs
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
-from vitfold.passes import DEFAULT_PIPELINES
+from vitfold.runtimes.backends import get_backend
 from vitfold.passes.pipeline import run_pipeline
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -111,7 +111,7 @@ def main() -> None:
             out.mkdir()
             console.print(f"[dim]{label}: export, passes, {args.backend} build[/]")
             export_onnx(module, out / "model.onnx", sample.shape)
-            run_pipeline(out / "model.onnx", out / "model.opt.onnx", DEFAULT_PIPELINES[args.backend], [sample])
+            run_pipeline(out / "model.onnx", out / "model.opt.onnx", get_backend(args.backend).pipeline, [sample])
             sessions[label] = runtimes.build_session(out / "model.opt.onnx", out, cfg)
         console.print(f"[dim]measuring {len(sessions)} variants interleaved[/]")
         stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, 1,
@@ -139,7 +139,7 @@ def main() -> None:
     noisy = [n for n, s in stats.items() if s.noisy]
     if noisy:
         console.print(f"[yellow]CoV above 5% for {', '.join(noisy)}: the machine was busy; run again[/]")
-    console.print(f"threads: {cfg.resolved_threads}; passes: {', '.join(DEFAULT_PIPELINES[args.backend])}")
+    console.print(f"threads: {cfg.resolved_threads}; passes: {', '.join(get_backend(args.backend).pipeline)}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ Three variants of one model run interleaved (same process, same input): ``dense`
 after fold-schedule: ScatterElements(add) merges) and ``matmul`` (then merge-as-matmul: one-hot
 MatMuls). The table gives median / p90 ms, speedup over dense, and ``matmul vs scatter`` = scatter
 median / matmul median (> 1: the MatMul form is faster). Absolute times on a shared machine move;
-ratios taken within one interleaved loop are what to compare. The backend's DEFAULT_PIPELINES
-entry (vitfold/passes/__init__.py) should include merge-as-matmul only where it wins.
+ratios taken within one interleaved loop are what to compare. The backend's default
+pipeline (its record in vitfold/runtimes/backends.py) should include merge-as-matmul only where it wins.
 
 ``--per-layer`` adds the backends' own per-layer counters (OpenVINO PERF_COUNT, ONNX Runtime's
 profiler): the time of the merge itself in each form, i.e. the layers made from the nodes the pass
@@ -108,7 +108,7 @@ def main() -> None:
                 if args.per_layer:
                     for form, nodes in merge_nodes(onnx_paths["scatter"], onnx_paths["matmul"]).items():
                         out = Path(tmp) / f"{backend}-{form}-b{batch}"
-                        manifest = {"files": {"backend": "model.xml" if backend == "openvino" else "model.ort.onnx"},
+                        manifest = {"files": dict(runtimes.get_backend(backend).files),
                                     "build": cfg.to_json()}
                         profile = runtimes.backend_module(backend).profile_layers(out, manifest, sample, runs=args.min_runs)
                         merge = [l for l in profile["layers"] if {l["name"], *l["origins"]} & nodes]

@@ -12,7 +12,8 @@ import pytest
 from conftest import tiny_vit
 from vitfold import runtimes
 from vitfold.export.onnx import export_and_validate
-from vitfold.metrics import TOLERANCES, compare
+from vitfold.metrics import compare
+from vitfold.runtimes.backends import get_backend
 from vitfold.reduce import METHODS, TokenLayout, create_method
 from vitfold.reduce.features import DenseFeatures, for_features
 from vitfold.runtimes import BuildConfig
@@ -64,4 +65,4 @@ def test_method_on_onnxruntime_and_openvino(tmp_path, photos, name, task):
     cfg = BuildConfig(backend="openvino", precision="f32")
     with runtimes.build_session(tmp_path / "model.onnx", tmp_path, cfg) as session:
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in photos])
-    compare(reference, outputs).check(TOLERANCES["openvino:f32"], f"{name} ({task}) on OpenVINO f32")
+    compare(reference, outputs).check(get_backend("openvino").tolerance("f32"), f"{name} ({task}) on OpenVINO f32")

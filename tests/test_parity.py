@@ -13,7 +13,8 @@ from vitfold import runtimes
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_and_validate
 from vitfold.images import batches, list_images, load_images
-from vitfold.metrics import TOLERANCES, compare
+from vitfold.metrics import compare
+from vitfold.runtimes.backends import get_backend
 from vitfold.reduce import TokenLayout, create_method
 from vitfold.runtimes import BuildConfig
 from vitfold.spec import ModelSpec
@@ -30,7 +31,7 @@ def check_parity(tmp_path, name: str, r: int, checkpoint=None):
 
     session = OpenVINOSession(tmp_path / "model.xml", BuildConfig("openvino"))
     outputs = np.concatenate([next(iter(session(b).values())) for b in check])
-    ov = compare(reference, outputs).check(TOLERANCES["openvino:f32"], f"{name} r={r}: OpenVINO vs torch")
+    ov = compare(reference, outputs).check(get_backend("openvino").tolerance("f32"), f"{name} r={r}: OpenVINO vs torch")
     return result.parity, ov
 
 

@@ -795,12 +795,8 @@ def test_gpu_deit_small_dense_and_tome13(tmp_path, precision):
     """DeiT-S dense twin and ToMe r=13 end to end: parity (f32 1e-3 max abs; fp16 cosine >= 0.999 and
     100% top-1 on the photos, enforced by the build) and a profile report."""
     from vitfold.build import BuildRequest, build
-    from vitfold.passes import DEFAULT_PIPELINES
     from vitfold.profiles.report import LatencyOptions
     from vitfold.spec import ModelSpec
-
-    if "tensorrt" not in DEFAULT_PIPELINES:
-        pytest.skip("vitfold.passes.DEFAULT_PIPELINES has no 'tensorrt' pipeline yet (build orchestration)")
 
     request = BuildRequest(ModelSpec("deit_small_patch16_224"), "tome", {"r": 13},
                            BuildConfig("tensorrt", precision, cache_dir=str(tmp_path / "cache")),

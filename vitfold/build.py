@@ -25,8 +25,8 @@ from .outdir import claim
 from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
-from .metrics import TOLERANCES, compare
-from .passes import DEFAULT_PIPELINES, TENSORRT_8_5_PASSES
+from .metrics import compare
+from .passes import TENSORRT_8_5_PASSES
 from .passes.pipeline import run_pipeline
 from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
@@ -36,7 +36,7 @@ from .calibrate import DEFAULT_PERCENTILE, calibrate, check_capacity, check_perc
 from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
 from .reduce.features import TASKS, DenseFeatures, for_features
-from .runtimes import BuildConfig
+from .runtimes import BuildConfig, get_backend
 from .spec import ModelSpec
 
 REFERENCE = "reference.npy"
@@ -66,11 +66,7 @@ class BuildRequest:
         if self.task not in TASKS:
             raise SpecError(f"task {self.task!r} unknown; choose one of {', '.join(TASKS)}")
         check_percentile(self.percentile)
-        key = f"{self.build.backend}:{self.build.precision}"
-        if key not in TOLERANCES:
-            offered = [k.split(":")[1] for k in TOLERANCES if k.startswith(f"{self.build.backend}:")]
-            raise SpecError(f"--precision {self.build.precision} is not built for {self.build.backend}; "
-                            f"choose {' or '.join(offered)} (fp16 is a TensorRT precision)")
+        get_backend(self.build.backend).tolerance(self.build.precision)  # unknown backend / precision: SpecError
 
     def identity(self) -> dict:
         """Everything that defines the artifact (not where it goes or how it is timed): model spec,
@@ -160,7 +156,7 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
     Raises:
         BackendUnavailable: TensorRT requested but not installed.
     """
-    passes: list = list(DEFAULT_PIPELINES[cfg.backend])
+    passes: list = list(get_backend(cfg.backend).pipeline)
     version = None
     if cfg.backend == "tensorrt":
         from .runtimes.tensorrt import installed_version
@@ -225,10 +221,10 @@ def build_variant(
     with runtimes.load(directory, verify=False) as session:  # hashed just above by write_manifest
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in check])
     key = f"{request.build.backend}:{request.build.precision}"
-    parity = compare(reference, outputs, classes=output_name(model) == "logits").check(TOLERANCES[key],
-                                                                                    f"{what}: {key} vs torch")
+    tolerance = get_backend(request.build.backend).tolerance(request.build.precision)
+    parity = compare(reference, outputs, classes=output_name(model) == "logits").check(tolerance, f"{what}: {key} vs torch")
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
-    manifest["checks"]["tolerance"] = {"key": key, **TOLERANCES[key].__dict__}
+    manifest["checks"]["tolerance"] = {"key": key, **tolerance.__dict__}
     write_manifest(directory, manifest)
     return manifest
 

@@ -16,6 +16,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import VitfoldError
+from .runtimes.backends import BACKENDS
+from .runtimes.base import PRECISIONS
+
+#: Choices read from the backend records (vitfold/runtimes/backends.py): adding a backend adds it here.
+BACKEND_NAMES = list(BACKENDS)
+#: Backends that build and time on this machine without a device (sweep runs here).
+HOST_BACKEND_NAMES = [name for name, b in BACKENDS.items() if not b.needs_device]
+PRECISION_NAMES = [p for p in PRECISIONS if any(p in b.precisions for b in BACKENDS.values())]
 
 console = Console(stderr=False, highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -131,8 +139,8 @@ def _terminated(signum, frame) -> None:
 @click.option("--calibrate", type=click.Path(file_okay=False, path_type=Path), default=None, help="evit-mass: folder of images to calibrate the capacity on (the dynamic model's kept counts). [default: the check photos]")
 @click.option("--percentile", type=float, default=100.0, show_default=True, help="evit-mass calibration: nearest-rank percentile of the kept counts per location (100 = the largest seen).")
 @click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="features: output the full patch grid [B, H/p*W/p, C], restored after the reduced blocks (dense prediction).")
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), default="openvino", show_default=True, help="Runtime to build for.")
-@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to build for.")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size of the exported graph.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth); the head size is read from it.")
@@ -221,8 +229,8 @@ def _disk_use(directory: Path) -> str:
 @click.option("--methods", "methods_spec", required=True,
               help='Points to build: "tome:r=4,8,13,16 evit:keep=0.5,0.7,0.9 topk:keep=0.7"; after a method, '
                    "':'-separated key=v1,v2 settings, every combination is a point (keep = keep_rate).")
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime"]), default="openvino", show_default=True, help="Runtime to build for.")
-@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision.")
+@click.option("--backend", type=click.Choice(HOST_BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to build for.")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth).")
@@ -308,11 +316,11 @@ def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> 
 
 @main.command()
 @click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
-@click.option("--backend", type=click.Choice(["openvino", "onnxruntime", "tensorrt"]), default="openvino", show_default=True, help="Runtime to measure on.")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to measure on.")
 @click.option("--block/--whole", "block_mode", default=True, show_default=True, help="One transformer block with a static [B, N, C] input, or the whole model with every block at N tokens.")
 @click.option("--tokens", default=None, help="Token counts N: START:STOP:STEP (STOP inclusive) or a list. [default: every 4 from 16 to the full count]")
 @click.option("--block-index", type=click.IntRange(min=0), default=0, show_default=True, help="--block: which block to export.")
-@click.option("--precision", type=click.Choice(["f32", "bf16", "fp16"]), default="f32", show_default=True, help="Inference precision.")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (sets the full token count; default: the model's).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
@@ -341,7 +349,7 @@ def curve(model, backend, block_mode, tokens, block_index, precision, batch, img
 
 @main.command()
 @click.argument("model_path", type=click.Path(path_type=Path))
-@click.option("--backend", type=click.Choice(["tensorrt", "openvino", "onnxruntime"]), default=None, help="Lint for this backend and list every finding (default: a count per target).")
+@click.option("--backend", type=click.Choice(BACKEND_NAMES), default=None, help="Lint for this backend and list every finding (default: a count per target).")
 @click.option("--trt-version", default=None, help="--backend tensorrt: 8.5 (JetPack 5), 10 (JetPack 6: 10.3) or 11. [default: 10]")
 @click.option("--passes/--no-passes", default=True, show_default=True, help="Apply each registered pass alone (unverified) and show what it changes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the machine-readable dict instead of tables.")

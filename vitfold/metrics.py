@@ -1,6 +1,7 @@
 """Output comparison: numpy only, shared by export checks, the pass harness, runtimes and profiles.
 
-Tolerances are written down once, per backend precision, in :data:`TOLERANCES`.
+Backend tolerances are written down once per precision in each backend's record
+(:mod:`vitfold.runtimes.backends`); the pass harness's own are in :data:`TOLERANCES`.
 """
 
 from __future__ import annotations
@@ -23,13 +24,7 @@ class Tolerance:
     min_top1: float = 1.0
 
 
-#: Backend output vs the torch model that produced it, on real photos (per precision).
 TOLERANCES: dict[str, Tolerance] = {
-    "onnxruntime:f32": Tolerance(max_abs=1e-4, min_cosine=0.99999),
-    "openvino:f32": Tolerance(max_abs=1e-3, min_cosine=0.9999),
-    "openvino:bf16": Tolerance(max_abs=None, min_cosine=0.99, min_top1=0.85),
-    "tensorrt:f32": Tolerance(max_abs=1e-3, min_cosine=0.9999),
-    "tensorrt:fp16": Tolerance(max_abs=None, min_cosine=0.999),
     # The graph after the ``precision`` pass vs the float32 graph, both on ONNX Runtime CPU (the pass
     # harness): fp16 keeps 10 mantissa bits, bf16 7, with float32 islands (vitfold/passes/precision.py).
     "precision-pass:fp16": Tolerance(max_abs=None, min_cosine=0.999, min_top1=1.0),

@@ -25,7 +25,8 @@ import onnx
 import torch
 
 from ..errors import ExportError
-from ..metrics import TOLERANCES, Comparison, compare
+from ..metrics import Comparison, compare
+from ..runtimes.backends import get_backend
 from ..runtimes.ort import MAX_IR_VERSION, run_onnx
 
 DEFAULT_OPSET = 18
@@ -139,13 +140,13 @@ def validate_onnx(path: Path, reference: np.ndarray, batches: Sequence[np.ndarra
     """ONNX Runtime (CPU, f32) on ``batches`` vs the torch ``reference`` outputs.
 
     Raises:
-        FidelityError: beyond ``TOLERANCES["onnxruntime:f32"]`` (max abs 1e-4 on logits).
+        FidelityError: beyond ONNX Runtime's f32 tolerance (:mod:`vitfold.runtimes.backends`: max abs 1e-4).
     """
     results = run_onnx(path, batches)
     name = next(iter(results[0]))
     outputs = np.concatenate([out[name] for out in results])
-    return compare(reference, outputs, classes=name == "logits").check(TOLERANCES["onnxruntime:f32"],
-                                                                     f"{what}: ONNX Runtime vs torch")
+    tolerance = get_backend("onnxruntime").tolerance("f32")
+    return compare(reference, outputs, classes=name == "logits").check(tolerance, f"{what}: ONNX Runtime vs torch")
 
 
 def export_and_validate(

@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from ..errors import SpecError
+from ..runtimes.backends import BACKENDS
 
 SEVERITIES = ("error", "warning")
 
@@ -531,8 +532,6 @@ TARGETS: dict[str, tuple[Rule, ...]] = {
     "onnxruntime-cpu": ORT_RULES,
 }
 
-#: CLI / build backend name -> target (TensorRT picks its version separately).
-BACKEND_TARGETS = {"openvino": "openvino-cpu", "onnxruntime": "onnxruntime-cpu"}
 
 
 def target_for(backend: str, trt_version: Optional[str] = None) -> str:
@@ -544,8 +543,8 @@ def target_for(backend: str, trt_version: Optional[str] = None) -> str:
     """
     if backend in TARGETS:
         return backend
-    if backend in BACKEND_TARGETS:
-        return BACKEND_TARGETS[backend]
+    if backend in BACKENDS and BACKENDS[backend].lint_target is not None:
+        return BACKENDS[backend].lint_target
     if backend == "tensorrt":
         version = str(trt_version or "10")
         parts = version.split(".")
@@ -554,7 +553,7 @@ def target_for(backend: str, trt_version: Optional[str] = None) -> str:
                 return candidate
         raise SpecError(f"no lint rules for TensorRT {version}; targets: {', '.join(TARGETS)} "
                         "(JetPack 5 = 8.5, JetPack 6 = 10)")
-    raise SpecError(f"unknown backend {backend!r} for lint; backends: tensorrt, {', '.join(BACKEND_TARGETS)}; "
+    raise SpecError(f"unknown backend {backend!r} for lint; backends: {', '.join(BACKENDS)}; "
                     f"targets: {', '.join(TARGETS)}")
 
 

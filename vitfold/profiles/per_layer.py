@@ -409,10 +409,9 @@ def profile_variant(directory: Path, sample: np.ndarray, options: LayerProfileOp
     directory = Path(directory)
     manifest = read_manifest(directory)
     backend = manifest["build"]["backend"]
-    module = runtimes.backend_module(backend)
-    if not hasattr(module, "profile_layers"):
+    if not runtimes.get_backend(backend).per_layer:
         raise SpecError(f"backend {backend!r} has no per-layer profiler; run `profile` without --per-layer")
-    raw = module.profile_layers(directory, manifest, sample, warmup=options.warmup, runs=options.runs)
+    raw = runtimes.backend_module(backend).profile_layers(directory, manifest, sample, warmup=options.warmup, runs=options.runs)
     files = manifest["files"]
     places = onnx_places(directory / files.get("optimized", files["onnx"]), directory / files["onnx"])
     layers = raw["layers"] if "layers" in raw else mean_layers(raw["runs"])

@@ -18,7 +18,7 @@ import numpy as np
 from .. import __version__, runtimes
 from ..artifact import check_writable, read_manifest, write_text_atomic
 from ..images import batches, list_images, load_images
-from ..metrics import TOLERANCES, compare
+from ..metrics import compare
 from ..spec import Preprocess
 from .flops import ModelDims, graph_macs, schedule_macs
 from .latency import NOISY_COV, measure_interleaved, noisy_variants, speedup
@@ -107,6 +107,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     check = batches(load_images(paths, pre), batch_size)
     count = len(paths)
     key = f"{manifest['build']['backend']}:{manifest['build']['precision']}"
+    backend = runtimes.get_backend(manifest["build"]["backend"])
+    tolerance = backend.tolerance(manifest["build"]["precision"])
 
     # runtimes.load checks every listed file (model.onnx and reference.npy, read below, included)
     # against its sha256 before the backend opens it: both builds, before anything is measured
@@ -118,7 +120,7 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
             for label, out, where, listed in (("dense", dense_out, dense_dir, dense_manifest),
                                               ("reduced", reduced_out, directory, manifest)):
                 reference = np.load(where / listed["files"]["reference"])[:count]
-                parity[label] = compare(reference, out, classes=classes).check(TOLERANCES[key], f"{label}: {key} vs torch").to_json()
+                parity[label] = compare(reference, out, classes=classes).check(tolerance, f"{label}: {key} vs torch").to_json()
         fidelity = compare(dense_out, reduced_out, classes=classes).to_json()
         if not classes and dense_out.ndim == 2:
             fidelity["output"] = "embedding"
@@ -135,8 +137,8 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         )
         settings = reduced.settings
         # backend-specific measurements (TensorRT: CUDA-event latency, Jetson power / clock state)
-        extras = getattr(runtimes.backend_module(manifest["build"]["backend"]), "profile_extras", None)
-        backend_profile = extras({"dense": dense, "reduced": reduced}, sample) if extras else None
+        backend_profile = (backend.load_module().profile_extras({"dense": dense, "reduced": reduced}, sample)
+                           if backend.profile_extras else None)
 
     dims = ModelDims.from_json(manifest["dims"])
     macs = {

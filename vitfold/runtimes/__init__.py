@@ -18,15 +18,9 @@ from types import ModuleType
 from typing import Mapping
 
 from ..artifact import read_manifest, verify_files
-from ..errors import ArtifactError, BackendUnavailable, SpecError, VitfoldError
+from ..errors import ArtifactError, BackendUnavailable, VitfoldError
+from .backends import BACKENDS, Backend, get_backend
 from .base import PRECISIONS, BuildConfig, Session
-
-#: backend name -> module implementing ``build`` and ``load``.
-RUNTIMES: dict[str, str] = {
-    "onnxruntime": "vitfold.runtimes.ort",
-    "openvino": "vitfold.runtimes.openvino",
-    "tensorrt": "vitfold.runtimes.tensorrt",
-}
 
 
 def require(package: str, install_hint: str) -> ModuleType:
@@ -38,23 +32,25 @@ def require(package: str, install_hint: str) -> ModuleType:
 
 
 def backend_module(backend: str) -> ModuleType:
-    """The module for ``backend``, after its ``check_available()`` (if it has one) passed.
+    """The module of ``backend``'s record, after its ``check_available()`` where the record says it
+    needs a device.
 
     Raises:
         SpecError: unknown backend name.
         BackendUnavailable: the backend's packages or device are missing here (checked before any
             slow step, e.g. TensorRT without a GPU).
     """
-    if backend not in RUNTIMES:
-        raise SpecError(f"unknown backend {backend!r}; available: {', '.join(RUNTIMES)}")
-    module = importlib.import_module(RUNTIMES[backend])
-    if hasattr(module, "check_available"):
+    record = get_backend(backend)
+    module = record.load_module()
+    if record.needs_device:
         module.check_available()
     return module
 
 
 def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
-    """Build the backend artifact for ``onnx_path`` into ``out_dir``; returns manifest entries."""
+    """Build the backend artifact for ``onnx_path`` into ``out_dir`` (created if absent); returns
+    manifest entries (``files``: role -> file name, ``versions``)."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     return backend_module(cfg.backend).build(Path(onnx_path), Path(out_dir), cfg)
 
 
@@ -118,4 +114,4 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["PRECISIONS", "RUNTIMES", "BuildConfig", "Session", "backend_module", "build", "build_session", "build_sessions", "load", "require"]
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BuildConfig", "get_backend", "Session", "backend_module", "build", "build_session", "build_sessions", "load", "require"]
