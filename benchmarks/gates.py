@@ -34,6 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vitfold import runtimes
+from vitfold.compile import compile_onnx
 from vitfold.build import model_dims
 from vitfold.calibrate import calibrate, check_capacity, kept_counts
 from vitfold.export.models import create_model
@@ -85,14 +86,9 @@ def search_mass(model, photos: np.ndarray, target: float) -> float:
 
 
 def session(path: Path, shape: list[int], directory: Path, cfg: BuildConfig, passes) -> runtimes.Session:
-    """Optimise (``passes``, may be empty), build and load ``path`` (input ``shape``) for ``cfg``'s backend."""
+    """Optimise (``passes``, may be empty), lint, build and load ``path`` (input ``shape``) for ``cfg``'s backend."""
     directory.mkdir(parents=True, exist_ok=True)
-    optimized = directory / "model.opt.onnx"
-    if passes:
-        run_pipeline(path, optimized, passes, [np.zeros(shape, dtype=np.float32)])
-    else:
-        optimized.write_bytes(Path(path).read_bytes())
-    return runtimes.build_session(optimized, directory, cfg)
+    return compile_onnx(path, directory, cfg, np.zeros(shape, dtype=np.float32), passes=passes).open(cfg)
 
 
 def cycling(run, inputs: list[np.ndarray]):

@@ -28,15 +28,12 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from vitfold import runtimes
+from vitfold.compile import compile_module
 from vitfold.build import model_dims
 from vitfold.errors import ScheduleError
 from vitfold.export.models import create_model
-from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
-from vitfold.runtimes.backends import get_backend
-from vitfold.passes.pipeline import run_pipeline
 from vitfold.plan.auto_schedule import calibrate, describe, pick_schedule, planner
 from vitfold.plan.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
@@ -55,11 +52,7 @@ def build_session(model, method_name: str, params: dict, name: str, work: Path, 
     layout = TokenLayout.of(model)
     schedule = method.schedule(layout)
     reduced = method.apply(model, schedule)
-    where = work / name
-    where.mkdir(parents=True, exist_ok=True)
-    export_onnx(reduced, where / "model.onnx", check[0].shape)
-    run_pipeline(where / "model.onnx", where / "model.opt.onnx", get_backend(cfg.backend).pipeline, check[:1])
-    session = runtimes.build_session(where / "model.opt.onnx", where, cfg)
+    session = compile_module(reduced, check[0].shape, work / name, cfg, sample=check[0]).open(cfg)
     return session, list(schedule.tokens)
 
 

@@ -20,14 +20,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vitfold import runtimes
+from vitfold.compile import compile_module
 from vitfold.build import model_dims
 from vitfold.export.models import create_model
-from vitfold.export.onnx import export_onnx, torch_outputs
+from vitfold.export.onnx import torch_outputs
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
 from vitfold.runtimes.backends import get_backend
-from vitfold.passes.pipeline import run_pipeline
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
 from vitfold.reduce import METHODS, TokenLayout, create_method
@@ -107,12 +106,8 @@ def main() -> None:
         variants = {"dense": (model, None)}
         variants.update({label: (p[0].apply(model, p[2]), p) for label, p in picks.items()})
         for label, (module, _) in variants.items():
-            out = Path(tmp) / label
-            out.mkdir()
             console.print(f"[dim]{label}: export, passes, {args.backend} build[/]")
-            export_onnx(module, out / "model.onnx", sample.shape)
-            run_pipeline(out / "model.onnx", out / "model.opt.onnx", get_backend(args.backend).pipeline, [sample])
-            sessions[label] = runtimes.build_session(out / "model.opt.onnx", out, cfg)
+            sessions[label] = compile_module(module, sample.shape, Path(tmp) / label, cfg, sample=sample).open(cfg)
         console.print(f"[dim]measuring {len(sessions)} variants interleaved[/]")
         stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, 1,
                                     min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -823,7 +823,7 @@ def test_gpu_deit_small_dense_and_tome13(tmp_path, precision):
 def test_build_pipeline_follows_the_installed_tensorrt(monkeypatch, version, precision, target, has_precision_pass):
     """GPU-free: passes and lint rules are picked for the TensorRT that will build the engine."""
     import vitfold.runtimes.tensorrt as trt_runtime
-    from vitfold.build import pipeline_for
+    from vitfold.compile import pipeline_for
     from vitfold.runtimes import BuildConfig
 
     monkeypatch.setattr(trt_runtime, "installed_version", lambda: version)

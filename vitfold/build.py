@@ -26,12 +26,10 @@ from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
 from .metrics import compare
-from .passes import TENSORRT_8_5_PASSES
-from .passes.pipeline import run_pipeline
-from .passes.lint import require_clean, target_for
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
 from .profiles.schedule_report import AUTO_JSON
+from .compile import compile_onnx
 from .calibrate import DEFAULT_PERCENTILE, calibrate, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
@@ -145,30 +143,6 @@ def model_dims(model) -> ModelDims:
     )
 
 
-def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
-    """The pass steps and the lint target for a backend build.
-
-    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules; 8.5 also
-    gets :data:`~vitfold.passes.TENSORRT_8_5_PASSES` (LayerNormalization, integer TopK, opset 17); on
-    TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
-    the graph through the ``precision`` pass.
-
-    Raises:
-        BackendUnavailable: TensorRT requested but not installed.
-    """
-    passes: list = list(get_backend(cfg.backend).pipeline)
-    version = None
-    if cfg.backend == "tensorrt":
-        from .runtimes.tensorrt import installed_version
-
-        version = installed_version()
-        if target_for(cfg.backend, version) == "tensorrt-8.5":
-            passes.extend(TENSORRT_8_5_PASSES)
-        if int(version.split(".")[0]) >= 11 and cfg.precision in ("fp16", "bf16"):
-            passes.append(("precision", {"precision": cfg.precision}))
-    return passes, target_for(cfg.backend, version)
-
-
 def tool_versions() -> dict:
     import onnx
     import timm
@@ -197,12 +171,8 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
-    passes, lint_target = pipeline_for(request.build)
-    log(f"[{what}] passes: {', '.join(p if isinstance(p, str) else p[0] for p in passes)}")
-    pass_reports = run_pipeline(directory / "model.onnx", directory / "model.opt.onnx", passes, check[:1])
-    lint_warnings = require_clean(directory / "model.opt.onnx", lint_target)  # an error finding stops the build
-    log(f"[{what}] build {request.build.backend} ({request.build.precision})")
-    built = runtimes.build(directory / "model.opt.onnx", directory, request.build)
+    compiled = compile_onnx(directory / "model.onnx", directory, request.build, check[0],
+                            log=lambda msg: log(f"[{what}] {msg}"))
     manifest = {
         **common,
         "method": method,
@@ -211,10 +181,10 @@ def build_variant(
         "input": {"name": INPUT_NAME, "shape": list(check[0].shape), "dtype": "float32"},
         "outputs": [output_name(model)],
         "build": request.build.to_json(),
-        "files": {"onnx": "model.onnx", "optimized": "model.opt.onnx", "reference": REFERENCE, **built["files"]},
-        "versions": {**common["versions"], **built["versions"]},
-        "passes": [r.to_json() for r in pass_reports],
-        "lint": {"target": lint_target, "warnings": [f.to_json() for f in lint_warnings]},
+        "files": {**compiled.files, "reference": REFERENCE},
+        "versions": {**common["versions"], **compiled.versions},
+        "passes": [r.to_json() for r in compiled.passes],
+        "lint": {"target": compiled.lint_target, "warnings": [f.to_json() for f in compiled.lint_warnings]},
         "checks": {"images": image_names, "onnxruntime_vs_torch": exported.parity.to_json()},
     }
     write_manifest(directory, manifest)
@@ -252,7 +222,6 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
 
 def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tuple[Path, dict]:
     spec = request.spec
-    cfg = request.build
     method = create_method(request.method, **request.params)
     if request.task == "features":
         method = create_method(request.method, **request.params, **for_features(type(method)))

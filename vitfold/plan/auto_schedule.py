@@ -300,8 +300,8 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
     from pathlib import Path
 
     from .. import runtimes
+    from ..compile import compile_module
     from ..export.models import create_model
-    from ..export.onnx import export_onnx
     from ..reduce import TokenLayout, create_method
     from .curve import CurveOptions
     from ..profiles.latency import measure_interleaved
@@ -319,11 +319,8 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
     sessions = {}
     with tempfile.TemporaryDirectory(prefix="vitfold-calibrate-") as tmp:
         for label, torch_model in (("dense", model), ("reference", reduced)):
-            where = Path(tmp) / label
-            where.mkdir()
-            log(f"calibrate: export and build the whole {label} model ({cfg.backend})")
-            export_onnx(torch_model, where / "model.onnx", shape)
-            sessions[label] = runtimes.build_session(where / "model.onnx", where, cfg)
+            log(f"calibrate: export and build the whole {label} model ({cfg.backend}, the build's pass pipeline)")
+            sessions[label] = compile_module(torch_model, shape, Path(tmp) / label, cfg).open(cfg)
         sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
                                     warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),

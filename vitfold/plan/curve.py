@@ -136,8 +136,8 @@ def measure_curve(
         ExportError: a graph breaks the static export contract.
     """
     from .. import runtimes
+    from ..compile import compile_module
     from ..export.models import create_model
-    from ..export.onnx import export_onnx
     from ..reduce import TokenLayout
     from ..profiles.report import environment
 
@@ -168,12 +168,9 @@ def measure_curve(
             sessions, inputs = {}, {}
             for n in order[start : start + chunk]:
                 torch_module, shape = _modules(model, mode, n, block_index, spec.batch_size)
-                where = Path(tmp) / f"n{n}"
-                where.mkdir()
-                log(f"[N={n}] export {tuple(shape)} and build {cfg.backend}")
-                export_onnx(torch_module, where / "model.onnx", shape)
-                sessions[n] = runtimes.build_session(where / "model.onnx", where, cfg)
+                log(f"[N={n}] export {tuple(shape)} and build {cfg.backend} (the build's pass pipeline)")
                 inputs[n] = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
+                sessions[n] = compile_module(torch_module, shape, Path(tmp) / f"n{n}", cfg, sample=inputs[n]).open(cfg)
             log(f"time {len(sessions)} token counts interleaved")
             stats = measure_interleaved(
                 {str(n): (lambda s=sessions[n], x=inputs[n]: s(x)) for n in sessions},

@@ -1,0 +1,110 @@
+"""The compile path: every caller that turns a torch module into something it runs goes through here.
+
+Stages, in order: export (:mod:`vitfold.export`) -> the backend's pass pipeline, each pass verified
+on a sample (:mod:`vitfold.passes`) -> lint for the backend's target (an error stops) -> backend build
+(:mod:`vitfold.runtimes`) -> open. ``build`` (with its manifest and torch checks), ``curve``, the
+auto-schedule calibration and the benchmarks all call :func:`compile_onnx` / :func:`compile_module`, so
+the graph that is timed for a cost model is the graph a build ships. Each stage reads the files the
+previous one wrote in ``directory`` (``model.onnx`` -> ``model.opt.onnx`` -> the backend's files).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from . import runtimes
+from .export.onnx import export_onnx
+from .passes import TENSORRT_8_5_PASSES
+from .passes.lint import Finding, require_clean, target_for
+from .passes.pipeline import PassReport, run_pipeline
+from .runtimes import BuildConfig, Session, get_backend
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A compiled variant in ``directory``: ``files`` (role -> name: ``onnx``, ``optimized`` and the
+    backend's), backend ``versions``, the pass reports, the lint target and its warnings."""
+
+    directory: Path
+    files: dict
+    versions: dict
+    passes: list[PassReport]
+    lint_target: str
+    lint_warnings: list[Finding]
+
+    def open(self, cfg: BuildConfig) -> Session:
+        """Load the built artifact (no manifest needed): a ready :class:`~vitfold.runtimes.Session`."""
+        return runtimes.backend_module(cfg.backend).load(self.directory, {"files": self.files, "build": cfg.to_json()})
+
+
+def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
+    """The pass steps and the lint target for a backend build.
+
+    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules; 8.5 also
+    gets :data:`~vitfold.passes.TENSORRT_8_5_PASSES` (LayerNormalization, integer TopK, opset 17); on
+    TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
+    the graph through the ``precision`` pass.
+
+    Raises:
+        BackendUnavailable: TensorRT requested but not installed.
+    """
+    passes: list = list(get_backend(cfg.backend).pipeline)
+    version = None
+    if cfg.backend == "tensorrt":
+        from .runtimes.tensorrt import installed_version
+
+        version = installed_version()
+        if target_for(cfg.backend, version) == "tensorrt-8.5":
+            passes.extend(TENSORRT_8_5_PASSES)
+        if int(version.split(".")[0]) >= 11 and cfg.precision in ("fp16", "bf16"):
+            passes.append(("precision", {"precision": cfg.precision}))
+    return passes, target_for(cfg.backend, version)
+
+
+
+def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.ndarray, *,
+                 passes: Optional[Sequence] = None, log: Callable[[str], None] = lambda msg: None) -> Compiled:
+    """Passes -> lint -> backend build for an exported ONNX file, into ``directory``.
+
+    Args:
+        onnx_path: the exported model (read only); ``directory / "model.opt.onnx"`` is written.
+        sample: one ``[B, 3, H, W]`` float32 batch each pass is verified on (real photos where there are).
+        passes: the steps to run instead of :func:`pipeline_for`'s (benchmarks comparing pipelines).
+
+    Raises:
+        PassError: a pass failed or moved the outputs beyond its tolerance, or lint found an error.
+        BackendUnavailable: the backend is not installed here.
+    """
+    directory = Path(directory)
+    steps, lint_target = pipeline_for(cfg)
+    steps = list(steps if passes is None else passes)
+    optimized = directory / "model.opt.onnx"
+    log(f"passes: {', '.join(p if isinstance(p, str) else p[0] for p in steps) or 'none'}")
+    reports = run_pipeline(Path(onnx_path), optimized, steps, [sample])
+    warnings = require_clean(optimized, lint_target)
+    log(f"build {cfg.backend} ({cfg.precision})")
+    built = runtimes.build(optimized, directory, cfg)
+    onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
+    return Compiled(directory, {"onnx": onnx_name, "optimized": optimized.name, **built["files"]}, built["versions"],
+                    reports, lint_target, warnings)
+
+
+def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,
+                   sample: Optional[np.ndarray] = None, passes: Optional[Sequence] = None,
+                   log: Callable[[str], None] = lambda msg: None) -> Compiled:
+    """Export ``module`` at ``input_shape`` to ``directory / "model.onnx"`` (static shapes), then
+    :func:`compile_onnx`. ``sample``: the batch the passes are verified on (default: a seeded normal one).
+
+    Raises:
+        ExportError: the graph breaks the static export contract; and as :func:`compile_onnx`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    export_onnx(module, directory / "model.onnx", tuple(input_shape))
+    if sample is None:
+        sample = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
+    return compile_onnx(directory / "model.onnx", directory, cfg, sample, passes=passes, log=log)
