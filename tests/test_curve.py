@@ -143,7 +143,8 @@ def test_picker_lands_on_the_fast_side_of_a_step():
 
 def test_picker_budget_limits_and_messages():
     from vitfold.errors import ScheduleError
-    from vitfold.plan.auto_schedule import CostModel, budget_for, pick_schedule, tome_params
+    from vitfold.plan.auto_schedule import CostModel, budget_for, pick_schedule
+    from vitfold.reduce.tome import tome_params
 
     counts = list(range(8, 65, 4))
     curve = {"mode": "block", "embed_dim": 64, "attn_dim": 64, "mlp_hidden": 256,
@@ -235,7 +236,8 @@ def test_auto_schedule_build_records_predicted_and_measured(tiny_curve, tmp_path
 
 
 def test_prune_planner_removes_only_at_locations_and_round_trips_to_keep_rates():
-    from vitfold.plan.auto_schedule import CostModel, pick_schedule, prune_max_removed, prune_params
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule
+    from vitfold.reduce.evit import prune_max_removed, prune_params
     from vitfold.reduce import TokenLayout, create_method
 
     counts = list(range(2, 66))
@@ -277,7 +279,7 @@ def test_auto_schedule_plans_evit_keep_rates(tiny_curve, tmp_path):
     assert refused.returncode == 2 and "drop --keep-rate" in refused.stderr
     other = deploy("build", "--model", "test_vit", "--img-size", "64", "--backend", "onnxruntime", "--method", "kmedoids",
                    "--schedule", "auto", "--latency-budget", "5", "--curve", str(tiny_curve))
-    assert other.returncode == 2 and "plans tome, evit, topk schedules" in other.stderr
+    assert other.returncode == 2 and "plans evit, tome, topk schedules" in other.stderr
 
 
 def test_a_reference_schedule_off_the_grid_is_a_candidate():
@@ -285,7 +287,8 @@ def test_a_reference_schedule_off_the_grid_is_a_candidate():
     counts (130, 67, 35) between the curve's (every 4 tokens), and the reduction overhead is charged on
     the exact counts, so without them the picker's nearest schedule costs a little more and is refused."""
     from vitfold.errors import ScheduleError
-    from vitfold.plan.auto_schedule import CostModel, pick_schedule, prune_max_removed
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule
+    from vitfold.reduce.evit import prune_max_removed
 
     counts = list(range(16, 257, 4)) + [257]
     curve = {"mode": "block", "embed_dim": 384, "attn_dim": 384, "mlp_hidden": 1536,
@@ -298,3 +301,31 @@ def test_a_reference_schedule_off_the_grid_is_a_candidate():
         pick_schedule(model, 12, 257, 1, budget, limit)
     picked = pick_schedule(model, 12, 257, 1, budget, limit, extra_counts=constant)
     assert model.predict(picked) <= budget * (1 + 1e-9) and sum(picked[1:]) >= sum(constant[1:])
+
+
+def test_methods_describe_themselves_to_the_planner(monkeypatch):
+    """The planner dispatches on no method name: a method is planned when it implements ``plan``."""
+    from vitfold.plan.auto_schedule import default_max_fraction, planned_methods, planner
+    from vitfold.reduce import METHODS, SchedulePlan
+
+    assert planned_methods() == ["evit", "tome", "topk"]  # evit-mass (a per-image gate) plans its own capacity
+    assert (default_max_fraction("tome"), default_max_fraction("topk")) == (0.2, 0.5)
+    max_removed, reference, to_params = planner("tome", {"prop_attn": False}, 197, 1, 12, 0.2)
+    assert reference == {"prop_attn": False, "r": 8} and max_removed(0, 197) == 39
+    assert to_params([197, 190, 190]) == {"prop_attn": False, "r": [7, 0]}
+
+    class Halving:
+        schedule_param, plan_max_fraction = "k", 0.5
+
+        def __init__(self, k=None):
+            pass
+
+        def plan(self, layout, max_fraction):
+            return SchedulePlan(lambda block, n: n // 2, {"k": 1}, lambda tokens: {"k": list(tokens)})
+
+    monkeypatch.setitem(METHODS, "halving", Halving)
+    assert "halving" in planned_methods() and default_max_fraction("halving") == 0.5
+    max_removed, reference, to_params = planner("halving", {"k": 3}, 10, 1, 2, 0.5)
+    assert (max_removed(0, 10), reference, to_params([10, 5])) == (5, {"k": 1}, {"k": [10, 5]})
+    with pytest.raises(SpecError, match="--schedule auto plans evit, halving, tome, topk schedules; 'dpc-knn'"):
+        planner("dpc-knn", {}, 197, 1, 12, 0.5)

@@ -17,24 +17,24 @@ block curve (:mod:`vitfold.plan.curve`):
 * :func:`calibrate` (torch) measures the whole dense model and one reduced model on the backend to
   fit ``base`` and the reduction overhead, so predictions are in measured milliseconds.
 
-Methods plug in through the schedule alone: a per-block token list and ``max_removed(block, n)``,
-the most a block may remove from ``n`` tokens (ToMe: half the unprotected tokens, every block;
-EViT / Top-K: only at their locations, keeping at least one patch token). :func:`tome_params` turns
-a schedule into ToMe's ``r``, :func:`prune_params` into EViT's / Top-K's keep rate per location.
+Methods plug in by describing themselves (``plan`` -> :class:`~vitfold.reduce.SchedulePlan`): the
+most a block may remove from ``n`` tokens (ToMe: half the unprotected tokens, every block; EViT /
+Top-K: only at their locations, keeping at least one patch token), the reference setting the
+calibration times, and how a token schedule becomes the method's parameters (ToMe's ``r``, EViT's /
+Top-K's keep rate per location). A new method that implements ``plan`` is planned; nothing here changes.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ScheduleError, SpecError
+from ..reduce._registry import MaxRemoved
+from ..reduce.tome import reference_r, tome_max_removed
 from ..profiles.schedule_report import describe  # noqa: F401 (also the planner's public API)
-
-MaxRemoved = Callable[[int, int], int]
 
 
 def attention_share(tokens: int, embed_dim: int, attn_dim: int, mlp_hidden: int) -> float:
@@ -101,38 +101,6 @@ class CostModel:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def tome_max_removed(num_prefix_tokens: int, max_fraction: float = 0.5) -> MaxRemoved:
-    """ToMe's limit: bipartite matching merges at most half of a block's unprotected tokens;
-    ``max_fraction`` < 0.5 caps each block lower (large single merges cost fidelity that the
-    token count does not see)."""
-    if not 0.0 < max_fraction <= 0.5:
-        raise SpecError(f"max merge fraction {max_fraction} must be in (0, 0.5] (bipartite matching merges at most half)")
-    return lambda block, tokens: max(0, min((tokens - num_prefix_tokens) // 2, int(max_fraction * (tokens - num_prefix_tokens))))
-
-
-def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,
-                      max_fraction: float = 0.5) -> MaxRemoved:
-    """EViT's / Top-K's limit: tokens go only at the reduction ``locations``; there at most
-    ``max_fraction`` of the patch tokens (keep rate >= 1 - max_fraction), at least one patch token
-    kept, plus the fused token when fusing (``P + keep + 1`` tokens after the block).
-
-    Raises:
-        SpecError: ``max_fraction`` outside (0, 1).
-    """
-    if not 0.0 < max_fraction < 1.0:
-        raise SpecError(f"max prune fraction {max_fraction} must be in (0, 1): a keep rate of 1 - fraction per location")
-    where, extra = frozenset(int(b) for b in locations), int(bool(fuse))
-
-    def limit(block: int, tokens: int) -> int:
-        patches = tokens - num_prefix_tokens
-        if block not in where or patches < 2 + extra:
-            return 0
-        keep = max(1, math.ceil((1.0 - max_fraction) * patches))
-        return max(0, patches - keep - extra)
-
-    return limit
 
 
 def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_removed: MaxRemoved):
@@ -235,52 +203,7 @@ def budget_for(model: CostModel, depth: int, full: int, *, target_speedup: Optio
     return float(latency_budget_ms)
 
 
-def tome_params(tokens: Sequence[int]) -> list[int]:
-    """ToMe's per-block ``r`` for a schedule's ``tokens``."""
-    return [a - b for a, b in zip(tokens, tokens[1:])]
-
-
-def prune_params(tokens: Sequence[int], locations: Sequence[int], num_prefix_tokens: int, fuse: bool) -> list[float]:
-    """EViT's / Top-K's keep rate per location for a schedule's ``tokens``.
-
-    A location whose count does not fall keeps rate 1.0. Each other rate is ``keep / (N - P)`` to 6
-    digits, or ``(keep - 0.5) / (N - P)`` where float rounding would make the reference's keep count
-    ``ceil(rate * (N - P))`` land on ``keep + 1``: the method then runs exactly the picked count.
-
-    Raises:
-        ScheduleError: the count changes at a block that is not a location, or a location's count
-            is not one the method can produce.
-    """
-    from ..reduce.evit import keep_count
-
-    where = [int(b) for b in locations]
-    P, extra = num_prefix_tokens, int(bool(fuse))
-    for block, (before, after) in enumerate(zip(tokens, tokens[1:])):
-        if after != before and block not in where:
-            raise ScheduleError(f"block {block} changes the token count ({before} -> {after}) but is not a reduction location {where}")
-    rates = []
-    for block in where:
-        before, after = tokens[block], tokens[block + 1]
-        if after == before:
-            rates.append(1.0)
-            continue
-        keep = after - P - extra
-        if not 1 <= keep < before - P:
-            raise ScheduleError(f"block {block}: {before} -> {after} tokens is no keep count of this method (prefix {P}, fuse {bool(fuse)})")
-        rate = math.floor(keep / (before - P) * 1e6) / 1e6
-        if keep_count(before, P, rate) != keep:  # e.g. 0.1 * 30 = 3.0000000000000004 rounds up
-            rate = round((keep - 0.5) / (before - P), 6)
-        assert keep_count(before, P, rate) == keep, (before, after, rate)
-        rates.append(rate)
-    return rates
-
-
 # ----------------------------------------------------------------------------------- calibration
-
-
-def reference_r(full: int, num_prefix_tokens: int, depth: int) -> int:
-    """The constant ToMe r calibration builds: about half the tokens gone by the last block (DeiT-S: 8)."""
-    return max(1, (full - num_prefix_tokens) // (2 * depth))
 
 
 def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
@@ -342,51 +265,43 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
 # ------------------------------------------------------------------------------------ build flow
 
 
-#: Default cap on one block's merge for auto schedules: on DINOv2 ViT-S/14 (benchmarks/hw_aware.py)
-#: ToMe's own cap (0.5) let the picker merge ~100 tokens in one block and lose feature cosine to
-#: constant r at the same latency; with 0.2 the auto schedule beat constant r at r=8 and r=13.
-MAX_MERGE_FRACTION = 0.2
-#: Default cap on one location's pruning (EViT / Top-K): keep rate >= 0.5, the lowest the EViT paper
-#: reports (Liang et al., ICLR 2022, Table 2: keep rates 0.5-0.9 at blocks 4, 7, 10).
-MAX_PRUNE_FRACTION = 0.5
-#: Methods ``--schedule auto`` plans for.
-AUTO_METHODS = ("tome", "evit", "topk")
+def planned_methods() -> list[str]:
+    """The registered methods that describe themselves to the planner (see :class:`~vitfold.reduce.SchedulePlan`)."""
+    from ..reduce import METHODS
+
+    return sorted(name for name, cls in METHODS.items() if callable(getattr(cls, "plan", None)))
+
+
+def _planned(method: str) -> type:
+    from ..reduce import METHODS
+
+    if method not in planned_methods():
+        raise SpecError(f"--schedule auto plans {', '.join(planned_methods())} schedules; {method!r} has its own schedule "
+                        "parameters: give them instead")
+    return METHODS[method]
 
 
 def default_max_fraction(method: str) -> float:
-    """The per-block cap ``auto_schedule`` uses when none is given: merge 0.2 (ToMe), prune 0.5."""
-    return MAX_MERGE_FRACTION if method == "tome" else MAX_PRUNE_FRACTION
-
-
-def _require_planned(method: str) -> None:
-    if method not in AUTO_METHODS:
-        raise SpecError(f"--schedule auto plans {', '.join(AUTO_METHODS)} schedules; {method!r} has its own schedule "
-                        "parameters: give them instead")
+    """The per-block cap ``auto_schedule`` uses when none is given: the method's ``plan_max_fraction``
+    (ToMe: merge at most 0.2 of a block; EViT / Top-K: prune at most 0.5 at a location)."""
+    return _planned(method).plan_max_fraction
 
 
 def planner(method: str, params: dict, full: int, prefix: int, depth: int,
             max_fraction: float) -> tuple[MaxRemoved, dict, Callable[[Sequence[int]], dict]]:
-    """How to plan for ``method``: ``(max_removed, reference params, tokens -> method params)``.
-
-    ``reference`` is the reduced model :func:`calibrate` times (ToMe at :func:`reference_r`, EViT /
-    Top-K at keep rate 0.7), with the user's other ``params`` (locations, fuse, prop_attn) kept.
-    ``max_fraction``: most of a block's tokens one block may remove (:func:`default_max_fraction`).
+    """How to plan for ``method``, as the method describes itself (``plan``): ``(max_removed,
+    reference params, tokens -> method params)``, with the user's other ``params`` (locations, fuse,
+    prop_attn, ...) kept in both.
 
     Raises:
-        SpecError: a method auto schedules do not plan for, or a bad ``max_fraction``.
+        SpecError: a method that does not describe itself to the planner, or a bad ``max_fraction``.
     """
-    from ..reduce import create_method
+    from ..reduce import TokenLayout, create_method
 
-    _require_planned(method)
-    if method == "tome":
-        reference = {**{k: v for k, v in params.items() if k != "r"}, "r": reference_r(full, prefix, depth)}
-        return (tome_max_removed(prefix, max_fraction), reference,
-                lambda tokens: {**params, "r": tome_params(tokens)})
-    probe = create_method(method, **{k: v for k, v in params.items() if k != "keep_rate"})
-    locations, fuse = list(probe.locations), probe.fuse
-    reference = {**{k: v for k, v in params.items() if k != "keep_rate"}, "keep_rate": 0.7}
-    return (prune_max_removed(locations, prefix, fuse, max_fraction), reference,
-            lambda tokens: {**params, "keep_rate": prune_params(tokens, locations, prefix, fuse), "locations": locations})
+    cls = _planned(method)
+    others = {k: v for k, v in params.items() if k != cls.schedule_param}
+    plan = create_method(method, **others).plan(TokenLayout(depth, full, prefix), max_fraction)
+    return plan.max_removed, {**others, **plan.reference}, lambda tokens: {**params, **plan.params_for(tokens)}
 
 
 def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = None,
@@ -416,7 +331,7 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
     """
     from .curve import measure_curve, read_curve
 
-    _require_planned(method)  # before a curve is measured
+    _planned(method)  # before a curve is measured
     params = dict(params or {})
     max_fraction = default_max_fraction(method) if max_merge_fraction is None else max_merge_fraction
     if curve is None:

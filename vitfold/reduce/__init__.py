@@ -9,11 +9,11 @@ line at the bottom of this file.
 
 from __future__ import annotations
 
-from ._registry import METHODS, TokenLayout, create_method, register_method
+from ._registry import METHODS, SchedulePlan, TokenLayout, create_method, register_method
 from .schedule import Schedule, ScheduleError, parse_r
 
 from . import evit, tome, topk  # noqa: F401  (register "evit", "tome", "topk")
 from . import gates  # noqa: F401  (registers "evit-mass")
 from . import cluster, expedite  # noqa: F401  (register "dpc-knn", "kmedoids", "expedite")
 
-__all__ = ["METHODS", "Schedule", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]
+__all__ = ["METHODS", "Schedule", "SchedulePlan", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

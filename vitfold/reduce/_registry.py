@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 from ..errors import SpecError
 
@@ -30,6 +30,30 @@ class TokenLayout:
         num_patches = model.patch_embed.num_patches
         prefix = model.num_prefix_tokens
         return cls(depth=len(model.blocks), num_tokens=num_patches + prefix, num_prefix_tokens=prefix)
+
+
+#: ``max_removed(block, tokens) -> int``: the most tokens a block may remove from ``tokens`` entering it.
+MaxRemoved = Callable[[int, int], int]
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """What a method tells the schedule planner (:mod:`vitfold.plan.auto_schedule`) about itself.
+
+    A method is planned when its class has ``schedule_param`` (the parameter the planner picks),
+    ``plan_max_fraction`` (the default cap on one block's removal) and ``plan(layout, max_fraction)
+    -> SchedulePlan``.
+
+    Attributes:
+        max_removed: the per-block limit the search respects.
+        reference: parameters of the reduced model the planner's calibration times (a middle setting).
+        params_for: a searched token schedule ``tokens[0..depth]`` -> the method's parameters that
+            run exactly that schedule.
+    """
+
+    max_removed: MaxRemoved
+    reference: dict
+    params_for: Callable[[Sequence[int]], dict]
 
 
 def register_method(name: str) -> Callable[[T], T]:

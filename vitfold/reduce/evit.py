@@ -32,7 +32,8 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ._registry import TokenLayout, register_method
+from ..errors import SpecError
+from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
 from .patching import patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 
@@ -197,6 +198,19 @@ class EViT:
     name = "evit"
     default_fuse = True
 
+    #: ``--schedule auto``: default cap on one location's pruning: keep rate >= 0.5, the lowest the EViT
+    #: paper reports (Liang et al., ICLR 2022, Table 2: keep rates 0.5-0.9 at blocks 4, 7, 10).
+    plan_max_fraction = 0.5
+    schedule_param = "keep_rate"
+
+    def plan(self, layout: TokenLayout, max_fraction: float) -> SchedulePlan:
+        """The planner's view (:class:`SchedulePlan`): removal only at this method's locations, at most
+        ``max_fraction`` of the patch tokens there; calibration at keep rate 0.7; a schedule's keep
+        rate per location."""
+        locations, P, fuse = list(self.locations), layout.num_prefix_tokens, self.fuse
+        return SchedulePlan(prune_max_removed(locations, P, fuse, max_fraction), {"keep_rate": 0.7},
+                            lambda tokens: {"keep_rate": prune_params(tokens, locations, P, fuse), "locations": locations})
+
     def __init__(self, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = DEFAULT_LOCATIONS, fuse: Optional[bool] = None,
                  trace_source: bool = False):
@@ -265,3 +279,59 @@ class EViT:
         return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
                             num_protected=model.num_prefix_tokens, trace_source=self.trace_source,
                             final_norm=[patched.norm])  # a list: a reference, not a second registered submodule
+
+
+def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,
+                      max_fraction: float = 0.5) -> MaxRemoved:
+    """EViT's / Top-K's limit: tokens go only at the reduction ``locations``; there at most
+    ``max_fraction`` of the patch tokens (keep rate >= 1 - max_fraction), at least one patch token
+    kept, plus the fused token when fusing (``P + keep + 1`` tokens after the block).
+
+    Raises:
+        SpecError: ``max_fraction`` outside (0, 1).
+    """
+    if not 0.0 < max_fraction < 1.0:
+        raise SpecError(f"max prune fraction {max_fraction} must be in (0, 1): a keep rate of 1 - fraction per location")
+    where, extra = frozenset(int(b) for b in locations), int(bool(fuse))
+
+    def limit(block: int, tokens: int) -> int:
+        patches = tokens - num_prefix_tokens
+        if block not in where or patches < 2 + extra:
+            return 0
+        keep = max(1, math.ceil((1.0 - max_fraction) * patches))
+        return max(0, patches - keep - extra)
+
+    return limit
+
+
+def prune_params(tokens: Sequence[int], locations: Sequence[int], num_prefix_tokens: int, fuse: bool) -> list[float]:
+    """EViT's / Top-K's keep rate per location for a schedule's ``tokens``.
+
+    A location whose count does not fall keeps rate 1.0. Each other rate is ``keep / (N - P)`` to 6
+    digits, or ``(keep - 0.5) / (N - P)`` where float rounding would make the reference's keep count
+    ``ceil(rate * (N - P))`` land on ``keep + 1``: the method then runs exactly the picked count.
+
+    Raises:
+        ScheduleError: the count changes at a block that is not a location, or a location's count
+            is not one the method can produce.
+    """
+    where = [int(b) for b in locations]
+    P, extra = num_prefix_tokens, int(bool(fuse))
+    for block, (before, after) in enumerate(zip(tokens, tokens[1:])):
+        if after != before and block not in where:
+            raise ScheduleError(f"block {block} changes the token count ({before} -> {after}) but is not a reduction location {where}")
+    rates = []
+    for block in where:
+        before, after = tokens[block], tokens[block + 1]
+        if after == before:
+            rates.append(1.0)
+            continue
+        keep = after - P - extra
+        if not 1 <= keep < before - P:
+            raise ScheduleError(f"block {block}: {before} -> {after} tokens is no keep count of this method (prefix {P}, fuse {bool(fuse)})")
+        rate = math.floor(keep / (before - P) * 1e6) / 1e6
+        if keep_count(before, P, rate) != keep:  # e.g. 0.1 * 30 = 3.0000000000000004 rounds up
+            rate = round((keep - 0.5) / (before - P), 6)
+        assert keep_count(before, P, rate) == keep, (before, after, rate)
+        rates.append(rate)
+    return rates

@@ -19,7 +19,7 @@ computes the same function, and differs in how it is built:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from ._registry import TokenLayout, register_method
+from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
 from .patching import patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
@@ -152,6 +152,20 @@ class ToMe:
     name = "tome"
     MODES = ("merge", "prune")
 
+    #: ``--schedule auto``: default cap on one block's merge. On DINOv2 ViT-S/14 (benchmarks/hw_aware.py)
+    #: ToMe's own cap (0.5) let the picker merge ~100 tokens in one block and lose feature cosine to
+    #: constant r at the same latency; with 0.2 the auto schedule beat constant r at r=8 and r=13.
+    plan_max_fraction = 0.2
+    schedule_param = "r"
+
+    def plan(self, layout: TokenLayout, max_fraction: float) -> SchedulePlan:
+        """The planner's view (:class:`SchedulePlan`): at most ``max_fraction`` of a block's unprotected
+        tokens merged per block; calibration at :func:`reference_r`; a schedule's per-block ``r``."""
+        P = layout.num_prefix_tokens
+        return SchedulePlan(tome_max_removed(P, max_fraction),
+                            {"r": reference_r(layout.num_tokens, P, layout.depth)},
+                            lambda tokens: {"r": tome_params(tokens)})
+
     def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False,
                  mode: str = "merge"):
         if mode not in self.MODES:
@@ -200,3 +214,22 @@ class ToMe:
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
         return unpatch(model, ToMeBlocks, ToMeBlock, ("r", "prop_attn", "trace_source", "num_protected", "mode"))
+
+
+def tome_max_removed(num_prefix_tokens: int, max_fraction: float = 0.5) -> MaxRemoved:
+    """ToMe's limit: bipartite matching merges at most half of a block's unprotected tokens;
+    ``max_fraction`` < 0.5 caps each block lower (large single merges cost fidelity that the
+    token count does not see)."""
+    if not 0.0 < max_fraction <= 0.5:
+        raise SpecError(f"max merge fraction {max_fraction} must be in (0, 0.5] (bipartite matching merges at most half)")
+    return lambda block, tokens: max(0, min((tokens - num_prefix_tokens) // 2, int(max_fraction * (tokens - num_prefix_tokens))))
+
+
+def tome_params(tokens: Sequence[int]) -> list[int]:
+    """ToMe's per-block ``r`` for a schedule's ``tokens``."""
+    return [a - b for a, b in zip(tokens, tokens[1:])]
+
+
+def reference_r(full: int, num_prefix_tokens: int, depth: int) -> int:
+    """The constant ToMe r calibration builds: about half the tokens gone by the last block (DeiT-S: 8)."""
+    return max(1, (full - num_prefix_tokens) // (2 * depth))
