@@ -342,14 +342,15 @@ def test_inspect_bad_input(tmp_path, tome_onnx):
 def test_build_stops_on_lint_errors(tmp_path, monkeypatch):
     """A build whose model the backend cannot take stops before the backend build, naming node and rule."""
     from vitfold import build as build_module
+    from vitfold import compile as compile_module
     from vitfold.build import BuildRequest
     from vitfold.profiles.report import LatencyOptions
     from vitfold.runtimes import BuildConfig
     from vitfold.spec import ModelSpec
 
     built = []
-    monkeypatch.setattr(build_module, "target_for", lambda backend, version=None: "tensorrt-8.5")
-    monkeypatch.setattr(build_module.runtimes, "build", lambda *a, **k: built.append(a))
+    monkeypatch.setattr(compile_module, "target_for", lambda backend, version=None: "tensorrt-8.5")
+    monkeypatch.setattr(compile_module.runtimes, "build", lambda *a, **k: built.append(a))
     out = tmp_path / "builds" / "x"
     request = BuildRequest(ModelSpec("vit_tiny_patch16_224", img_size=32), "tome", {"r": 1},
                            BuildConfig("onnxruntime"), out=out, latency=LatencyOptions(min_runs=3, min_seconds=0))
