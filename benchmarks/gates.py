@@ -36,7 +36,7 @@ from rich.table import Table
 from vitfold import runtimes
 from vitfold.compile import compile_onnx
 from vitfold.build import model_dims
-from vitfold.calibrate import calibrate, check_capacity, kept_counts
+from vitfold.capacity import calibrate_capacity, check_capacity, kept_counts
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx, torch_outputs
 from vitfold.images import list_images, load_images
@@ -173,7 +173,7 @@ def fidelity_table(console, args) -> None:
     mass = args.keep_mass or search_mass(model, photos, args.target)
     method = create_method("evit-mass", keep_mass=mass)
     mean_macs, counts = dynamic_macs(model, method, photos)
-    fitted, calibration = calibrate(method, model, photos[:args.calibrate_on], source=f"first {args.calibrate_on} photos")
+    fitted, calibration = calibrate_capacity(method, model, photos[:args.calibrate_on], source=f"first {args.calibrate_on} photos")
     check = check_capacity(fitted, model, photos, [p.name for p in paths])
     singles = [photos[i:i + 1] for i in range(len(photos))]
     dense = torch_outputs(model, singles)
@@ -225,7 +225,7 @@ def main() -> None:
         photos = load_images(list_images(), pre)
         mass = args.keep_mass or search_mass(model, photos, args.target)
         method = create_method("evit-mass", keep_mass=mass)
-        fitted, _ = calibrate(method, model, photos)
+        fitted, _ = calibrate_capacity(method, model, photos)
         with tempfile.TemporaryDirectory(prefix="vitfold-gates-") as tmp:
             latency_table(console, args, model, pre, photos, method, fitted, Path(tmp))
     if args.dinov2:

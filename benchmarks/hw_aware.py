@@ -34,7 +34,7 @@ from vitfold.errors import ScheduleError
 from vitfold.export.models import create_model
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
-from vitfold.plan.auto_schedule import calibrate, describe, pick_schedule, planner
+from vitfold.plan.auto_schedule import describe, fit_cost_model, pick_schedule, planner
 from vitfold.plan.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -97,7 +97,7 @@ def main() -> None:
         write_curve(curve, args.out / "curve")
     cap, reference, to_params = planner(args.method, {}, layout.num_tokens, layout.num_prefix_tokens, layout.depth,
                                         args.max_merge_fraction)
-    cost, calibration = calibrate(spec, cfg, curve, method=args.method, params=reference, options=CurveOptions(), log=log)
+    cost, calibration = fit_cost_model(spec, cfg, curve, method=args.method, params=reference, options=CurveOptions(), log=log)
     console.print(f"cost model: outside blocks {cost.base_ms:.2f} ms, reduction overhead {cost.merge_us_per_token:.2f} us/token; "
                   f"calibrated dense {calibration['dense_ms']:.2f} ms, {args.method} {calibration['reference_params']} "
                   f"{calibration['reference_ms']:.2f} ms")

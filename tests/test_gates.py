@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import FLAVOURS, plain_attention, tiny_vit
-from vitfold.calibrate import calibrate, check_capacity, exceeding, fit_capacity, kept_counts, nearest_rank
+from vitfold.capacity import calibrate_capacity, check_capacity, exceeding, fit_capacity, kept_counts, nearest_rank
 from vitfold.errors import ExportError, PassError, ScheduleError, SpecError
 from vitfold.export.onnx import check_contract, export_and_validate, export_onnx
 from vitfold.images import list_images, load_images
 from vitfold.reduce import TokenLayout, create_method
-from vitfold.reduce.gates import top_p
+from vitfold.reduce.evit_mass import top_p
 from vitfold.spec import Preprocess
 
 LOCS = (1, 2)  # the tiny model has 4 blocks
@@ -138,7 +138,7 @@ def test_bounded_equals_dynamic_when_counts_fit(photos):
     model = peaky_vit()
     m = method()
     counts = kept_counts(m.apply_dynamic(model), photos)
-    fitted, calibration = calibrate(m, model, photos)  # max seen: every photo fits
+    fitted, calibration = calibrate_capacity(m, model, photos)  # max seen: every photo fits
     assert list(calibration.capacity) == counts.max(axis=0).tolist()
     assert list(calibration.capacity) < [16 - 1, counts.max(axis=0)[0] + 1]  # a real bound: fewer slots than the gate ranks
     torch.testing.assert_close(run(bounded(model, fitted), photos), run(m.apply_dynamic(model), photos), atol=1e-5, rtol=0)
@@ -148,7 +148,7 @@ def test_batch_with_different_counts_per_image(photos):
     """One static batch (bounded) and the per-image dynamic loop give each image what it gets alone."""
     model = peaky_vit()
     m = method()
-    fitted, _ = calibrate(m, model, photos)
+    fitted, _ = calibrate_capacity(m, model, photos)
     dynamic, static = m.apply_dynamic(model), bounded(model, fitted)
     batch_dynamic, batch_static = run(dynamic, photos), run(static, photos)
     assert len({tuple(c) for c in static.blocks.last_state.counts(len(photos)).tolist()}) > 1
@@ -194,7 +194,7 @@ def test_raw_dynamic_export_runs_on_onnxruntime_and_openvino(raw, photos):
 
 def test_bounded_export_meets_the_static_contract(tmp_path, photos):
     model = peaky_vit()
-    fitted, _ = calibrate(method(), model, photos)
+    fitted, _ = calibrate_capacity(method(), model, photos)
     reduced = bounded(model, fitted)
     result, _ = export_and_validate(reduced, tmp_path / "bounded.onnx", [photos[:4], photos[3:]])
     assert result.parity.max_abs <= 1e-4
@@ -255,7 +255,7 @@ def test_fold_gates_refuses_average_pooling(tmp_path):
 
 def test_bounded_form_masks_average_pooling(photos):
     model = peaky_vit(global_pool="avg")
-    fitted, _ = calibrate(method(), model, photos)
+    fitted, _ = calibrate_capacity(method(), model, photos)
     torch.testing.assert_close(run(bounded(model, fitted), photos), run(fitted.apply_dynamic(model), photos),
                                atol=1e-5, rtol=0)
 
@@ -307,10 +307,10 @@ def test_bad_schedules_name_the_block():
 def test_bad_calibration_input(tmp_path, photos):
     model = peaky_vit()
     with pytest.raises(SpecError, match="holds no images"):
-        calibrate(method(), model, photos[:0], source=str(tmp_path))
+        calibrate_capacity(method(), model, photos[:0], source=str(tmp_path))
     for bad in (0, 100.5, -3):
         with pytest.raises(SpecError, match=r"percentile .* must be in \(0, 100\]"):
-            calibrate(method(), model, photos, percentile=bad)
+            calibrate_capacity(method(), model, photos, percentile=bad)
 
 
 def test_counts_per_image_are_real_kept_counts(photos):

@@ -596,7 +596,7 @@ def test_jetson_state_with_fake_tools(tmp_path):
     assert "run as root" in state["jetson_clocks"]["error"] and "sudo jetson_clocks --show" in state["jetson_clocks"]["error"]
     assert state["devfreq"]["17000000.ga10b"]["cur_freq"] == 1300500000
     assert state["tegrastats"]["gpu_load_pct"] == 87
-    lines = prof.render_markdown({"gpu_latency": {}, "noisy": [], "noisy_cov": prof.NOISY_COV, "jetson": state})
+    lines = prof.render_markdown({"gpu_latency": {}, "noisy": [], "noisy_cov": prof.GPU_NOISY_COV, "jetson": state})
     assert any("MODE_30W" in line and "not locked" in line for line in lines)
 
 

@@ -201,7 +201,7 @@ def test_deit_small_is_tensorrt_8_5_clean_after_the_pipeline(tmp_path):
 
 def test_inspect_says_the_opset_downgrade_applies():
     """Its op histogram is unchanged; the opset and the Reduce axes are what it changes."""
-    from vitfold.inspect import try_passes
+    from vitfold.inspection import try_passes
 
     inits = [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")]
     src = model([helper.make_node("ReduceMean", ["x", "axes"], ["m"], name="mean", keepdims=0)],

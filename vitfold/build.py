@@ -30,7 +30,7 @@ from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
 from .profiles.schedule_report import AUTO_JSON
 from .compile import compile_onnx
-from .calibrate import DEFAULT_PERCENTILE, calibrate, check_capacity, check_percentile
+from .capacity import DEFAULT_PERCENTILE, calibrate_capacity, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
 from .reduce import Schedule, TokenLayout, create_method
 from .reduce.features import TASKS, DenseFeatures, for_features
@@ -351,7 +351,7 @@ def prepare_gate(method, model, pre, request: BuildRequest, log: Callable[[str],
             except SpecError as exc:
                 raise SpecError(f"--calibrate: {exc}; give a folder of photos like those the model will see") from exc
             source, images = str(request.calibrate), load_images(paths, pre)
-        method, calibration = calibrate(method, model, images, percentile=request.percentile, source=source)
+        method, calibration = calibrate_capacity(method, model, images, percentile=request.percentile, source=source)
         for note in calibration.notes:
             log(f"note: {note}")
         log(f"gate capacity {list(calibration.capacity)} at blocks {list(calibration.locations)} "

@@ -5,7 +5,7 @@ how many tokens the top-p rule keeps. The capacity of a gate is a percentile of 
 nearest-rank method: with ``M`` images and percentile ``q`` in (0, 100], the ``ceil(q / 100 * M)``-th
 smallest count (``q = 100``, the default, is the largest count seen). A capacity is then clamped to
 what the bounded form can hold (with fusion, one slot less than the gate ranks; see
-:meth:`vitfold.reduce.gates.EViTMass.capacities`), with a note. An image fits when its count at every
+:meth:`vitfold.reduce.evit_mass.EViTMass.capacities`), with a note. An image fits when its count at every
 gate is at most that gate's capacity; the bounded model equals the dynamic one exactly on those.
 """
 
@@ -109,9 +109,9 @@ def fit_capacity(method, layout: TokenLayout, wanted: Sequence[int]) -> tuple[li
     return out, notes
 
 
-def calibrate(method, model: torch.nn.Module, images: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE,
+def calibrate_capacity(method, model: torch.nn.Module, images: np.ndarray, *, percentile: float = DEFAULT_PERCENTILE,
               source: str = "", batch_size: int = 8):
-    """Capacities for ``method`` (an :class:`~vitfold.reduce.gates.EViTMass`) on ``model`` from ``images``.
+    """Capacities for ``method`` (an :class:`~vitfold.reduce.evit_mass.EViTMass`) on ``model`` from ``images``.
 
     Args:
         images: ``[M, 3, H, W]`` float32, preprocessed as the model expects.

@@ -359,7 +359,7 @@ def inspect(model_path, backend, trt_version, passes, as_json) -> None:
     error findings. The file is only read."""
     import json
 
-    from .inspect import inspect_onnx, onnx_of, render
+    from .inspection import inspect_onnx, onnx_of, render
     from .passes.lint import target_for
 
     if trt_version is not None and backend != "tensorrt":

@@ -1,6 +1,6 @@
 """fold-gates: a data-dependent token gate (NonZero compaction) as TopK to a capacity plus a mask.
 
-``evit-mass`` exported as is (:meth:`vitfold.reduce.gates.EViTMass.apply_dynamic`, batch 1) compacts
+``evit-mass`` exported as is (:meth:`vitfold.reduce.evit_mass.EViTMass.apply_dynamic`, batch 1) compacts
 each gate's tokens with a boolean selection::
 
     select [1, T] = Concat(keep [1, n] (top-p rule), fused [1, 1])
@@ -9,7 +9,7 @@ each gate's tokens with a boolean selection::
 
 after which every token dimension is dynamic. (vitfold before 0.1.1 selected the prefix with the same
 mask; such exports are refused: export again.) This pass rewrites each gate, in order, into the bounded
-form of :mod:`vitfold.reduce.gates` with a constant capacity ``K``:
+form of :mod:`vitfold.reduce.evit_mass` with a constant capacity ``K``:
 
 1. ``keep`` (every consumer, the fused-token weights included) becomes ``And(keep, arange(n) < K)``:
    an image that keeps more than ``K`` tokens keeps its ``K`` best and fuses the rest, as the

@@ -14,7 +14,7 @@ block curve (:mod:`vitfold.plan.curve`):
   predicted latency fits a budget, over measured counts only: on a plateau it keeps its largest
   count, at a step it stays on the fast (lower) side. An exact dynamic program over (block, count,
   tokens kept so far) finds it; no relaxation, since step-shaped latency makes the problem non-convex.
-* :func:`calibrate` (torch) measures the whole dense model and one reduced model on the backend to
+* :func:`fit_cost_model` (torch) measures the whole dense model and one reduced model on the backend to
   fit ``base`` and the reduction overhead, so predictions are in measured milliseconds.
 
 Methods plug in by describing themselves (``plan`` -> :class:`~vitfold.reduce.SchedulePlan`): the
@@ -206,7 +206,7 @@ def budget_for(model: CostModel, depth: int, full: int, *, target_speedup: Optio
 # ----------------------------------------------------------------------------------- calibration
 
 
-def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
+def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
               options=None, log: Callable[[str], None] = print) -> tuple[CostModel, dict]:
     """Fit ``base_ms`` and ``merge_us_per_token`` on the backend: the whole dense model and the
     whole model reduced with ``params`` (default ToMe at :func:`reference_r`) are built and timed interleaved; ``base``
@@ -247,7 +247,7 @@ def calibrate(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[
         sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
         stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
                                     warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),
-                                    block=options.block)
+                                    runs_per_turn=options.runs_per_turn)
         for session in sessions.values():
             session.close()
     plain = CostModel.from_curve(curve)
@@ -349,7 +349,7 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
                         f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")
     depth, full, prefix = curve["depth"], curve["full_tokens"], curve["num_prefix_tokens"]
     max_removed, reference, to_params = planner(method, params, full, prefix, depth, max_fraction)
-    model, calibration = calibrate(spec, cfg, curve, method=method, params=reference, options=options, log=log)
+    model, calibration = fit_cost_model(spec, cfg, curve, method=method, params=reference, options=options, log=log)
     budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
     if target_speedup is not None:  # over the measured dense model, not the predicted one
         budget = calibration["dense_ms"] / target_speedup

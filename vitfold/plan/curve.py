@@ -45,7 +45,7 @@ class CurveOptions:
     warmup: int = 5
     min_runs: int = 30
     min_seconds: float = 0.5
-    block: int = 5
+    runs_per_turn: int = 5
     chunk: int = 64
     seed: int = 0
 
@@ -175,7 +175,7 @@ def measure_curve(
             stats = measure_interleaved(
                 {str(n): (lambda s=sessions[n], x=inputs[n]: s(x)) for n in sessions},
                 spec.batch_size, warmup=options.warmup, min_runs=options.min_runs, min_seconds=options.min_seconds,
-                block=options.block,
+                runs_per_turn=options.runs_per_turn,
             )
             for n, session in sessions.items():
                 results[n] = stats[str(n)]

@@ -77,17 +77,17 @@ def measure_interleaved(
     warmup: int = 10,
     min_runs: int = 50,
     min_seconds: float = 3.0,
-    block: int = 5,
+    runs_per_turn: int = 5,
     max_seconds: float = 120.0,
 ) -> dict[str, LatencyStats]:
-    """Time every runner (a no-argument callable running one batch) interleaved in blocks.
+    """Time every runner (a no-argument callable running one batch) interleaved, ``runs_per_turn`` runs per turn.
 
     Args:
         runners: name -> callable; all are timed in the same loop, same process, same input.
         batch_size: images per call, for throughput.
         warmup: untimed runs per runner first.
         min_runs / min_seconds: each runner gets at least this many runs and this much timed time.
-        block: consecutive runs of one runner before switching to the next.
+        runs_per_turn: consecutive runs of one runner before switching to the next.
         max_seconds: stop even if ``min_runs`` is not reached (very slow models), never below 3 runs.
 
     Returns:
@@ -107,7 +107,7 @@ def measure_interleaved(
 
     while not all(done(name) for name in runners):
         for name, run in runners.items():
-            for _ in range(block):
+            for _ in range(runs_per_turn):
                 t0 = time.perf_counter_ns()
                 run()
                 elapsed = (time.perf_counter_ns() - t0) / 1e6

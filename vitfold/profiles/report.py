@@ -34,7 +34,7 @@ class LatencyOptions:
     warmup: int = 10
     min_runs: int = 50
     min_seconds: float = 3.0
-    block: int = 5
+    runs_per_turn: int = 5
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -133,7 +133,7 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
             warmup=options.warmup,
             min_runs=options.min_runs,
             min_seconds=options.min_seconds,
-            block=options.block,
+            runs_per_turn=options.runs_per_turn,
         )
         settings = reduced.settings
         # backend-specific measurements (TensorRT: CUDA-event latency, Jetson power / clock state)

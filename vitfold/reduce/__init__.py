@@ -13,7 +13,7 @@ from ._registry import METHODS, SchedulePlan, TokenLayout, create_method, regist
 from .schedule import Schedule, ScheduleError, parse_r
 
 from . import evit, tome, topk  # noqa: F401  (register "evit", "tome", "topk")
-from . import gates  # noqa: F401  (registers "evit-mass")
+from . import evit_mass  # noqa: F401  (registers "evit-mass")
 from . import cluster, expedite  # noqa: F401  (register "dpc-knn", "kmedoids", "expedite")
 
 __all__ = ["METHODS", "Schedule", "SchedulePlan", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

@@ -253,7 +253,7 @@ class EViTMass:
         locations: 0-indexed gate blocks (EViT's 4th, 7th and 10th of 12 by default).
         capacity: bounded form: kept slots per location (an int for all, or one per location), each
             at least 1; None: every candidate (minus the fused slot). Usually calibrated
-            (:mod:`vitfold.calibrate`) rather than given.
+            (:mod:`vitfold.capacity`) rather than given.
         fuse: inattentive token fusion (EViT Sec. 3.2); off drops the rest.
 
     Raises:

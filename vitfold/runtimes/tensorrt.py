@@ -43,7 +43,7 @@ from .tensorrt_profile import gpu_latency, jetson_state, profile_extras, session
 from .tensorrt_cache import EngineCache, cached_engine, detect_platform, engine_mismatch
 from .tensorrt_config import (  # noqa: F401  (re-exported: the backend's public API)
     WORKSPACE_MB,
-    BuildPlan,
+    BuilderSettings,
     check_graph_precision,
     diagnose_build_failure,
     format_parser_errors,
@@ -167,7 +167,7 @@ def _network_dtypes(network) -> set[str]:
     return dtypes
 
 
-def obtain_engine(trt, onnx_path: Path, cfg: BuildConfig, plan: BuildPlan, identity: dict):
+def obtain_engine(trt, onnx_path: Path, cfg: BuildConfig, plan: BuilderSettings, identity: dict):
     """Parse ``onnx_path``, then return ``(CachedEngine, fields, runtime)``: the cached engine when it is
     valid, else a fresh build (stored in the cache). ``runtime`` must outlive the engine.
 
@@ -426,7 +426,7 @@ def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmu
 
 
 __all__ = [
-    "BuildPlan", "TensorRTSession", "build", "check_available", "check_graph_precision", "diagnose_build_failure",
+    "BuilderSettings", "TensorRTSession", "build", "check_available", "check_graph_precision", "diagnose_build_failure",
     "format_parser_errors", "gpu_latency", "installed_version", "jetson_state", "load", "optimization_profiles",
     "parse_failure", "parse_version", "profile_extras", "profile_layers", "translate_config",
 ]

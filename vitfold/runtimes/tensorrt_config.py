@@ -1,6 +1,6 @@
 """TensorRT build settings as pure functions, per TensorRT version. No TensorRT import; unit-tested.
 
-- :func:`translate_config`: ``BuildConfig`` + TensorRT version -> :class:`BuildPlan` (network flags,
+- :func:`translate_config`: ``BuildConfig`` + TensorRT version -> :class:`BuilderSettings` (network flags,
   builder flags, workspace pool limit, builder optimisation level, strong typing).
 - :func:`optimization_profiles`: min / opt / max shapes for inputs left dynamic (batch, tokens).
 - :func:`format_parser_errors` / :func:`parse_failure`: every ONNX parser error with node, op, reason.
@@ -32,7 +32,7 @@ def parse_version(version: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class BuildPlan:
+class BuilderSettings:
     """Everything the builder is told, for one TensorRT version (recorded in ``engine.json``).
 
     Attributes:
@@ -60,7 +60,7 @@ class BuildPlan:
         return asdict(self)
 
 
-def translate_config(cfg: BuildConfig, trt_version: str) -> BuildPlan:
+def translate_config(cfg: BuildConfig, trt_version: str) -> BuilderSettings:
     """The builder settings for ``cfg`` on TensorRT ``trt_version`` (pure; no TensorRT needed).
 
     ``cfg.extra`` keys: ``workspace_mb`` (default 1024), ``builder_optimization_level`` (0-5, default 3).
@@ -94,7 +94,7 @@ def translate_config(cfg: BuildConfig, trt_version: str) -> BuildPlan:
                          "(model.opt.onnx must already be converted by the precision pass)")
         else:
             set_flags.append("FP16")
-    return BuildPlan(
+    return BuilderSettings(
         tensorrt=str(trt_version),
         precision=cfg.precision,
         network_flags=("EXPLICIT_BATCH",) if major < 10 else (),
@@ -184,7 +184,7 @@ def parse_failure(onnx_path: Path, errors: Sequence, nodes: Sequence[tuple[str, 
                        + "\n  ".join(lines or ["no error recorded"]) + f"\nFix: {fix}")
 
 
-def diagnose_build_failure(messages: Sequence[str], plan: BuildPlan) -> VitfoldError:
+def diagnose_build_failure(messages: Sequence[str], plan: BuilderSettings) -> VitfoldError:
     """Name the cause of a failed ``build_serialized_network`` from the TensorRT log lines."""
     text = "\n".join(messages)
 
@@ -209,7 +209,7 @@ def diagnose_build_failure(messages: Sequence[str], plan: BuildPlan) -> VitfoldE
     return ExportError(f"TensorRT engine build failed:\n  {tail}" if text else "TensorRT engine build failed (nothing logged)")
 
 
-def check_graph_precision(dtypes: Iterable[str], plan: BuildPlan) -> None:
+def check_graph_precision(dtypes: Iterable[str], plan: BuilderSettings) -> None:
     """On strongly typed TensorRT, refuse an fp16 build from a graph with no float16 tensor.
 
     Raises:

@@ -12,7 +12,7 @@
 - :func:`jetson_state`: power mode (``nvpmodel -q``), clocks (``jetson_clocks --show`` when allowed,
   and the devfreq clocks from sysfs), one ``tegrastats`` sample; None off Jetson.
 
-TensorRT warns of noise earlier than the CPU backends: a CoV above :data:`NOISY_COV` (2.5%) is flagged.
+TensorRT warns of noise earlier than the CPU backends: a CoV above :data:`GPU_NOISY_COV` (2.5%) is flagged.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from .tensorrt_cache import detect_platform
 
 #: Coefficient of variation above which a TensorRT GPU latency is flagged as noisy.
-NOISY_COV = 0.025
+GPU_NOISY_COV = 0.025
 
 
 def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict:
@@ -40,14 +40,14 @@ def latency_stats(samples_ms: Sequence[float], batch_size: int) -> dict:
         "runs": int(len(data)), "median_ms": median, "p90_ms": float(np.percentile(data, 90)),
         "p99_ms": float(np.percentile(data, 99)), "mean_ms": float(data.mean()), "min_ms": float(data.min()),
         "max_ms": float(data.max()), "cov": cov, "throughput": batch_size * 1e3 / median if median > 0 else 0.0,
-        "noisy": cov > NOISY_COV,
+        "noisy": cov > GPU_NOISY_COV,
     }
 
 
 def gpu_latency(sessions: Mapping[str, object], images: np.ndarray, *, warmup: int = 20, runs: int = 200,
-                block: int = 10) -> dict:
+                runs_per_turn: int = 10) -> dict:
     """CUDA-event latency of each TensorRT session on the same ``images`` ``[B, 3, H, W]``, interleaved
-    in blocks of ``block`` runs (dense and reduced see the same clocks and temperature).
+    in turns of ``runs_per_turn`` runs (dense and reduced see the same clocks and temperature).
 
     Returns:
         ``{name: {"compute": stats, "end_to_end": stats, "cuda_graph": ...}}`` (:func:`latency_stats`).
@@ -58,7 +58,7 @@ def gpu_latency(sessions: Mapping[str, object], images: np.ndarray, *, warmup: i
     samples = {name: ([], []) for name in sessions}
     while any(len(compute) < runs for compute, _ in samples.values()):
         for name, session in sessions.items():
-            for _ in range(min(block, runs - len(samples[name][0]))):
+            for _ in range(min(runs_per_turn, runs - len(samples[name][0]))):
                 compute_ms, total_ms = session.timed(images)
                 samples[name][0].append(compute_ms)
                 samples[name][1].append(total_ms)
@@ -271,14 +271,14 @@ def jetson_state(root: Path = Path("/"), run: Runner = subprocess.run) -> Option
 
 def profile_extras(sessions: Mapping[str, object], images: np.ndarray, *, warmup: int = 20, runs: int = 200) -> dict:
     """What a TensorRT report adds (``report["backend_profile"]``): CUDA-event latency per variant
-    (interleaved, same ``images``), the Jetson state, variants whose CoV exceeds :data:`NOISY_COV`, and
+    (interleaved, same ``images``), the Jetson state, variants whose CoV exceeds :data:`GPU_NOISY_COV`, and
     the report.md lines for all of it (``markdown``)."""
     latency = gpu_latency(sessions, images, warmup=warmup, runs=runs)
     noisy = sorted(f"{name} {kind}" for name, entry in latency.items() for kind in ("compute", "end_to_end")
                    if entry[kind]["noisy"])
     device = {name: {key: session.settings.get(key) for key in ("tensorrt", "gpu", "compute_capability", "engine_source")}
               for name, session in sessions.items()}
-    extras = {"gpu_latency": latency, "device": device, "noisy": noisy, "noisy_cov": NOISY_COV, "jetson": jetson_state()}
+    extras = {"gpu_latency": latency, "device": device, "noisy": noisy, "noisy_cov": GPU_NOISY_COV, "jetson": jetson_state()}
     extras["markdown"] = render_markdown(extras)
     return extras
 
