@@ -32,11 +32,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vitfold import runtimes
 from vitfold.build import model_dims
+from vitfold.compile import compile_onnx
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
-from vitfold.passes.pipeline import run_pipeline
 from vitfold.images import batches, list_images, load_images
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -102,20 +101,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitfold-bench-") as tmp:
         for batch in [int(b) for b in args.batches.split(",")]:
             sample = batches(photos, batch)[0]
-            onnx_paths = {}
-            def folded(torch_model, label: str) -> Path:
+            exported = {}
+            def export(torch_model, label: str) -> Path:
                 path = Path(tmp) / f"{label}-b{batch}.onnx"
                 export_onnx(torch_model, path, sample.shape)
-                run_pipeline(path, path.with_suffix(".opt.onnx"), ("fold-schedule",), [sample])
-                return path.with_suffix(".opt.onnx")
+                return path
 
             for name, method in variants.items():
-                onnx_paths[name] = folded(method.apply(model, schedules[name]), name)
+                exported[name] = export(method.apply(model, schedules[name]), name)
                 if args.ceiling and name != "dense":  # the same token counts, reduced by truncation
-                    onnx_paths[f"{name} truncated"] = folded(truncated_model(model, schedules[name].tokens), f"{name}-truncated")
+                    exported[f"{name} truncated"] = export(truncated_model(model, schedules[name].tokens), f"{name}-truncated")
             for backend in args.backends.split(","):
                 cfg = BuildConfig(backend=backend, threads=args.threads)
-                sessions = runtimes.build_sessions(onnx_paths, Path(tmp), cfg, tag=f"-b{batch}")
+                sessions = {}
+                for name, path in exported.items():  # the build's own compile path: passes, lint, backend build
+                    out = Path(tmp) / f"{backend}-{name.replace(' ', '-')}-b{batch}"
+                    out.mkdir()
+                    sessions[name] = compile_onnx(path, out, cfg, sample).open(cfg)
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)

@@ -31,7 +31,7 @@ from vitfold import runtimes
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
-from vitfold.passes.pipeline import run_pipeline
+from vitfold.compile import compile_onnx
 from vitfold.profiles.latency import measure_interleaved
 from vitfold.reduce import TokenLayout, create_method
 from vitfold.runtimes import BuildConfig
@@ -86,15 +86,17 @@ def main() -> None:
                 path = Path(tmp) / f"{'tome' if reduced else 'dense'}-b{batch}.onnx"
                 export_onnx(method.apply(model, method.schedule(layout)), path, sample.shape)
                 exported[reduced] = path
-            onnx_paths = {}
-            for name, (reduced, passes) in VARIANTS.items():
-                onnx_paths[name] = Path(tmp) / f"{name}-b{batch}.opt.onnx"
-                reports = run_pipeline(exported[reduced], onnx_paths[name], passes, [sample])
-                console.print(f"[dim]{name} b{batch}: " + ", ".join(f"{r.name} {r.nodes_before}->{r.nodes_after} nodes, "
-                                                                   f"max abs change {r.max_abs_change:.2g}" for r in reports) + "[/]")
             for backend in args.backends.split(","):
                 cfg = BuildConfig(backend=backend, threads=args.threads)
-                sessions = runtimes.build_sessions(onnx_paths, Path(tmp), cfg, tag=f"-b{batch}")
+                compiled, sessions = {}, {}
+                for name, (reduced, passes) in VARIANTS.items():
+                    out = Path(tmp) / f"{backend}-{name}-b{batch}"
+                    out.mkdir()
+                    compiled[name] = compile_onnx(exported[reduced], out, cfg, sample, passes=passes)
+                    sessions[name] = compiled[name].open(cfg)
+                    console.print(f"[dim]{name} b{batch}: " + ", ".join(
+                        f"{r.name} {r.nodes_before}->{r.nodes_after} nodes, max abs change {r.max_abs_change:.2g}"
+                        for r in compiled[name].passes) + "[/]")
                 for round_ in range(args.rounds):
                     console.print(f"[dim]measuring {backend} batch {batch} round {round_ + 1} ({', '.join(sessions)})[/]")
                     stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
@@ -106,11 +108,11 @@ def main() -> None:
                 for s in sessions.values():
                     s.close()
                 if args.per_layer:
-                    for form, nodes in merge_nodes(onnx_paths["scatter"], onnx_paths["matmul"]).items():
-                        out = Path(tmp) / f"{backend}-{form}-b{batch}"
-                        manifest = {"files": dict(runtimes.get_backend(backend).files),
-                                    "build": cfg.to_json()}
-                        profile = runtimes.backend_module(backend).profile_layers(out, manifest, sample, runs=args.min_runs)
+                    optimized = {name: c.directory / c.files["optimized"] for name, c in compiled.items()}
+                    for form, nodes in merge_nodes(optimized["scatter"], optimized["matmul"]).items():
+                        c = compiled[form]
+                        profile = runtimes.backend_module(backend).profile_layers(
+                            c.directory, {"files": c.files, "build": cfg.to_json()}, sample, runs=args.min_runs)
                         merge = [l for l in profile["layers"] if {l["name"], *l["origins"]} & nodes]
                         merge_ms = sum(l["ms"] for l in merge)
                         total_ms = sum(l["ms"] for l in profile["layers"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 from types import ModuleType
-from typing import Mapping
 
 from ..artifact import read_manifest, verify_files
 from ..errors import ArtifactError, BackendUnavailable, VitfoldError
@@ -65,21 +64,6 @@ def build_session(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> Session:
     return backend_module(cfg.backend).load(Path(out_dir), {"files": built["files"], "build": cfg.to_json()})
 
 
-def build_sessions(onnx_paths: Mapping[str, Path], work: Path, cfg: BuildConfig, tag: str = "") -> dict[str, Session]:
-    """:func:`build_session` for every ``name -> ONNX file``, each in its own directory
-    ``work/<backend>-<name><tag>`` (for benchmarks that time several variants interleaved).
-
-    Raises:
-        BackendUnavailable: the backend is not installed here.
-    """
-    sessions = {}
-    for name, path in onnx_paths.items():
-        out = Path(work) / f"{cfg.backend}-{name}{tag}"
-        out.mkdir()
-        sessions[name] = build_session(path, out, cfg)
-    return sessions
-
-
 def load(directory: str | Path, *, verify: bool = True) -> Session:
     """Load a build directory (its manifest says which backend) into a ready :class:`Session`.
 
@@ -114,4 +98,4 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BuildConfig", "get_backend", "Session", "backend_module", "build", "build_session", "build_sessions", "load", "require"]
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BuildConfig", "get_backend", "Session", "backend_module", "build", "build_session", "load", "require"]
