@@ -25,13 +25,14 @@ from .outdir import claim
 from .export.models import create_model
 from .export.onnx import DEFAULT_OPSET, INPUT_NAME, export_and_validate, output_name
 from .images import batches, list_images, load_images
-from .metrics import compare
+from .metrics import Tolerance, compare
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
 from .profiles.schedule_report import AUTO_JSON
 from .compile import compile_onnx
 from .capacity import DEFAULT_PERCENTILE, calibrate_capacity, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
+from .quantize.calibration import DEFAULT_SUBSET, load_calibration
 from .reduce import Schedule, TokenLayout, create_method
 from .reduce.features import TASKS, DenseFeatures, for_features
 from .runtimes import BuildConfig, get_backend
@@ -55,7 +56,9 @@ class BuildRequest:
     task: str = "classify"
     dense_dir: Optional[Path] = None
     profile: bool = True
-    calibrate: Optional[Path] = None  # gated methods: folder of images for the capacity (default: the check photos)
+    calibrate: Optional[Path] = None  # images for a gate's capacity and int8 ranges (default: the check photos)
+    calibration_size: int = DEFAULT_SUBSET  # int8: images drawn from ``calibrate`` (seeded)
+    tolerance: Optional[dict] = None  # overrides of the backend's tolerance (Tolerance field -> value)
     percentile: float = DEFAULT_PERCENTILE  # gated methods: nearest-rank percentile of the kept counts
     force: bool = False  # replace an existing build of another request at ``out``
     auto_schedule: Optional[dict] = None  # the planner's record (vitfold.plan.auto_schedule), written before profiling
@@ -64,7 +67,21 @@ class BuildRequest:
         if self.task not in TASKS:
             raise SpecError(f"task {self.task!r} unknown; choose one of {', '.join(TASKS)}")
         check_percentile(self.percentile)
-        get_backend(self.build.backend).tolerance(self.build.precision)  # unknown backend / precision: SpecError
+        self.check_tolerance()  # unknown backend / precision / weight mode, bad overrides: SpecError
+
+    def check_tolerance(self) -> Tolerance:
+        """The tolerance this build is checked with: the backend's for the precision (or weight mode),
+        with the user's overrides (``--min-cosine``, ``--min-top1``, ``--min-token-cosine``).
+
+        Raises:
+            SpecError: a precision or weight mode the backend does not build; an override outside [-1, 1].
+        """
+        tolerance = get_backend(self.build.backend).tolerance_for(self.build)
+        overrides = dict(self.tolerance or {})
+        for key, value in overrides.items():
+            if key not in ("min_cosine", "min_top1", "min_token_cosine") or not -1.0 <= float(value) <= 1.0:
+                raise SpecError(f"--{key.replace('_', '-')} {value}: give a value in [-1, 1]")
+        return replace(tolerance, **overrides)
 
     def identity(self) -> dict:
         """Everything that defines the artifact (not where it goes or how it is timed): model spec,
@@ -80,6 +97,8 @@ class BuildRequest:
             "images": folder(self.images),
             "calibrate": folder(self.calibrate),
             "percentile": self.percentile,
+            **({"calibration_size": self.calibration_size} if self.build.precision == "int8" else {}),
+            **({"tolerance": self.tolerance} if self.tolerance else {}),
         }
 
     def key(self) -> str:
@@ -96,14 +115,16 @@ class BuildRequest:
         Two different requests never share a name."""
         params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
         task = "features" if self.task == "features" else ""
-        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.precision,
+        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.label,
                  f"b{self.spec.batch_size}"]
         identity = self.identity()
         unnamed = {"img_size": self.spec.img_size, "checkpoint": identity["spec"]["checkpoint"], "pretrained": self.spec.pretrained,
                    "opset": self.opset, "images": identity["images"], "threads": self.build.threads,
-                   "calibrate": identity["calibrate"], "percentile": self.percentile}
+                   "calibrate": identity["calibrate"], "percentile": self.percentile,
+                   "calibration_size": identity.get("calibration_size", DEFAULT_SUBSET), "tolerance": self.tolerance}
         defaults = {"img_size": None, "checkpoint": None, "pretrained": False, "opset": DEFAULT_OPSET, "images": None,
-                    "threads": None, "calibrate": None, "percentile": DEFAULT_PERCENTILE}
+                    "threads": None, "calibrate": None, "percentile": DEFAULT_PERCENTILE, "calibration_size": DEFAULT_SUBSET,
+                    "tolerance": None}
         given = {k: v for k, v in unnamed.items() if v != defaults[k]}
         if given:
             parts.append(_digest(given, 8))
@@ -162,8 +183,12 @@ def build_variant(
     image_names: list[str],
     common: dict,
     log: Callable[[str], None],
+    calibration=None,
+    cfg: Optional[BuildConfig] = None,
 ) -> dict:
-    """Export, verify, optimise and build one variant into ``directory``; returns its manifest."""
+    """Export, verify, optimise, (quantize) and build one variant into ``directory``; returns its
+    manifest. ``cfg``: the backend settings when not the request's (the f32 dense twin of an int8 build)."""
+    cfg = cfg or request.build
     what = "dense" if schedule.is_dense else f"{request.method}"
     metadata = {"method": method, "schedule": schedule.to_json(), "model": request.spec.name}
     log(f"[{what}] export to ONNX (opset {request.opset}) and check against torch on {len(image_names)} photos")
@@ -171,7 +196,7 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
-    compiled = compile_onnx(directory / "model.onnx", directory, request.build, check[0],
+    compiled = compile_onnx(directory / "model.onnx", directory, cfg, check[0], calibration=calibration,
                             log=lambda msg: log(f"[{what}] {msg}"))
     manifest = {
         **common,
@@ -180,23 +205,60 @@ def build_variant(
         "opset": request.opset,
         "input": {"name": INPUT_NAME, "shape": list(check[0].shape), "dtype": "float32"},
         "outputs": [output_name(model)],
-        "build": request.build.to_json(),
+        "build": cfg.to_json(),
         "files": {**compiled.files, "reference": REFERENCE},
         "versions": {**common["versions"], **compiled.versions},
         "passes": [r.to_json() for r in compiled.passes],
         "lint": {"target": compiled.lint_target, "warnings": [f.to_json() for f in compiled.lint_warnings]},
         "checks": {"images": image_names, "onnxruntime_vs_torch": exported.parity.to_json()},
     }
+    if compiled.quantization is not None:
+        manifest["quantization"] = compiled.quantization
     write_manifest(directory, manifest)
     with runtimes.load(directory, verify=False) as session:  # hashed just above by write_manifest
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in check])
-    key = f"{request.build.backend}:{request.build.precision}"
-    tolerance = get_backend(request.build.backend).tolerance(request.build.precision)
-    parity = compare(reference, outputs, classes=output_name(model) == "logits").check(tolerance, f"{what}: {key} vs torch")
+    key = f"{cfg.backend}:{cfg.label}"
+    tolerance = request.check_tolerance() if cfg == request.build else get_backend(cfg.backend).tolerance_for(cfg)
+    against = "its f32 torch model" if cfg.quantized else "torch"
+    parity = compare(reference, outputs, classes=output_name(model) == "logits")
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
-    manifest["checks"]["tolerance"] = {"key": key, **tolerance.__dict__}
+    manifest["checks"]["tolerance"] = {"key": key, **tolerance.to_json()}
+    if compiled.quantization is not None and not schedule.is_dense:
+        manifest["quantization"]["choices"] = token_choices(directory, manifest, check, log=lambda m: log(f"[{what}] {m}"))
+    if cfg.quantized and request.spec.weights.startswith("random"):
+        log(f"[{what}] note: random weights: the int8 fidelity gate below is not meaningful (use --pretrained or --checkpoint)")
+    parity.check(tolerance, f"{what}: {key} vs {against} (fidelity gate; override with --min-cosine / --min-top1 / "
+                            "--min-token-cosine, or calibrate on your own images with --calibrate DIR)")
     write_manifest(directory, manifest)
     return manifest
+
+
+def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log: Callable[[str], None]) -> dict:
+    """Token-choice agreement of a quantized build with its f32 graph on the check photos
+    (:mod:`vitfold.quantize.choices`): the f32 graph (``model.opt.onnx``) on ONNX Runtime against the
+    quantized model on its backend. TensorRT's engine cannot add outputs after the build: there the
+    Q/DQ graph runs on ONNX Runtime instead (said in the record)."""
+    import onnx
+
+    from .quantize import choices
+    from .runtimes.openvino import compile_config
+
+    cfg = BuildConfig.from_json(manifest["build"])
+    files = manifest["files"]
+    reference_model = onnx.load(str(directory / files["optimized"]))
+    found = choices.exits(reference_model)
+    if not found.sites:
+        return {"sites": 0, "note": "no token choice reached the main path"}
+    reference = choices.run_onnxruntime(reference_model, found, check, cfg.resolved_threads)
+    if cfg.backend == "openvino":
+        candidate, runner = choices.run_openvino(directory / files["backend"], found, check, compile_config(cfg)), "openvino"
+    else:
+        candidate = choices.run_onnxruntime(onnx.load(str(directory / files["quantized"])), found, check, cfg.resolved_threads)
+        runner = "onnxruntime (the Q/DQ graph)"
+    result = choices.agreement(reference, candidate, found.sites)
+    log(f"token choices identical to f32 on {result.identical:.1%} of {result.sites} sites x {result.photos} "
+        f"check batches (first site: {result.first_site:.1%} identical, {result.first_site_tokens:.1%} of its indices shared)")
+    return {**result.to_json(), "runner": runner}
 
 
 def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Path, dict]:
@@ -226,8 +288,9 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
     if request.task == "features":
         method = create_method(request.method, **request.params, **for_features(type(method)))
     gated = getattr(method, "gated", False)
-    if request.calibrate is not None and not gated:
-        raise SpecError(f"--calibrate sets the capacity of a data-dependent gate; {request.method} has none (use --keep-mass)")
+    if request.calibrate is not None and not gated and request.build.precision != "int8":
+        raise SpecError(f"--calibrate sets a data-dependent gate's capacity or int8 ranges; {request.method} at "
+                        f"{request.build.precision} has neither (use --precision int8, or --keep-mass)")
     model, pre = create_model(spec)
     gate = prepare_gate(method, model, pre, request, log) if gated else None
     if gate is not None:
@@ -255,16 +318,25 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
     }
     image_names = [p.name for p in paths]
     dense_schedule = Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens)
-    variant = dict(request=request, check=check, image_names=image_names, common=common, log=log)
+    calibration = (load_calibration(request.calibrate, pre, spec.batch_size, subset=request.calibration_size, warn=log)
+                   if request.build.precision == "int8" else None)
+    variant = dict(request=request, check=check, image_names=image_names, common=common, log=log, calibration=calibration)
     dense_link = _shared_dense(request, common, out) if request.dense_dir is not None else "dense"
     report = None
     with atomic_directory(out) as staging:
         if request.dense_dir is None:
             (staging / "dense").mkdir()
             build_variant(model, dense_schedule, staging / "dense", method=DENSE_METHOD, **variant)
+        if request.build.label != "f32":  # the whole gain is measured against dense f32
+            (staging / DENSE_F32).mkdir()
+            build_variant(model, dense_schedule, staging / DENSE_F32, method=DENSE_METHOD,
+                          cfg=BuildConfig.from_json({**request.build.to_json(), "precision": "f32", "weights": None}),
+                          **{**variant, "calibration": None})
         manifest = build_variant(reduced, schedule, staging,
                                  method={"name": request.method, "params": method.params()}, **variant)
         manifest["dense"] = dense_link
+        if request.build.label != "f32":
+            manifest["dense_f32"] = DENSE_F32
         if gate is not None:
             manifest["gate"] = gate
         write_manifest(staging, manifest)
@@ -277,6 +349,8 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
 
 
 DENSE_METHOD = {"name": "none", "params": {}}
+#: The f32 dense build beside a bf16 / fp16 / int8 / weight-compressed one: the whole gain's baseline.
+DENSE_F32 = "dense-f32"
 
 
 def build_dense(request: BuildRequest, log: Callable[[str], None] = print) -> Path:
@@ -299,10 +373,12 @@ def build_dense(request: BuildRequest, log: Callable[[str], None] = print) -> Pa
         "name": out.name, "spec": request.spec.to_json(), "weights": request.spec.weights, "preprocess": pre.to_json(),
         "task": request.task, "dims": dims.to_json(), "versions": tool_versions(),
     }
+    calibration = (load_calibration(request.calibrate, pre, request.spec.batch_size, subset=request.calibration_size,
+                                    warn=log) if request.build.precision == "int8" else None)
     with atomic_directory(out) as staging:
         build_variant(model, Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens), staging,
                       method=DENSE_METHOD, request=request, check=check, image_names=[p.name for p in paths],
-                      common=common, log=log)
+                      common=common, log=log, calibration=calibration)
     return out
 
 

@@ -136,11 +136,16 @@ def _terminated(signum, frame) -> None:
 @click.option("--param", "extra_params", multiple=True, metavar="KEY=VALUE", help="Any other method parameter (e.g. --param clusters=64); repeatable.")
 @click.option("--keep-mass", default=None, help="EViT with a per-image gate (method evit-mass; --method evit switches to it): keep the fewest tokens holding this share of the class attention, in (0, 1], one value or one per location.")
 @click.option("--capacity", default=None, help="evit-mass: kept-token capacity of the static graph per location (an int or one per location). [default: calibrated]")
-@click.option("--calibrate", type=click.Path(file_okay=False, path_type=Path), default=None, help="evit-mass: folder of images to calibrate the capacity on (the dynamic model's kept counts). [default: the check photos]")
+@click.option("--calibrate", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of images (like those the model will see) to calibrate on: int8 activation ranges, and evit-mass's capacity. [default: the check photos, with a warning]")
+@click.option("--calibration-size", type=click.IntRange(min=1), default=128, show_default=True, help="int8: images drawn (seeded) from --calibrate.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default=None, help="Weight-only compression (OpenVINO, NNCF): weights stored in int8 / int4, activations at --precision.")
+@click.option("--min-cosine", type=float, default=None, help="Fidelity gate: minimum per-image cosine against the f32 torch model (default: the backend's for the precision; int8: 0.95).")
+@click.option("--min-top1", type=float, default=None, help="Fidelity gate: minimum top-1 agreement with the f32 torch model, classification (int8 default: 0.8).")
+@click.option("--min-token-cosine", type=float, default=None, help="Fidelity gate: minimum mean per-token cosine, --task features (int8 default: 0.95).")
 @click.option("--percentile", type=float, default=100.0, show_default=True, help="evit-mass calibration: nearest-rank percentile of the kept counts per location (100 = the largest seen).")
 @click.option("--task", type=click.Choice(["classify", "features"]), default="classify", show_default=True, help="features: output the full patch grid [B, H/p*W/p, C], restored after the reduced blocks (dense prediction).")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to build for.")
-@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked).")
+@click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision (f32 matches torch; OpenVINO runs bf16 on bf16-capable CPUs only when asked; int8: post-training quantization calibrated on --calibrate, the token reduction kept float).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size of the exported graph.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth); the head size is read from it.")
@@ -159,7 +164,7 @@ def _terminated(signum, frame) -> None:
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
 @click.option("--max-merge-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="--schedule auto: most of a block's tokens one block may merge or prune (default 0.2 for tome, whose matching allows up to 0.5: large single merges cost fidelity; 0.5 for evit/topk, i.e. keep rate >= 0.5).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
-          calibrate, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, dense_from,
+          calibrate, calibration_size, weights, min_cosine, min_top1, min_token_cosine, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, dense_from,
           threads, opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
@@ -173,7 +178,9 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
                            locations=locations, fuse=fuse, extra=extra_params, keep_mass=keep_mass, capacity=capacity)
     spec = ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
                      img_size=img_size, batch_size=batch)
-    cfg = _run(BuildConfig, backend=backend, precision=precision, threads=threads)
+    cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads)
+    overrides = {k: v for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1),
+                                   ("min_token_cosine", min_token_cosine)) if v is not None}
     auto = None
     if schedule == "auto":
         from .plan.auto_schedule import auto_schedule
@@ -199,6 +206,8 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
         task=task,
         calibrate=calibrate,
+        calibration_size=calibration_size,
+        tolerance=overrides or None,
         percentile=percentile,
         force=force,
         dense_dir=dense_from,
@@ -442,6 +451,13 @@ def print_report(report: dict) -> None:
     console.print(table)
     console.print(f"speedup {report['speedup']:.2f}x  |  FLOP ratio {report['flop_ratio']:.2f}x")
     console.print(f"vs dense: {fidelity_summary(report['fidelity_vs_dense'])}")
+    if "speedup_vs_dense_f32" in report:
+        console.print(f"whole gain over dense f32 ({report['latency']['dense_f32']['median_ms']:.2f} ms): "
+                      f"{report['speedup_vs_dense_f32']:.2f}x; vs dense f32: {fidelity_summary(report['fidelity_vs_dense_f32'])}")
+    choices = report.get("quantization", {}).get("choices")
+    if choices and choices.get("sites"):
+        console.print(f"token choices identical to the f32 graph: {choices['identical']:.1%} of sites x check batches "
+                      f"(first site {choices['first_site']:.1%})")
     if report["noisy"]:
         console.print(f"[yellow]warning: {escape(noise_summary(report))}; re-run `profile`[/]")
     if report["weights"].startswith("random"):

@@ -1,8 +1,9 @@
 """The compile path: every caller that turns a torch module into something it runs goes through here.
 
 Stages, in order: export (:mod:`vitfold.export`) -> the backend's pass pipeline, each pass verified
-on a sample (:mod:`vitfold.passes`) -> lint for the backend's target (an error stops) -> backend build
-(:mod:`vitfold.runtimes`) -> open. ``build`` (with its manifest and torch checks), ``curve``, the
+on a sample (:mod:`vitfold.passes`) -> lint for the backend's target (an error stops) -> quantize
+(int8 or weight compression only, :mod:`vitfold.quantize`; a Q/DQ graph is linted again) -> backend
+build (:mod:`vitfold.runtimes`) -> open. ``build`` (with its manifest and torch checks), ``curve``, the
 auto-schedule calibration and the benchmarks all call :func:`compile_onnx` / :func:`compile_module`, so
 the graph that is timed for a cost model is the graph a build ships. Each stage reads the files the
 previous one wrote in ``directory`` (``model.onnx`` -> ``model.opt.onnx`` -> the backend's files).
@@ -35,6 +36,7 @@ class Compiled:
     passes: list[PassReport]
     lint_target: str
     lint_warnings: list[Finding]
+    quantization: Optional[dict] = None
 
     def open(self, cfg: BuildConfig) -> Session:
         """Load the built artifact (no manifest needed): a ready :class:`~vitfold.runtimes.Session`."""
@@ -67,13 +69,15 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
 
 
 def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.ndarray, *,
-                 passes: Optional[Sequence] = None, log: Callable[[str], None] = lambda msg: None) -> Compiled:
+                 passes: Optional[Sequence] = None, calibration=None,
+                 log: Callable[[str], None] = lambda msg: None) -> Compiled:
     """Passes -> lint -> backend build for an exported ONNX file, into ``directory``.
 
     Args:
         onnx_path: the exported model (read only); ``directory / "model.opt.onnx"`` is written.
         sample: one ``[B, 3, H, W]`` float32 batch each pass is verified on (real photos where there are).
         passes: the steps to run instead of :func:`pipeline_for`'s (benchmarks comparing pipelines).
+        calibration: a :class:`vitfold.quantize.Calibration`, needed for ``--precision int8``.
 
     Raises:
         PassError: a pass failed or moved the outputs beyond its tolerance, or lint found an error.
@@ -86,15 +90,25 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     log(f"passes: {', '.join(p if isinstance(p, str) else p[0] for p in steps) or 'none'}")
     reports = run_pipeline(Path(onnx_path), optimized, steps, [sample])
     warnings = require_clean(optimized, lint_target)
-    log(f"build {cfg.backend} ({cfg.precision})")
-    built = runtimes.build(optimized, directory, cfg)
+    source, quantized = optimized, None
+    if cfg.quantized:
+        from .quantize import quantize
+
+        log(f"quantize ({cfg.label}) with {get_backend(cfg.backend).quantizer}, the reduction kept float")
+        quantized = quantize(optimized, directory, cfg, calibration)
+        source = quantized["path"]
+        if source.suffix == ".onnx":  # a Q/DQ graph: the target's Q/DQ rules
+            warnings = warnings + require_clean(source, lint_target)
+    log(f"build {cfg.backend} ({cfg.label})")
+    built = runtimes.build(source, directory, cfg)
     onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
-    return Compiled(directory, {"onnx": onnx_name, "optimized": optimized.name, **built["files"]}, built["versions"],
-                    reports, lint_target, warnings)
+    files = {"onnx": onnx_name, "optimized": optimized.name, **(quantized["files"] if quantized else {}), **built["files"]}
+    return Compiled(directory, files, built["versions"], reports, lint_target, warnings,
+                    quantized["record"] if quantized else None)
 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,
-                   sample: Optional[np.ndarray] = None, passes: Optional[Sequence] = None,
+                   sample: Optional[np.ndarray] = None, passes: Optional[Sequence] = None, calibration=None,
                    log: Callable[[str], None] = lambda msg: None) -> Compiled:
     """Export ``module`` at ``input_shape`` to ``directory / "model.onnx"`` (static shapes), then
     :func:`compile_onnx`. ``sample``: the batch the passes are verified on (default: a seeded normal one).
@@ -107,4 +121,4 @@ def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: Bui
     export_onnx(module, directory / "model.onnx", tuple(input_shape))
     if sample is None:
         sample = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
-    return compile_onnx(directory / "model.onnx", directory, cfg, sample, passes=passes, log=log)
+    return compile_onnx(directory / "model.onnx", directory, cfg, sample, passes=passes, calibration=calibration, log=log)

@@ -17,11 +17,21 @@ from .errors import FidelityError
 @dataclass(frozen=True)
 class Tolerance:
     """Acceptance for a candidate vs a reference output: ``max_abs`` (None: not checked), minimum
-    per-sample cosine, minimum top-1 agreement (classification outputs only)."""
+    per-sample cosine, minimum top-1 agreement (classification outputs only), minimum mean per-token
+    cosine (feature maps ``[B, N, C]`` only; None: not checked)."""
 
     max_abs: float | None
     min_cosine: float
     min_top1: float = 1.0
+    min_token_cosine: float | None = None
+
+    def to_json(self) -> dict:
+        return {"max_abs": self.max_abs, "min_cosine": self.min_cosine, "min_top1": self.min_top1,
+                "min_token_cosine": self.min_token_cosine}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Tolerance":
+        return cls(**{k: data[k] for k in ("max_abs", "min_cosine", "min_top1", "min_token_cosine") if k in data})
 
 
 TOLERANCES: dict[str, Tolerance] = {
@@ -71,6 +81,9 @@ class Comparison:
             failures.append(f"min cosine {self.min_cosine:.6f} < {tol.min_cosine}")
         if self.top1_agreement is not None and not self.top1_agreement >= tol.min_top1:
             failures.append(f"top-1 agreement {self.top1_agreement:.1%} < {tol.min_top1:.0%}")
+        if (tol.min_token_cosine is not None and self.token_cosine_mean is not None
+                and not self.token_cosine_mean >= tol.min_token_cosine):
+            failures.append(f"mean token cosine {self.token_cosine_mean:.4f} < {tol.min_token_cosine}")
         if failures:
             raise FidelityError(f"{what}: " + "; ".join(failures) + f" (over {self.images} images)")
         return self

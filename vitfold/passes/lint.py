@@ -123,6 +123,15 @@ class GraphView:
                 if value is not None:
                     self.dtypes[node.output[0]] = value.data_type
 
+    def readers(self, tensor: str) -> list[onnx.NodeProto]:
+        """The nodes that read ``tensor`` (top-level graph)."""
+        if not hasattr(self, "_readers"):
+            self._readers: dict[str, list] = {}
+            for node in self.model.graph.node:
+                for name in node.input:
+                    self._readers.setdefault(name, []).append(node)
+        return self._readers.get(tensor, [])
+
     def nodes(self) -> Iterator[onnx.NodeProto]:
         """Every node, subgraphs (If / Loop / Scan bodies) included."""
 
@@ -224,6 +233,44 @@ def _input_dtype_not_in(view: GraphView, node, index, dtypes) -> Optional[str]:
     return f"input {index} ({name}) is {dtype}" if dtype is not None and dtype not in dtypes else None
 
 
+def _zero_point_not_signed_zero(view: GraphView, node) -> Optional[str]:
+    """Q/DQ not in TensorRT's form: a zero point that is absent (uint8 by the ONNX default), not
+    INT8, or not all zeros."""
+    name = _node_input(node, 2)
+    if not name:
+        return "no zero point (ONNX then quantizes to uint8)"
+    dtype = view.dtype(name)
+    if dtype is not None and dtype != "INT8":
+        return f"zero point {name} is {dtype}"
+    value = view.value(name)
+    if value is not None and np.any(value != 0):
+        return f"zero point {name} is not 0"
+    return None
+
+
+def _weight_axis_not_output_channel(view: GraphView, node) -> Optional[str]:
+    """A per-channel DequantizeLinear of a constant weight whose axis is not the output-channel
+    axis of the MatMul / Gemm / Conv reading it (MatMul ``[K, N]``: 1; Gemm: 0 with transB=1, else 1;
+    Conv: 0)."""
+    weight, scale = _node_input(node, 0), _node_input(node, 1)
+    value, scales = (view.value(weight), view.value(scale)) if weight and scale else (None, None)
+    if value is None or scales is None or scales.size <= 1:
+        return None
+    axis = int(_attr(node, "axis", 1)) % value.ndim
+    for reader in view.readers(node.output[0]):
+        if reader.op_type == "MatMul":
+            want = value.ndim - 1
+        elif reader.op_type == "Gemm":
+            want = 0 if _attr(reader, "transB", 0) else 1
+        elif reader.op_type in ("Conv", "ConvTranspose"):
+            want = 0 if reader.op_type == "Conv" else 1
+        else:
+            continue
+        if axis != want:
+            return f"per-channel axis {axis} of a {list(value.shape)} weight read by {reader.op_type} {reader.name} (output channels: axis {want})"
+    return None
+
+
 # --- graph checks yield (subject, detail) for every fact that holds ------------------------------
 
 def _opset_above(view: GraphView, max):  # noqa: A002 - the table's parameter name
@@ -278,6 +325,8 @@ NODE_CHECKS: dict[str, Callable[..., Optional[str]]] = {
     "input_value_at_least": _input_value_at_least,
     "input_dtype_in": _input_dtype_in,
     "input_dtype_not_in": _input_dtype_not_in,
+    "zero_point_not_signed_zero": _zero_point_not_signed_zero,
+    "weight_axis_not_output_channel": _weight_axis_not_output_channel,
 }
 #: Graph check kinds: ``fn(view, **params) -> iterator of (subject, detail)``.
 GRAPH_CHECKS: dict[str, Callable[..., Iterator[tuple[str, str]]]] = {
@@ -378,7 +427,20 @@ _DYNAMIC_DIMS = Rule(
     "kernels; export with static shapes (the schedule is static) or give the build a profile",
     "TensorRT developer guide, dynamic shapes")
 
-_TRT_COMMON = (_CUSTOM_DOMAIN, _TOPK_K_LIMIT, _SCATTERND_REDUCTION, _DATA_DEPENDENT_SHAPE, _REDUCE_AXES_CONSTANT,
+#: TensorRT's explicit quantization (developer guide 8.5 - 11, "Explicit Quantization" / "Q/DQ
+#: Layer-Placement Recommendations"): symmetric signed int8 only, so every Q/DQ needs an INT8 zero
+#: point of 0; per-channel weight scales along the output-channel axis.
+_QDQ_ZERO_POINT = Rule(
+    "qdq-zero-point", ("QuantizeLinear", "DequantizeLinear"), (check("zero_point_not_signed_zero"),), "error",
+    "TensorRT quantizes symmetrically to signed int8: give every Q/DQ an INT8 zero point of 0 (vitfold's "
+    "qdq-s8s8 quantizer does; onnxruntime quantize_static with ActivationSymmetric and QInt8 activations)",
+    "TensorRT developer guide, Working with Quantized Types: 'symmetric quantization ... signed INT8'")
+_QDQ_WEIGHT_AXIS = Rule(
+    "qdq-weight-axis", ("DequantizeLinear",), (check("weight_axis_not_output_channel"),), "error",
+    "per-channel weight scales must run along the output channels (MatMul [K, N]: axis 1; Conv: axis 0); "
+    "quantize the weights per output channel",
+    "TensorRT developer guide, Explicit Quantization: per-channel weight quantization along the output-channel (K) axis")
+_TRT_COMMON = (_QDQ_ZERO_POINT, _QDQ_WEIGHT_AXIS, _CUSTOM_DOMAIN, _TOPK_K_LIMIT, _SCATTERND_REDUCTION, _DATA_DEPENDENT_SHAPE, _REDUCE_AXES_CONSTANT,
                _CONTROL_FLOW, _DOUBLE, _DYNAMIC_DIMS)
 
 TRT85_RULES = (

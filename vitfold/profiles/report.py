@@ -6,6 +6,7 @@ the ``reference.npy`` outputs saved at build time on the same photos.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,7 +19,7 @@ import numpy as np
 from .. import __version__, runtimes
 from ..artifact import check_writable, read_manifest, write_text_atomic
 from ..images import batches, list_images, load_images
-from ..metrics import compare
+from ..metrics import Tolerance, compare
 from ..spec import Preprocess
 from .flops import ModelDims, graph_macs, schedule_macs
 from .latency import NOISY_COV, measure_interleaved, noisy_variants, speedup
@@ -106,21 +107,26 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
     paths = list_images(images)
     check = batches(load_images(paths, pre), batch_size)
     count = len(paths)
-    key = f"{manifest['build']['backend']}:{manifest['build']['precision']}"
     backend = runtimes.get_backend(manifest["build"]["backend"])
-    tolerance = backend.tolerance(manifest["build"]["precision"])
+    dirs = {"dense": dense_dir, "reduced": directory}
+    if "dense_f32" in manifest:  # bf16 / fp16 / int8 / compressed weights: the whole gain is against dense f32
+        dirs["dense_f32"] = directory / manifest["dense_f32"]
 
     # runtimes.load checks every listed file (model.onnx and reference.npy, read below, included)
-    # against its sha256 before the backend opens it: both builds, before anything is measured
-    with runtimes.load(dense_dir) as dense, runtimes.load(directory) as reduced:
-        dense_out = _outputs(dense, check, count)
-        reduced_out = _outputs(reduced, check, count)
+    # against its sha256 before the backend opens it: every build, before anything is measured
+    with contextlib.ExitStack() as stack:
+        sessions = {label: stack.enter_context(runtimes.load(where)) for label, where in dirs.items()}
+        outputs = {label: _outputs(session, check, count) for label, session in sessions.items()}
         parity = {}
         if images is None:  # the build's own photos: the saved torch outputs apply
-            for label, out, where, listed in (("dense", dense_out, dense_dir, dense_manifest),
-                                              ("reduced", reduced_out, directory, manifest)):
+            for label, where in dirs.items():
+                listed = read_manifest(where)
+                key = listed["checks"].get("tolerance", {}).get("key") or f"{listed['build']['backend']}:{listed['build']['precision']}"
+                tolerance = (Tolerance.from_json(listed["checks"]["tolerance"]) if "tolerance" in listed["checks"]
+                             else backend.tolerance(listed["build"]["precision"]))
                 reference = np.load(where / listed["files"]["reference"])[:count]
-                parity[label] = compare(reference, out, classes=classes).check(tolerance, f"{label}: {key} vs torch").to_json()
+                parity[label] = compare(reference, outputs[label], classes=classes).check(tolerance, f"{label}: {key} vs torch").to_json()
+        dense_out, reduced_out = outputs["dense"], outputs["reduced"]
         fidelity = compare(dense_out, reduced_out, classes=classes).to_json()
         if not classes and dense_out.ndim == 2:
             fidelity["output"] = "embedding"
@@ -128,17 +134,17 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
             fidelity["kl"] = kl_divergence(dense_out, reduced_out)
         sample = check[0]
         latency = measure_interleaved(
-            {"dense": lambda: dense(sample), "reduced": lambda: reduced(sample)},
+            {label: (lambda s=session: s(sample)) for label, session in sessions.items()},
             batch_size,
             warmup=options.warmup,
             min_runs=options.min_runs,
             min_seconds=options.min_seconds,
             runs_per_turn=options.runs_per_turn,
         )
-        settings = reduced.settings
+        settings = sessions["reduced"].settings
         # backend-specific measurements (TensorRT: CUDA-event latency, Jetson power / clock state)
-        backend_profile = (backend.load_module().profile_extras({"dense": dense, "reduced": reduced}, sample)
-                           if backend.profile_extras else None)
+        backend_profile = (backend.load_module().profile_extras({"dense": sessions["dense"], "reduced": sessions["reduced"]},
+                                                                sample) if backend.profile_extras else None)
 
     dims = ModelDims.from_json(manifest["dims"])
     macs = {
@@ -171,6 +177,11 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "noisy": noisy_variants(latency["dense"], latency["reduced"]),
         "environment": environment(settings),
     }
+    if "dense_f32" in latency:  # the whole gain: reduced at this precision over dense f32
+        report["speedup_vs_dense_f32"] = speedup(latency["dense_f32"], latency["reduced"])
+        report["fidelity_vs_dense_f32"] = compare(outputs["dense_f32"], reduced_out, classes=classes).to_json()
+    if "quantization" in manifest:
+        report["quantization"] = manifest["quantization"]
     if "gate" in manifest:  # data-dependent gate: its capacity and the check photos over it
         report["gate"] = manifest["gate"]
     if backend_profile is not None:
@@ -239,6 +250,23 @@ def gate_lines(gate: dict) -> list[str]:
             f"- bounded vs dynamic torch model on the others: max abs {check['max_abs_fitting']}"]
 
 
+def quantization_lines(q: dict) -> list[str]:
+    """report.md lines for a quantized build: tool, calibration, ignored scope, token choices."""
+    lines = ["", "## Quantization", "", f"- {q.get('tool')} ({q['quantizer']}): precision {q['precision']}"
+             + (f", weights {q['weights']}" if q.get("weights") else "")]
+    if q.get("calibration"):
+        c = q["calibration"]
+        lines.append(f"- calibration: {c['images']} images from {c['source']} (subset {c['subset']}, seed {c['seed']})")
+    scope = q["ignored_scope"]
+    lines.append(f"- kept float (the token reduction, found on the graph): {scope['nodes']} nodes, "
+                 f"{scope['decisions']} decisions at {scope['sites']} sites")
+    choices = q.get("choices")
+    if choices and choices.get("sites"):
+        lines.append(f"- token choices identical to the f32 graph: {choices['identical']:.1%} of {choices['sites']} sites x "
+                     f"{choices['photos']} check batches (first site {choices['first_site']:.1%}; {choices['runner']})")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     """A short human-readable report."""
     lat, par, fid = report["latency"], report["parity_vs_torch"], report["fidelity_vs_dense"]
@@ -255,11 +283,12 @@ def render_markdown(report: dict) -> str:
         "| variant | median ms | p10 ms | p90 ms | p99 ms | CoV | p90/median | img/s | GMACs | max abs vs torch | top-1 vs torch |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in ("dense", "reduced"):
+    for v in (k for k in ("dense_f32", "dense", "reduced") if k in lat):
+        gmacs = report["gmacs"]["reduced" if v == "reduced" else "dense"]
+        vs_torch = (f"{par[v]['max_abs']:.2e} | {_pct(par[v]['top1_agreement'])}" if v in par else "n/a | n/a")
         lines.append(
             f"| {v} | {lat[v]['median_ms']:.2f} | {_ms(lat[v], 'p10_ms')} | {lat[v]['p90_ms']:.2f} | {lat[v]['p99_ms']:.2f} | "
-            f"{lat[v]['cov']:.1%} | {_ratio(lat[v])} | "
-            f"{lat[v]['throughput']:.1f} | {report['gmacs'][v]:.3f} | {par[v]['max_abs']:.2e} | {_pct(par[v]['top1_agreement'])} |"
+            f"{lat[v]['cov']:.1%} | {_ratio(lat[v])} | {lat[v]['throughput']:.1f} | {gmacs:.3f} | {vs_torch} |"
         )
     lines += [
         "",
@@ -268,6 +297,13 @@ def render_markdown(report: dict) -> str:
         "",
         f"Reduced vs dense on {len(report['images'])} photos: {fidelity_summary(fid)}.",
     ]
+    if "speedup_vs_dense_f32" in report:
+        lines += ["", f"**Whole gain {report['speedup_vs_dense_f32']:.2f}x** over dense f32 "
+                      f"({report['backend'].get('precision')}{', weights ' + report['backend']['weights'] if report['backend'].get('weights') else ''} "
+                      f"and the token reduction together); reduced vs dense f32: "
+                      f"{fidelity_summary(report['fidelity_vs_dense_f32'])}."]
+    if "quantization" in report:
+        lines += quantization_lines(report["quantization"])
     if report["noisy"]:
         lines += ["", f"**Warning: {noise_summary(report)}.** The raw samples are in report.json "
                       "(`latency.*.samples_ms`); re-run `deploy.py profile` (more `--min-runs`, an idle machine)."]

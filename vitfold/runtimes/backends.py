@@ -35,6 +35,10 @@ class Backend:
         per_layer: the module has ``profile_layers(directory, manifest, images, *, warmup, runs)``.
         profile_extras: the module has ``profile_extras(sessions, images)`` (e.g. GPU event timing).
         needs_device: the module has ``check_available()``, run before any slow step.
+        quantizer: how ``--precision int8`` is made (:data:`vitfold.quantize.QUANTIZERS`): ``nncf-openvino``
+            (NNCF on the OpenVINO model), ``qdq-u8s8`` / ``qdq-s8s8`` (a Q/DQ ONNX from ONNX Runtime's
+            quantizer: uint8 activations for x86 CPUs, or symmetric int8 as TensorRT requires).
+        weight_modes: the ``--weights`` modes the backend builds (weight-only compression).
     """
 
     name: str
@@ -46,6 +50,8 @@ class Backend:
     per_layer: bool = False
     profile_extras: bool = False
     needs_device: bool = False
+    quantizer: Optional[str] = None
+    weight_modes: tuple = ()
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -61,6 +67,22 @@ class Backend:
             raise SpecError(f"--precision {precision} is not built for {self.name}; choose "
                             f"{' or '.join(self.precisions)}")
         return self.tolerances[precision]
+
+    def tolerance_for(self, cfg) -> Tolerance:
+        """The tolerance of a build with settings ``cfg`` (a :class:`~vitfold.runtimes.BuildConfig`):
+        weight-only compression has its own (:data:`WEIGHT_TOLERANCES`), else :meth:`tolerance`.
+
+        Raises:
+            SpecError: a precision or ``--weights`` mode this backend does not build.
+        """
+        tolerance = self.tolerance(cfg.precision)
+        if cfg.weights is None:
+            return tolerance
+        if cfg.weights not in self.weight_modes:
+            raise SpecError(f"--weights {cfg.weights} is not built for {self.name}; "
+                            + (f"choose {' or '.join(self.weight_modes)}" if self.weight_modes else
+                               "use --backend openvino (NNCF weight compression), or --precision int8"))
+        return WEIGHT_TOLERANCES[cfg.weights]
 
     def load_module(self) -> ModuleType:
         """The backend's module (its own library is imported lazily inside, on build / load)."""
@@ -93,6 +115,17 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
+#: int8 vs the f32 torch model of the same variant, on real photos (DINOv2 ViT-S/14 features and
+#: classification heads; figures in vitfold/quantize/__init__.py). Overridable per build
+#: (``--min-cosine``, ``--min-top1``, ``--min-token-cosine``).
+INT8 = Tolerance(max_abs=None, min_cosine=0.95, min_top1=0.8, min_token_cosine=0.95)
+
+#: Weight-only compression (activations f32) vs the f32 torch model, per ``--weights`` mode.
+WEIGHT_TOLERANCES = {
+    "int8": Tolerance(max_abs=None, min_cosine=0.99, min_top1=0.9, min_token_cosine=0.99),
+    "int4": Tolerance(max_abs=None, min_cosine=0.9, min_top1=0.6, min_token_cosine=0.9),
+}
+
 # Tolerances vs torch on real photos, per precision. f32: float summation order only (ONNX Runtime
 # tighter than OpenVINO's fused kernels). bf16 keeps 7 mantissa bits: no max abs, cosine and a top-1
 # floor. fp16 on TensorRT: no max abs, cosine 0.999 and top-1 agreement 100%.
@@ -104,19 +137,20 @@ def get_backend(name: str) -> Backend:
 register_backend(Backend(
     name="openvino", module="vitfold.runtimes.openvino",
     tolerances={"f32": Tolerance(max_abs=1e-3, min_cosine=0.9999),
-                "bf16": Tolerance(max_abs=None, min_cosine=0.99, min_top1=0.85)},
+                "bf16": Tolerance(max_abs=None, min_cosine=0.99, min_top1=0.85), "int8": INT8},
     lint_target="openvino-cpu", files={"backend": "model.xml", "weights": "model.bin"}, per_layer=True,
+    quantizer="nncf-openvino", weight_modes=("int8", "int4"),
 ))
 register_backend(Backend(
     name="onnxruntime", module="vitfold.runtimes.ort",
-    tolerances={"f32": Tolerance(max_abs=1e-4, min_cosine=0.99999)},
-    lint_target="onnxruntime-cpu", files={"backend": "model.ort.onnx"}, per_layer=True,
+    tolerances={"f32": Tolerance(max_abs=1e-4, min_cosine=0.99999), "int8": INT8},
+    lint_target="onnxruntime-cpu", files={"backend": "model.ort.onnx"}, per_layer=True, quantizer="qdq-u8s8",
 ))
 register_backend(Backend(
     name="tensorrt", module="vitfold.runtimes.tensorrt",
     tolerances={"f32": Tolerance(max_abs=1e-3, min_cosine=0.9999),
-                "fp16": Tolerance(max_abs=None, min_cosine=0.999)},
-    pipeline=("fold-schedule", "merge-as-matmul"), lint_target=None,
+                "fp16": Tolerance(max_abs=None, min_cosine=0.999), "int8": INT8},
+    pipeline=("fold-schedule", "merge-as-matmul"), lint_target=None, quantizer="qdq-s8s8",
     files={"backend": "model.engine", "engine_record": "engine.json"},
     per_layer=True, profile_extras=True, needs_device=True,
 ))

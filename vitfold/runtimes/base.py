@@ -15,7 +15,9 @@ import numpy as np
 
 from ..errors import SpecError
 
-PRECISIONS = ("f32", "bf16", "fp16")
+PRECISIONS = ("f32", "bf16", "fp16", "int8")
+#: Weight-only compression modes (``--weights``): weights stored in int8 / int4, activations at ``precision``.
+WEIGHT_MODES = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,9 @@ class BuildConfig:
 
     Attributes:
         backend: ``onnxruntime`` | ``openvino`` | ``tensorrt``.
-        precision: inference precision, ``f32`` (parity), ``bf16`` or ``fp16``.
+        precision: inference precision, ``f32`` (parity), ``bf16``, ``fp16`` or ``int8`` (weights and
+            activations quantized after calibration, :mod:`vitfold.quantize`).
+        weights: weight-only compression (``int8`` | ``int4``), activations at ``precision``; None: none.
         threads: CPU inference threads; None means one per core (``os.cpu_count()``).
         hint: OpenVINO performance hint (``LATENCY`` | ``THROUGHPUT``).
         cache_dir: backend compile cache (OpenVINO model cache, TensorRT timing cache); None: none.
@@ -33,6 +37,7 @@ class BuildConfig:
 
     backend: str = "openvino"
     precision: str = "f32"
+    weights: Optional[str] = None
     threads: Optional[int] = None
     hint: str = "LATENCY"
     cache_dir: Optional[str] = None
@@ -41,6 +46,11 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise SpecError(f"precision {self.precision!r} unknown; choose one of {', '.join(PRECISIONS)}")
+        if self.weights is not None and self.weights not in WEIGHT_MODES:
+            raise SpecError(f"--weights {self.weights!r} unknown; choose one of {', '.join(WEIGHT_MODES)}")
+        if self.weights is not None and self.precision == "int8":
+            raise SpecError("--precision int8 already stores the weights in int8; drop --weights, or use it with "
+                            "--precision f32 / bf16 for weight-only compression")
         if self.threads is not None and self.threads < 1:
             raise SpecError(f"threads must be >= 1, got {self.threads}")
 
@@ -48,12 +58,22 @@ class BuildConfig:
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the build has a quantize stage (int8, or weight-only compression)."""
+        return self.precision == "int8" or self.weights is not None
+
+    @property
+    def label(self) -> str:
+        """``int8``, ``f32``, ``f32-w4`` (weights int4, activations f32): for names and tables."""
+        return self.precision + (f"-w{self.weights[3:]}" if self.weights else "")
+
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> "BuildConfig":
-        return cls(**data)
+        return cls(**{"weights": None, **data})
 
 
 class Session:

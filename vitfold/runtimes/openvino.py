@@ -15,7 +15,8 @@ import numpy as np
 from .base import BuildConfig, Session
 
 XML, BIN = "model.xml", "model.bin"
-_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16"}
+# int8: the quantized IR carries its own int8 ops (FakeQuantize); the rest runs f32.
+_PRECISION = {"f32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 def _ov():
@@ -25,13 +26,15 @@ def _ov():
 
 
 def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
-    """Convert ``onnx_path`` to OpenVINO IR (``model.xml`` + ``model.bin``) in ``out_dir``.
+    """Convert ``onnx_path`` to OpenVINO IR (``model.xml`` + ``model.bin``) in ``out_dir``; an IR
+    (``.xml``, e.g. the quantize stage's) is read and saved as the build's.
 
     Raises:
         BackendUnavailable: openvino is not installed.
     """
     ov = _ov()
-    model = ov.convert_model(str(onnx_path))
+    path = Path(onnx_path)
+    model = ov.Core().read_model(str(path)) if path.suffix == ".xml" else ov.convert_model(str(path))
     ov.save_model(model, str(out_dir / XML), compress_to_fp16=False)
     return {"files": {"backend": XML, "weights": BIN}, "versions": {"openvino": ov.get_version()}}
 

@@ -51,13 +51,14 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
 
     Raises:
         BackendUnavailable: onnxruntime is not installed.
-        SpecError: precision other than f32 (ONNX Runtime runs the graph's own precision).
+        SpecError: precision other than f32 or int8 (ONNX Runtime runs the graph's own precision: int8
+            is a Q/DQ graph from :mod:`vitfold.quantize.qdq`).
     """
     from ..errors import SpecError
 
     ort = _ort()
-    if cfg.precision != "f32":
-        raise SpecError("ONNX Runtime CPU runs the graph's precision; use --precision f32 with --backend onnxruntime")
+    if cfg.precision not in ("f32", "int8"):
+        raise SpecError("ONNX Runtime CPU runs the graph's precision; use --precision f32 or int8 with --backend onnxruntime")
     ort.InferenceSession(str(onnx_path), session_options(cfg, out_dir / ARTIFACT), providers=providers())
     return {"files": {"backend": ARTIFACT}, "versions": {"onnxruntime": ort.__version__}}
 

@@ -66,6 +66,12 @@ def translate_config(cfg: BuildConfig, trt_version: str) -> BuilderSettings:
     ``cfg.extra`` keys: ``workspace_mb`` (default 1024), ``builder_optimization_level`` (0-5, default 3).
     f32 clears TF32 so matmuls run in true fp32 (parity with torch within 1e-3); fp16 sets
     ``BuilderFlag.FP16`` on 8.5 / 10.x and on 11.x relies on an fp16 graph (see the precision pass).
+    int8 builds from a Q/DQ graph (:mod:`vitfold.quantize.qdq`, explicit quantization): on 8.5 - 10.x
+    ``BuilderFlag.INT8`` is set, as the 8.x developer guide requires for any quantization ("the INT8
+    flag must be set in the builder config", Working with INT8) and 10.x keeps for weakly typed
+    networks; on 11.x the network is strongly typed and the guide says precision flags "are not
+    required and should not be specified" (Explicit Quantization): the Q/DQ pairs carry the types.
+    The float layers between them (the token reduction) run f32 with TF32 cleared.
 
     Raises:
         SpecError: TensorRT older than 8.5, bf16 asked for, or a bad workspace / level value.
@@ -94,12 +100,17 @@ def translate_config(cfg: BuildConfig, trt_version: str) -> BuilderSettings:
                          "(model.opt.onnx must already be converted by the precision pass)")
         else:
             set_flags.append("FP16")
+    if cfg.precision == "int8":
+        if major >= 11:
+            notes.append("TensorRT 11: int8 from the Q/DQ graph (strongly typed, no INT8 builder flag)")
+        else:
+            set_flags.append("INT8")
     return BuilderSettings(
         tensorrt=str(trt_version),
         precision=cfg.precision,
         network_flags=("EXPLICIT_BATCH",) if major < 10 else (),
         set_flags=tuple(set_flags),
-        clear_flags=("TF32",) if cfg.precision == "f32" else (),
+        clear_flags=("TF32",) if cfg.precision in ("f32", "int8") else (),
         workspace_bytes=workspace_mb << 20,
         builder_optimization_level=level,
         profiling_verbosity="DETAILED",
