@@ -13,7 +13,8 @@ Two flavours, per backend record:
   layout ONNX Runtime's x86 kernels are fastest with (its quantization guide, "U8S8").
 * ``qdq-s8s8`` (TensorRT explicit quantization): int8 activations and weights, both symmetric with
   zero point 0, weights per output channel (MatMul axis 1 of ``[K, N]``, Conv axis 0), Q/DQ placed
-  on the inputs of MatMul / Gemm / Conv where TensorRT fuses them. TensorRT's developer guide,
+  on the inputs of MatMul / Gemm / Conv where TensorRT fuses them, biases left float (TensorRT has
+  no int32 Q/DQ; ONNX Runtime's default would quantize a Conv bias to int32). TensorRT's developer guide,
   "Explicit Quantization" (8.5 through 10.x): only symmetric int8 with zero point 0 is accepted and
   a weight's per-channel axis must be its output-channel axis. :mod:`vitfold.passes.lint` checks these.
 """
@@ -73,7 +74,8 @@ def quantize(onnx_path: Path, out_dir: Path, cfg, calibration: Calibration, scop
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul", "Gemm", "Conv"], nodes_to_exclude=list(scope.nodes),
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+            # TensorRT has no int32 Q/DQ: biases stay float there (it fuses them into the int8 kernel)
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": not symmetric},
         )
     finally:
         root.setLevel(level)

@@ -26,6 +26,9 @@ the first op outside that list (a Linear, a LayerNorm, a residual Add). That add
 a decision shares with the main path: EViT's class attention ``softmax(q k^T)`` (its MatMul then stays
 float in the blocks where EViT prunes), the slices that take ToMe's keys, the size channel.
 
+Expedite's clustering is soft (each token joins every centre with softmax weights): it makes no hard
+choice, its scope is empty and its distances are quantized like attention's ``q k^T``.
+
 A dense ViT has no decision, so its scope is empty and its twin is quantized with no ignored node: the
 same calibration, preset and quantizer placement on every layer they share.
 
