@@ -73,3 +73,23 @@ def test_sweep_stops_on_a_bad_point_with_the_reason(tmp_path):
                     "--out", str(tmp_path / "sw"), "--methods", "evit:r=4", "--min-runs", "3", "--min-seconds", "0")
     assert result.returncode == 2 and "takes no parameter r" in result.stderr
     assert not (tmp_path / "sw").exists()  # refused before the dense baseline was built
+
+
+def test_sweep_over_precisions_shares_one_dense_f32(tmp_path):
+    """--precisions f32,int8: one sweep per precision; the int8 points report the whole gain against
+    one shared dense f32 build, and no point carries a dense-f32 copy of its own."""
+    pytest.importorskip("onnxruntime")
+    result = deploy("sweep", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--backend", "onnxruntime",
+                    "--precisions", "f32,int8", "--methods", "tome:r=1", "--out", str(tmp_path / "sw"),
+                    "--min-runs", "3", "--min-seconds", "0")
+    assert result.returncode == 0, result.stderr + result.stdout
+    f32 = json.loads((tmp_path / "sw" / "f32" / "sweep.json").read_text())
+    int8 = json.loads((tmp_path / "sw" / "int8" / "sweep.json").read_text())
+    assert f32["points"][0]["speedup_vs_dense_f32"] is None
+    point = int8["points"][0]
+    assert point["speedup_vs_dense_f32"] > 0
+    directory = tmp_path / "sw" / "int8" / point["directory"]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["dense_f32"].startswith("../dense-f32-") and not (directory / "dense-f32").exists()
+    assert json.loads((directory / manifest["dense_f32"] / "manifest.json").read_text())["build"]["precision"] == "f32"
+    assert manifest["quantization"]["precision"] == "int8"

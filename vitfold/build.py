@@ -55,6 +55,7 @@ class BuildRequest:
     latency: LatencyOptions = field(default_factory=LatencyOptions)
     task: str = "classify"
     dense_dir: Optional[Path] = None
+    dense_f32_dir: Optional[Path] = None  # a shared dense f32 build for a non-f32 build's whole gain (sweeps)
     profile: bool = True
     calibrate: Optional[Path] = None  # images for a gate's capacity and int8 ranges (default: the check photos)
     calibration_size: int = DEFAULT_SUBSET  # int8: images drawn from ``calibrate`` (seeded)
@@ -327,16 +328,20 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
         if request.dense_dir is None:
             (staging / "dense").mkdir()
             build_variant(model, dense_schedule, staging / "dense", method=DENSE_METHOD, **variant)
-        if request.build.label != "f32":  # the whole gain is measured against dense f32
+        f32 = BuildConfig.from_json({**request.build.to_json(), "precision": "f32", "weights": None})
+        dense_f32_link = None
+        if request.build.label != "f32" and request.dense_f32_dir is not None:
+            dense_f32_link = _shared_dense(replace(request, dense_dir=request.dense_f32_dir, build=f32), common, out)
+        elif request.build.label != "f32":  # the whole gain is measured against dense f32
             (staging / DENSE_F32).mkdir()
-            build_variant(model, dense_schedule, staging / DENSE_F32, method=DENSE_METHOD,
-                          cfg=BuildConfig.from_json({**request.build.to_json(), "precision": "f32", "weights": None}),
+            build_variant(model, dense_schedule, staging / DENSE_F32, method=DENSE_METHOD, cfg=f32,
                           **{**variant, "calibration": None})
+            dense_f32_link = DENSE_F32
         manifest = build_variant(reduced, schedule, staging,
                                  method={"name": request.method, "params": method.params()}, **variant)
         manifest["dense"] = dense_link
-        if request.build.label != "f32":
-            manifest["dense_f32"] = DENSE_F32
+        if dense_f32_link is not None:
+            manifest["dense_f32"] = dense_f32_link
         if gate is not None:
             manifest["gate"] = gate
         write_manifest(staging, manifest)

@@ -240,6 +240,8 @@ def _disk_use(directory: Path) -> str:
                    "':'-separated key=v1,v2 settings, every combination is a point (keep = keep_rate).")
 @click.option("--backend", type=click.Choice(HOST_BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to build for.")
 @click.option("--precision", type=click.Choice(PRECISION_NAMES), default="f32", show_default=True, help="Inference precision.")
+@click.option("--precisions", default=None, help="Several precisions, one sweep each (e.g. f32,bf16,int8); overrides --precision. Non-f32 points also report the whole gain over dense f32.")
+@click.option("--calibrate", type=click.Path(file_okay=False, path_type=Path), default=None, help="int8: folder of images for the activation ranges (default: the check photos, with a warning).")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch size.")
 @click.option("--img-size", type=click.IntRange(min=1), default=None, help="Input size in pixels (default: the model's).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="timm state dict (.safetensors or .pth).")
@@ -250,8 +252,8 @@ def _disk_use(directory: Path) -> str:
 @click.option("--reprofile", is_flag=True, help="Re-measure points already built (default: reuse their reports).")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
-def sweep(model, methods_spec, backend, precision, batch, img_size, checkpoint, task, images, out, threads, reprofile,
-          min_runs, min_seconds) -> None:
+def sweep(model, methods_spec, backend, precision, precisions, calibrate, batch, img_size, checkpoint, task, images, out,
+          threads, reprofile, min_runs, min_seconds) -> None:
     """Build every point once (cached by spec hash), profile each against one dense baseline, and
     write sweep.json, sweep.md and sweep.png (speedup vs fidelity, one curve per method)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -263,30 +265,39 @@ def sweep(model, methods_spec, backend, precision, batch, img_size, checkpoint, 
     from .sweep import parse_points, run_sweep
 
     points = _run(parse_points, methods_spec)
-    base = _run(
+    chosen = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else [precision]
+    unknown = [p for p in chosen if p not in PRECISION_NAMES]
+    if unknown:
+        raise click.BadParameter(f"{', '.join(unknown)}: choose from {', '.join(PRECISION_NAMES)}", param_hint="--precisions")
+    bases = [_run(
         BuildRequest,
         spec=ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, img_size=img_size, batch_size=batch),
-        build=_run(BuildConfig, backend=backend, precision=precision, threads=threads),
+        build=_run(BuildConfig, backend=backend, precision=p, threads=threads),
         images=images,
+        calibrate=calibrate if p == "int8" else None,
         latency=LatencyOptions(min_runs=min_runs, min_seconds=min_seconds),
         task=task,
-    )
-    out = out or Path("sweeps") / f"{model}-{backend}-{precision}-b{batch}"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task_id = progress.add_task("sweep", total=len(points) + 1)
-        summary = _run(run_sweep, base, points, out, reprofile=reprofile,
-                       log=lambda msg: progress.console.print(f"[dim]{escape(msg)}[/]"),
-                       advance=lambda label: progress.update(task_id, advance=1, description=f"sweep: {label} done"))
-    table = Table(title=f"sweep {model} ({backend} {precision}, batch {batch})")
-    for column in ("method", "params", "GMACs", "FLOP ratio", "speedup", "fidelity", "top-1 vs dense"):
+    ) for p in chosen]  # every precision is checked before anything is built
+    table = Table(title=f"sweep {model} ({backend} {', '.join(chosen)}, batch {batch})")
+    for column in ("precision", "method", "params", "GMACs", "FLOP ratio", "speedup", "vs dense f32", "fidelity", "top-1 vs dense"):
         table.add_column(column, justify="right")
-    for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
-        top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
-        table.add_row(r["method"], r["label"], f"{r['gmacs']:.3f}", f"{r['flop_ratio']:.2f}x", f"{r['speedup']:.2f}x",
-                      f"{r['fidelity']:.4f}", top1)
+    for base in bases:
+        p = base.build.precision
+        where = (out / p if len(bases) > 1 else out) if out else Path("sweeps") / f"{model}-{backend}-{p}-b{batch}"
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=False) as progress:
+            task_id = progress.add_task(f"sweep {p}", total=len(points) + 1)
+            summary = _run(run_sweep, base, points, where, reprofile=reprofile,
+                           log=lambda msg: progress.console.print(f"[dim]{escape(msg)}[/]"),
+                           advance=lambda label: progress.update(task_id, advance=1, description=f"sweep {p}: {label} done"))
+        for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
+            top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
+            whole = "" if r.get("speedup_vs_dense_f32") is None else f"{r['speedup_vs_dense_f32']:.2f}x"
+            table.add_row(p, r["method"], r["label"], f"{r['gmacs']:.3f}", f"{r['flop_ratio']:.2f}x", f"{r['speedup']:.2f}x",
+                          whole, f"{r['fidelity']:.4f}", top1)
+        console.print(f"sweep {p}: {Path(where).resolve()} (sweep.md, sweep.json, sweep.png)")
     console.print(table)
-    console.print(f"sweep: {Path(out).resolve()} (sweep.md, sweep.json, sweep.png)")
+
 
 
 @main.command()

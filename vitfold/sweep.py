@@ -24,6 +24,7 @@ from .build import BuildRequest, build, build_dense
 from .errors import ArtifactError, SpecError
 from .profiles.report import profile_build
 from .reduce import create_method
+from .runtimes import BuildConfig
 
 #: Short parameter names accepted in a sweep spec (``evit:keep=0.7``).
 ALIASES = {"keep": "keep_rate", "at": "locations"}
@@ -121,11 +122,20 @@ def run_sweep(
     if not _cached(dense_dir):
         log("dense baseline: build")
         build_dense(replace(dense_request, out=dense_dir), log=log)
+    dense_f32_dir = None
+    if base.build.label != "f32":  # the whole gain of every point is measured against one dense f32 build
+        f32 = BuildConfig.from_json({**base.build.to_json(), "precision": "f32", "weights": None})
+        dense_f32_request = replace(dense_request, build=f32, calibrate=None, tolerance=None)
+        dense_f32_dir = out / f"dense-f32-{dense_f32_request.key()}"
+        if not _cached(dense_f32_dir):
+            log("dense f32 baseline: build")
+            build_dense(replace(dense_f32_request, out=dense_f32_dir), log=log)
     if advance:
         advance("dense baseline")
     rows = []
     for point in points:
-        request = replace(base, method=point.method, params=point.params, dense_dir=dense_dir, out=None)
+        request = replace(base, method=point.method, params=point.params, dense_dir=dense_dir,
+                          dense_f32_dir=dense_f32_dir, out=None)
         directory = out / f"{request.name()}-{request.key()}"
         cached = _cached(directory)
         if cached and (directory / "report.json").is_file() and not reprofile:
@@ -172,6 +182,7 @@ def _row(point: Point, directory: Path, report: dict) -> dict:
         "dense_gmacs": report["gmacs"]["dense"],
         "flop_ratio": report["flop_ratio"],
         "speedup": report["speedup"],
+        "speedup_vs_dense_f32": report.get("speedup_vs_dense_f32"),
         "median_ms": report["latency"]["reduced"]["median_ms"],
         "dense_median_ms": report["latency"]["dense"]["median_ms"],
         "cov": report["latency"]["reduced"]["cov"],
@@ -192,16 +203,17 @@ def render_markdown(summary: dict) -> str:
         f"Weights: {summary['weights']}. Dense baseline: `{summary['dense']}`. Speedup = dense median / point "
         "median, measured interleaved with the dense model for every point.",
         "",
-        "| method | params | GMACs | FLOP ratio | speedup | speedup / FLOP ratio | median ms | fidelity (cosine) | top-1 vs dense | KL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | params | GMACs | FLOP ratio | speedup | speedup / FLOP ratio | vs dense f32 | median ms | fidelity (cosine) | top-1 vs dense | KL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
         top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
         kl = "n/a" if r["kl"] is None else f"{r['kl']:.4f}"
         noisy = " (noisy)" if r["noisy"] else ""
+        whole = "n/a" if r.get("speedup_vs_dense_f32") is None else f"{r['speedup_vs_dense_f32']:.2f}x"
         lines.append(
             f"| {r['method']} | {r['label']} | {r['gmacs']:.3f} | {r['flop_ratio']:.2f}x | {r['speedup']:.2f}x{noisy} | "
-            f"{r['speedup'] / r['flop_ratio']:.0%} | {r['median_ms']:.2f} | {r['fidelity']:.4f} | {top1} | {kl} |"
+            f"{r['speedup'] / r['flop_ratio']:.0%} | {whole} | {r['median_ms']:.2f} | {r['fidelity']:.4f} | {top1} | {kl} |"
         )
     if summary["weights"].startswith("random"):
         lines += ["", "Weights are random: the fidelity columns mean nothing; pass --checkpoint for real figures."]

@@ -228,6 +228,7 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
     from ..reduce import TokenLayout, create_method
     from .curve import CurveOptions
     from ..profiles.latency import measure_interleaved
+    from ..quantize.calibration import timing_calibration
 
     options = options or CurveOptions()
     model, _ = create_model(spec)
@@ -240,11 +241,12 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
     shape = (spec.batch_size, 3, size[0], size[1])
     runtimes.backend_module(cfg.backend)  # a missing backend fails before any export
     sessions = {}
+    sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="vitfold-calibrate-") as tmp:
         for label, torch_model in (("dense", model), ("reference", reduced)):
-            log(f"calibrate: export and build the whole {label} model ({cfg.backend}, the build's pass pipeline)")
-            sessions[label] = compile_module(torch_model, shape, Path(tmp) / label, cfg).open(cfg)
-        sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            log(f"calibrate: export and build the whole {label} model ({cfg.backend} {cfg.label}, the build's pass pipeline)")
+            sessions[label] = compile_module(torch_model, shape, Path(tmp) / label, cfg, sample=sample,
+                                             calibration=timing_calibration(sample)).open(cfg)
         stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
                                     warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),
                                     runs_per_turn=options.runs_per_turn)
@@ -341,9 +343,10 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
         source = "given"
     else:
         curve, source = read_curve(curve), str(curve)
-    want = {"model": spec.name, "batch_size": spec.batch_size, "backend": cfg.backend, "precision": cfg.precision}
-    have = {"model": curve.get("model"), "batch_size": curve.get("batch_size"),
-            "backend": curve.get("backend", {}).get("backend"), "precision": curve.get("backend", {}).get("precision")}
+    want = {"model": spec.name, "batch_size": spec.batch_size, "backend": cfg.backend, "precision": cfg.label}
+    measured = curve.get("backend", {})
+    have = {"model": curve.get("model"), "batch_size": curve.get("batch_size"), "backend": measured.get("backend"),
+            "precision": f"{measured.get('precision')}" + (f"-w{measured['weights'][3:]}" if measured.get("weights") else "")}
     if want != have:
         raise SpecError(f"the latency curve is for {have}, this build is {want}; measure one with "
                         f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")

@@ -117,7 +117,8 @@ def measure_curve(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Measure latency against token count for ``spec`` (a :class:`vitfold.spec.ModelSpec`) on the
-    backend ``cfg`` (a :class:`vitfold.runtimes.BuildConfig`).
+    backend ``cfg`` (a :class:`vitfold.runtimes.BuildConfig`), at its precision: an int8 curve times
+    int8 graphs (quantized on their own timing input, :func:`vitfold.quantize.calibration.timing_calibration`).
 
     Args:
         mode: ``block`` (one ``Block``, input ``[B, N, C]``) or ``whole`` (all blocks at N tokens).
@@ -138,6 +139,7 @@ def measure_curve(
     from .. import runtimes
     from ..compile import compile_module
     from ..export.models import create_model
+    from ..quantize.calibration import timing_calibration
     from ..reduce import TokenLayout
     from ..profiles.report import environment
 
@@ -170,7 +172,8 @@ def measure_curve(
                 torch_module, shape = _modules(model, mode, n, block_index, spec.batch_size)
                 log(f"[N={n}] export {tuple(shape)} and build {cfg.backend} (the build's pass pipeline)")
                 inputs[n] = np.random.default_rng(n).standard_normal(shape).astype(np.float32)
-                sessions[n] = compile_module(torch_module, shape, Path(tmp) / f"n{n}", cfg, sample=inputs[n]).open(cfg)
+                sessions[n] = compile_module(torch_module, shape, Path(tmp) / f"n{n}", cfg, sample=inputs[n],
+                                             calibration=timing_calibration(inputs[n])).open(cfg)
             log(f"time {len(sessions)} token counts interleaved")
             stats = measure_interleaved(
                 {str(n): (lambda s=sessions[n], x=inputs[n]: s(x)) for n in sessions},

@@ -75,3 +75,10 @@ def load_calibration(folder: Optional[Path], pre: Preprocess, batch_size: int, *
         rng = np.random.default_rng(seed)
         paths = [paths[i] for i in sorted(rng.choice(len(paths), size=subset, replace=False))]
     return Calibration(batches(load_images(paths, pre), batch_size), source, len(paths), subset, seed)
+
+
+def timing_calibration(sample: np.ndarray) -> Calibration:
+    """A one-batch calibration on ``sample`` for graphs that are only timed (latency curves, the
+    planner's cost model): int8 kernels run at the same speed whatever the ranges, so an int8 curve
+    needs a quantized graph, not well-fitted ranges. Never for a build that is checked or shipped."""
+    return Calibration([sample], "synthetic (timing only)", 1, 1, SEED)
