@@ -338,7 +338,7 @@ def test_cli_bad_gate_input(tmp_path):
     ("evit-mass", {}, {"calibrate": "EMPTY"}, "--calibrate: no images"),
     ("evit-mass", {"capacity": 20}, {"calibrate": "EMPTY"}, "give one or the other"),
     ("evit-mass", {}, {"task": "features"}, "no dense reconstruction"),
-    ("tome", {"r": 2}, {"calibrate": "EMPTY"}, "--calibrate sets the capacity"),
+    ("tome", {"r": 2}, {"calibrate": "EMPTY"}, "--calibrate sets a data-dependent gate"),
 ])
 def test_build_refuses_bad_gate_requests(tmp_path, method_name, params, request_args, message):
     from vitfold.build import BuildRequest, build
