@@ -153,6 +153,19 @@ def test_agreement_ignores_order_within_a_site_but_not_after_it():
         agreement(ref, ref + ref, [("a",)])
 
 
+def test_agreement_pairs_merged_tokens_with_their_destinations():
+    """ToMe's choices at a site: which tokens merge (src) into which (dst). The same pairs in another
+    order are the same choice; swapped destinations are not. An index broadcast over channels
+    ([B, r, C]) counts once per row."""
+    src, dst = np.array([1, 2]), np.array([[[5] * 4, [6] * 4]])
+    ref = [{"src": src, "dst": dst}]
+    same_pairs = [{"src": src[::-1].copy(), "dst": dst[:, ::-1].copy()}]
+    swapped = [{"src": src, "dst": dst[:, ::-1].copy()}]
+    assert agreement(ref, same_pairs, [("src", "dst")]).identical == 1.0
+    result = agreement(ref, swapped, [("src", "dst")])
+    assert result.identical == 0.0 and result.first_site_tokens == 0.0
+
+
 def test_choices_agree_across_f32_runtimes_and_differ_for_other_weights(tmp_path):
     """The exits of the same f32 graph on ONNX Runtime and OpenVINO agree everywhere; a model with
     other weights makes other choices, and the count says so."""

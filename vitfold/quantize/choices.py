@@ -8,8 +8,10 @@ outputs.
 Counting (:func:`agreement`), per photo (per batch when the build's batch is above 1) and per
 reduction site, in graph order:
 
-* a site is **identical** when each of its exits holds the same indices in every row, order aside
-  (the same tokens merged into the same tokens, the same tokens kept);
+* a site is **identical** when it makes the same choices, order aside: exits of equal length are
+  read together as tuples (ToMe: each merged token with the token it joins), an index broadcast over
+  channels counts once, and the multisets of tuples must be equal (the same tokens merged into the
+  same tokens, the same tokens kept);
 * indices after a site are positions in the token order that site left, so a later site is compared
   only while every earlier site of that photo left the tokens in exactly the same order; once one
   did not, the later sites of that photo count as not identical (a lower bound, never an overcount).
@@ -92,8 +94,8 @@ class ChoiceAgreement:
         identical: share of sites x photos whose choices are identical (see the module docstring).
         first_site: share of photos whose first site's choices are identical.
         first_site_tokens: at the first site (positions are the original tokens there), the share of
-            indices the two builds have in common, row by row (a multiset intersection): how far
-            apart the choices are when they are not identical.
+            choices (tuples, as above) the two builds have in common: how far apart they are when
+            they are not identical.
         sites / photos: the counts the shares are taken over.
     """
 
@@ -120,12 +122,14 @@ def agreement(reference: Sequence[dict], candidate: Sequence[dict], sites: Seque
     identical = first = 0
     shared = total = 0
     for ref, cand in zip(reference, candidate):
-        for name in sites[0] if sites else ():
-            common, size = _common(ref[name], cand[name])
-            shared, total = shared + common, total + size
         aligned = True
         for k, site in enumerate(sites):
-            same = aligned and all(_same_rows(ref[name], cand[name]) for name in site)
+            mine, theirs = _choices(ref, site), _choices(cand, site)
+            if k == 0:
+                for length in mine:
+                    common, size = _common(mine[length], theirs.get(length, []))
+                    shared, total = shared + common, total + size
+            same = aligned and mine == theirs
             identical += same
             first += same and k == 0
             aligned = aligned and all(np.array_equal(ref[name], cand[name]) for name in site)
@@ -135,26 +139,31 @@ def agreement(reference: Sequence[dict], candidate: Sequence[dict], sites: Seque
                            shared / total if total else 1.0, len(sites), runs)
 
 
-def _common(a: np.ndarray, b: np.ndarray) -> tuple[int, int]:
-    """(indices in common row by row as multisets, indices in ``a``)."""
-    if a.shape != b.shape:
-        return 0, a.size
-    rows_a, rows_b = a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1), b.reshape(-1, b.shape[-1]) if b.ndim else b.reshape(1, 1)
+def _choices(run: dict, site: Sequence[str]) -> dict:
+    """A site's choices, order aside: exits of equal length zipped into tuples (ToMe's merged token
+    with the token it joins), as a sorted list per length. An index broadcast along its last axis
+    (the ``[B, r, C]`` index of a gather over channels) counts once per row."""
+    columns: dict[int, list] = {}
+    for name in site:
+        a = np.asarray(run[name])
+        if a.ndim >= 2 and a.shape[-1] > 1 and np.all(a == a[..., :1]):
+            a = a[..., 0]
+        flat = a.reshape(-1)
+        columns.setdefault(flat.size, []).append(flat)
+    return {length: sorted(zip(*(c.tolist() for c in cols))) for length, cols in columns.items()}
+
+
+def _common(a: list, b: list) -> tuple[int, int]:
+    """(choices in common as multisets, choices in ``a``)."""
+    counts: dict = {}
+    for item in b:
+        counts[item] = counts.get(item, 0) + 1
     common = 0
-    for x, y in zip(rows_a, rows_b):
-        values, counts = np.unique(x, return_counts=True)
-        other = dict(zip(*np.unique(y, return_counts=True)))
-        common += int(sum(min(c, other.get(v, 0)) for v, c in zip(values, counts)))
-    return common, a.size
-
-
-def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal indices per row, order within a row aside."""
-    if a.shape != b.shape:
-        return False
-    if a.ndim == 0:
-        return bool(a == b)
-    return bool(np.array_equal(np.sort(a, axis=-1), np.sort(b, axis=-1)))
+    for item in a:
+        if counts.get(item, 0):
+            counts[item] -= 1
+            common += 1
+    return common, len(a)
 
 
 def with_outputs(model: onnx.ModelProto, found: Exits) -> onnx.ModelProto:
