@@ -253,12 +253,13 @@ def test_targets_and_unknown_target():
     assert target_for("tensorrt", "8.5.2") == "tensorrt-8.5"
     assert target_for("tensorrt", "10.3") == target_for("tensorrt", None) == "tensorrt-10"
     assert target_for("tensorrt", "11") == "tensorrt-11"
+    assert target_for("tensorrt", "8.6.2.3") == "tensorrt-8.6" and target_for("tensorrt", "9.2.0") == "tensorrt-9"
     assert target_for("openvino") == "openvino-cpu" and target_for("onnxruntime") == "onnxruntime-cpu"
-    for args in (("tensorrt", "8.6"), ("tensorrt", "7"), ("coreml", None)):
-        with pytest.raises(SpecError, match="tensorrt-8.5, tensorrt-10, tensorrt-11, openvino-cpu, onnxruntime-cpu"):
+    for args in (("tensorrt", "8.4"), ("tensorrt", "7"), ("coreml", None)):
+        with pytest.raises(SpecError, match="tensorrt-8.5, tensorrt-8.6, tensorrt-9, tensorrt-10, tensorrt-11, openvino-cpu, onnxruntime-cpu"):
             target_for(*args)
-    with pytest.raises(SpecError, match=r"unknown lint target 'tensorrt-9'; targets: tensorrt-8.5"):
-        lint(topk(), "tensorrt-9")
+    with pytest.raises(SpecError, match=r"unknown lint target 'tensorrt-7'; targets: tensorrt-8.5"):
+        lint(topk(), "tensorrt-7")
 
 
 def test_not_onnx(tmp_path):
@@ -328,7 +329,7 @@ def test_inspect_cli(tome_onnx):
 
 def test_inspect_bad_input(tmp_path, tome_onnx):
     unknown = deploy_inspect(tome_onnx, "--backend", "tensorrt", "--trt-version", "7")
-    assert unknown.exit_code == 2 and "tensorrt-8.5, tensorrt-10" in unknown.output
+    assert unknown.exit_code == 2 and "tensorrt-8.5, tensorrt-8.6" in unknown.output
     not_onnx = tmp_path / "x.onnx"
     not_onnx.write_text("hello")
     result = deploy_inspect(not_onnx)

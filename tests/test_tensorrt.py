@@ -771,7 +771,10 @@ def test_gpu_tiny_tome_parity_graph_layers_and_latency(tmp_path):
     reduced = method.apply(model, method.schedule(TokenLayout.of(model)))
     images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     export_onnx(reduced, tmp_path / "model.onnx", images.shape)
-    run_pipeline(tmp_path / "model.onnx", tmp_path / "model.opt.onnx", ("fold-schedule", "merge-as-matmul"), [images])
+    from vitfold.compile import pipeline_for
+
+    passes, _ = pipeline_for(BuildConfig("tensorrt", "f32"))  # the installed TensorRT's own (8.5 needs more)
+    run_pipeline(tmp_path / "model.onnx", tmp_path / "model.opt.onnx", passes, [images])
     reference = run_onnx(tmp_path / "model.opt.onnx", [images])[0]["logits"]
     sessions = {}
     for graph in (True, False):
@@ -816,6 +819,8 @@ def test_gpu_deit_small_dense_and_tome13(tmp_path, precision):
 
 @pytest.mark.parametrize("version, precision, target, has_precision_pass", [
     ("8.5.2", "fp16", "tensorrt-8.5", False),
+    ("8.6.1", "fp16", "tensorrt-8.6", False),
+    ("9.2.0", "f32", "tensorrt-9", False),
     ("10.3.0", "fp16", "tensorrt-10", False),
     ("11.4.1", "f32", "tensorrt-11", False),
     ("11.4.1", "fp16", "tensorrt-11", True),
@@ -832,3 +837,46 @@ def test_build_pipeline_follows_the_installed_tensorrt(monkeypatch, version, pre
     assert "merge-as-matmul" in passes  # no native scatter reduction before 10, a plugin on 10
     assert ("decompose-layernorm" in passes) == (target == "tensorrt-8.5")  # 8.6 adds LayerNormalization
     assert (("precision", {"precision": precision}) in passes) == has_precision_pass
+
+
+def test_no_driver_is_a_clear_backend_unavailable(monkeypatch):
+    """cuda-python 11.8 raises RuntimeError from cudaGetDeviceCount where libcuda.so.1 is missing
+    (12.x / 13.x return an error code): the user gets the "no GPU" line, not a traceback."""
+    def no_driver():
+        raise RuntimeError("Failed to dlopen libcuda.so.1")
+
+    monkeypatch.setattr(cudamem, "_import_cudart", lambda: SimpleNamespace(cudaGetDeviceCount=no_driver))
+    with pytest.raises(BackendUnavailable, match="libcuda.so.1.*no NVIDIA driver here"):
+        cudamem.open_device(0, prefer="cuda-python")
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "8.6.2.3", "9.2.0"])
+def test_tensorrt_86_and_9_have_lint_rules(version, tmp_path):
+    """8.6 and 9 are accepted (they were refused after the export): their own targets, and a ToMe
+    graph through their pipeline lints clean."""
+    from conftest import tiny_vit
+    from vitfold.compile import pipeline_for
+    from vitfold.export.onnx import export_onnx
+    from vitfold.passes.lint import errors, lint, target_for
+    from vitfold.passes.pipeline import run_pipeline
+    from vitfold.reduce import TokenLayout, create_method
+
+    target = target_for("tensorrt", version)
+    assert target == ("tensorrt-9" if version.startswith("9") else "tensorrt-8.6")
+    model = tiny_vit()
+    method = create_method("tome", r=2)
+    images = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    export_onnx(method.apply(model, method.schedule(TokenLayout.of(model))), tmp_path / "model.onnx", images.shape)
+    raw = {f.rule for f in errors(lint(tmp_path / "model.onnx", target))}
+    assert "scatter-reduction" in raw  # no scatter reduction before 10: merge-as-matmul is needed
+    import vitfold.runtimes.tensorrt as trt_runtime
+
+    original = trt_runtime.installed_version
+    trt_runtime.installed_version = lambda: version
+    try:
+        passes, lint_target = pipeline_for(BuildConfig("tensorrt", "f32"))
+    finally:
+        trt_runtime.installed_version = original
+    assert lint_target == target
+    run_pipeline(tmp_path / "model.onnx", tmp_path / "model.opt.onnx", passes, [images])
+    assert errors(lint(tmp_path / "model.opt.onnx", target)) == []

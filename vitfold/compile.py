@@ -46,8 +46,9 @@ class Compiled:
 def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
     """The pass steps and the lint target for a backend build.
 
-    TensorRT depends on the installed version: 8.5 / 10 / 11 have their own lint rules; 8.5 also
-    gets :data:`~vitfold.passes.TENSORRT_8_5_PASSES` (LayerNormalization, integer TopK, opset 17); on
+    TensorRT depends on the installed version: 8.5 / 8.6 / 9 / 10 / 11 have their own lint rules; 8.5
+    also gets :data:`~vitfold.passes.TENSORRT_8_5_PASSES` (LayerNormalization, integer TopK, opset 17),
+    8.6 the opset-17 downgrade alone; on
     TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
     the graph through the ``precision`` pass.
 
@@ -60,8 +61,11 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
         from .runtimes.tensorrt import installed_version
 
         version = installed_version()
-        if target_for(cfg.backend, version) == "tensorrt-8.5":
+        target = target_for(cfg.backend, version)
+        if target == "tensorrt-8.5":
             passes.extend(TENSORRT_8_5_PASSES)
+        elif target == "tensorrt-8.6":  # LayerNormalization and INT32 TopK are in; opset-17 reading is not
+            passes.append(("downgrade-opset", {"opset": 17}))
         if int(version.split(".")[0]) >= 11 and cfg.precision in ("fp16", "bf16"):
             passes.append(("precision", {"precision": cfg.precision}))
     return passes, target_for(cfg.backend, version)

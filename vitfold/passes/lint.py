@@ -515,6 +515,52 @@ TRT11_RULES = (
     *_TRT10_COMMON,
 )
 
+#: TensorRT 8.6 (x86 wheels 8.6.1, JetPack 6.0 DP) and 9.x: between 8.5 and 10. 8.6 adds
+#: LayerNormalization and IsInf, INT32 TopK and K computed at run time (Changelog 8.6 EA) and still
+#: reads operators with opset-17 rules ("TensorRT 8.6 supports operators up to Opset 17", NVIDIA's
+#: DLA-SW op support page for 8.6); 9.x adds BF16 (Changelog 9.0) and reads up to opset 19
+#: (operators.md 9.2). Both lack the scatter reduction ToMe's merge exports (Changelog 10.0 EA adds
+#: it; #3750: 8.6 ignores reduction=add).
+TRT86_OPS = TRT85_OPS | {"LayerNormalization", "IsInf"}
+_TRT86_SCATTER = Rule(
+    "scatter-reduction", ("ScatterElements",), (check("attr_not_in", attr="reduction", allowed=("none",), default="none"),),
+    "error", f"TensorRT before 10 has no scatter reduction (8.6 ignores it: wrong sums); {_MERGE_FIX}",
+    "NVIDIA/TensorRT#3750 (8.6 ignores reduction=add); Changelog 10.0 EA adds it")
+_TRT86_TOPK = (
+    Rule("topk-sorted", ("TopK",), (check("attr_not_in", attr="sorted", allowed=(1,), default=1),), "warning",
+         "set sorted=1 (TensorRT returns TopK sorted; the 10.x parser refuses sorted=0)",
+         "operators.md 10.x (TopK: sorted must be 1)"),
+    _TRT10_TOPK_K_RUNTIME,
+    Rule("topk-input-dtype", ("TopK",), (check("input_dtype_not_in", index=0, dtypes=("FLOAT", "FLOAT16", "INT32", "INT64")),),
+         "error", "TopK takes FP32/FP16/INT32 values (INT64 cast to INT32); Cast them", "Changelog 8.6 EA (INT32 TopK)"),
+)
+TRT86_RULES = (
+    Rule("unsupported-op", ("*",), (check("op_not_in", ops=TRT86_OPS),), "error", _UNSUPPORTED,
+         "operators.md 8.5 + Changelog 8.6 EA (LayerNormalization, IsInf)"),
+    Rule("opset", (), (check("opset_above", max=17),), "warning",
+         "TensorRT 8.6 parses operators up to opset 17; ops whose signature changed later are read with the "
+         "opset-17 rules (see reduce-axes-input): run downgrade-opset to 17",
+         "NVIDIA DLA-SW op support for 8.6: 'TensorRT 8.6 supports operators up to Opset 17'"),
+    Rule("reduce-axes-input", tuple(op for op in _REDUCE if op != "ReduceSum"), (check("input_present", index=1),), "error",
+         "axes as an input is opset 18; 8.6 reads only the axes attribute (opset <= 17): run downgrade-opset to 17",
+         "opset 17 limit (above); onnx-tensorrt 8.6 reduceTensor reads attrs 'axes'"),
+    *_TRT86_TOPK,
+    _TRT86_SCATTER,
+    Rule("bfloat16", (), (check("tensor_dtype_in", dtypes=("BFLOAT16",)),), "error",
+         "TensorRT 8.6 has no BF16 (added in 9.0); use fp16 or fp32", "Changelog 9.0 GA"),
+    *_TRT_COMMON,
+)
+TRT9_RULES = (
+    Rule("unsupported-op", ("*",), (check("op_not_in", ops=TRT86_OPS),), "error", _UNSUPPORTED,
+         "operators.md 8.5 + Changelog 8.6 EA; ops added in 9.x that vitfold's graphs do not use are not listed"),
+    Rule("opset", (), (check("opset_above", max=19),), "warning",
+         "newer than TensorRT 9's parser reads (opset 19): export at opset <= 19",
+         "operators.md 9.2: 'TensorRT 9.2 supports operators up to Opset 19'"),
+    *_TRT86_TOPK,
+    _TRT86_SCATTER,
+    *_TRT_COMMON,
+)
+
 @dataclass(frozen=True)
 class RuntimeLimits:
     """The newest ONNX IR version and default-domain opset a runtime loads, and how that was learnt."""
@@ -585,9 +631,12 @@ OPENVINO_RULES = (
     _CONTROL_FLOW,
 )
 
-#: Rules per target. TensorRT targets: 8.5 (JetPack 5), 10 (JetPack 6 ships 10.3), 11.
+#: Rules per target. TensorRT targets: 8.5 (JetPack 5), 8.6 (x86 8.6.1, JetPack 6.0 DP), 9, 10 (JetPack 6
+#: ships 10.3), 11.
 TARGETS: dict[str, tuple[Rule, ...]] = {
     "tensorrt-8.5": TRT85_RULES,
+    "tensorrt-8.6": TRT86_RULES,
+    "tensorrt-9": TRT9_RULES,
     "tensorrt-10": TRT10_RULES,
     "tensorrt-11": TRT11_RULES,
     "openvino-cpu": OPENVINO_RULES,
@@ -614,7 +663,7 @@ def target_for(backend: str, trt_version: Optional[str] = None) -> str:
             if candidate in TARGETS:
                 return candidate
         raise SpecError(f"no lint rules for TensorRT {version}; targets: {', '.join(TARGETS)} "
-                        "(JetPack 5 = 8.5, JetPack 6 = 10)")
+                        "(JetPack 5 = 8.5, JetPack 6 = 10; 8.5 is the oldest TensorRT vitfold builds for)")
     raise SpecError(f"unknown backend {backend!r} for lint; backends: {', '.join(BACKENDS)}; "
                     f"targets: {', '.join(TARGETS)}")
 

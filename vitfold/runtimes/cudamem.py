@@ -266,11 +266,18 @@ def open_device(index: int = 0, prefer: Optional[str] = None) -> CudaDevice:
 
     Raises:
         BackendUnavailable: neither package is installed, or no usable GPU / driver (names the CUDA
-            error, e.g. ``cudaErrorNoDevice`` or ``cudaErrorInsufficientDriver``).
+            error, e.g. ``cudaErrorNoDevice`` or ``cudaErrorInsufficientDriver``; cuda-python 11.8
+            raises instead of returning one when there is no driver at all, and that is caught too).
     """
     cudart = _import_cudart() if prefer in (None, "cuda-python") else None
     if cudart is not None:
-        count = cudart.cudaGetDeviceCount()
+        try:
+            count = cudart.cudaGetDeviceCount()
+        except RuntimeError as exc:  # cuda-python 11.8 raises when libcuda.so.1 (the driver) is absent
+            raise BackendUnavailable(
+                f"TensorRT needs an NVIDIA GPU: CUDA could not start ({exc}); no NVIDIA driver here. Run on a "
+                "Jetson / NVIDIA GPU machine with its driver installed, or pick --backend openvino / onnxruntime here."
+            ) from exc
         if int(count[0]) != 0 or count[1] <= index:
             name = cudart.cudaGetErrorName(count[0])[1] if int(count[0]) else b"no such device"
             name = name.decode() if isinstance(name, bytes) else str(name)
