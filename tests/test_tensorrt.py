@@ -880,3 +880,49 @@ def test_tensorrt_86_and_9_have_lint_rules(version, tmp_path):
     assert lint_target == target
     run_pipeline(tmp_path / "model.onnx", tmp_path / "model.opt.onnx", passes, [images])
     assert errors(lint(tmp_path / "model.opt.onnx", target)) == []
+
+
+def test_build_failure_names_the_error_not_a_routine_warning():
+    """A tactic skipped for memory is logged as a warning in many successful builds; the error line
+    (no implementation for a node) is the cause and is the one reported."""
+    plan = translate_config(BuildConfig("tensorrt", "f32"), "10.3.0")
+    messages = ["[W] Skipping tactic 0x3 due to insufficient memory on requested size of 2048 MiB",
+                "[E] 10: Could not find any implementation for node {ForeignNode[node_scatter]}."]
+    error = trt_backend.diagnose_build_failure(messages, plan)
+    assert isinstance(error, ExportError) and "node_scatter" in str(error)
+    only_warning = trt_backend.diagnose_build_failure(messages[:1], plan)  # nothing better logged: it is the lead
+    assert isinstance(only_warning, SpecError) and "workspace" in str(only_warning)
+
+
+def test_failed_graph_instantiation_frees_the_captured_graph():
+    """cudaGraphInstantiate failing must not leak the graph that stream capture produced."""
+    calls = []
+    rt = SimpleNamespace(
+        cudaStreamCaptureMode=SimpleNamespace(cudaStreamCaptureModeGlobal=0),
+        cudaStreamBeginCapture=lambda stream, mode: (0,),
+        cudaStreamEndCapture=lambda stream: (0, "graph"),
+        cudaGraphInstantiateWithFlags=lambda graph, flags: (1, None),
+        cudaGraphDestroy=lambda graph: calls.append(graph) or (0,),
+        cudaGetErrorName=lambda err: (0, b"cudaErrorInvalidValue"),
+    )
+    device = cudamem.CudaPythonDevice.__new__(cudamem.CudaPythonDevice)
+    device._rt, device._stream, device._graphs = rt, "stream", []
+    import vitfold.runtimes.cudamem as module
+
+    original = module._import_cudart
+    module._import_cudart = lambda: rt
+    try:
+        with pytest.raises(RuntimeError, match="cudaErrorInvalidValue"):
+            device.capture(lambda: None)
+    finally:
+        module._import_cudart = original
+    assert calls == ["graph"] and device._graphs == []
+
+
+def test_rejected_binding_raises():
+    from vitfold.runtimes.tensorrt import _require
+
+    _require(True, "set_tensor_address(x)")
+    _require(None, "set_tensor_address(x)")  # TensorRT 8.5's binding returns None
+    with pytest.raises(ArtifactError, match=r"refused set_input_shape\(images, \(9, 3, 224, 224\)\)"):
+        _require(False, "set_input_shape(images, (9, 3, 224, 224))")

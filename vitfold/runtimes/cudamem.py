@@ -173,7 +173,11 @@ class CudaPythonDevice(CudaDevice):
         finally:
             graph = _check(rt.cudaStreamEndCapture(self._stream))
         instantiate = getattr(rt, "cudaGraphInstantiateWithFlags", None) or rt.cudaGraphInstantiate
-        graph_exec = _check(instantiate(graph, 0))
+        try:
+            graph_exec = _check(instantiate(graph, 0))
+        except Exception:
+            rt.cudaGraphDestroy(graph)  # the captured graph is ours until an executable holds it
+            raise
         self._graphs.append((graph, graph_exec))
         return graph_exec
 

@@ -107,8 +107,11 @@ def _logger(trt):
                 self.messages: list[str] = []
 
             def log(self, severity, msg):
-                if int(severity) <= warning:  # kept for diagnose_build_failure; errors raised carry the cause
-                    self.messages = (self.messages + [str(msg)])[-200:]
+                level = int(severity)
+                if level <= warning:  # kept for diagnose_build_failure, errors marked so they are read first
+                    self.messages = (self.messages + [f"[{'W' if level == warning else 'E'}] {msg}"])[-200:]
+                    log.log(logging.WARNING if level == warning else logging.ERROR, "TensorRT: %s", msg)
+                else:
                     log.debug("TensorRT: %s", msg)
 
             def take(self) -> list[str]:
@@ -117,6 +120,18 @@ def _logger(trt):
 
         _LOGGER = CapturingLogger()
     return _LOGGER
+
+
+def _require(ok, call: str) -> None:
+    """TensorRT's ``set_input_shape`` / ``set_tensor_address`` return False instead of raising (the
+    reason goes to the log): raise, so a rejected binding never runs on stale buffers.
+
+    Raises:
+        ArtifactError: ``ok`` is False.
+    """
+    if ok is False:
+        raise ArtifactError(f"TensorRT refused {call} (see the TensorRT warnings logged above); rebuild the engine "
+                            "for this shape with `deploy.py build --backend tensorrt`")
 
 
 def device_identity(trt, device: cudamem.CudaDevice) -> dict:
@@ -318,18 +333,18 @@ class TensorRTSession(Session):
         if self.dynamic:
             low, opt, high = (tuple(s) for s in engine.get_tensor_profile_shape(self._input, 0))
             self.shape_range = (low, high)
-            self._context.set_input_shape(self._input, high)  # size every buffer for the largest shape
+            _require(self._context.set_input_shape(self._input, high), f"set_input_shape({self._input}, {high})")
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._ptr, self._host = {}, {}
         for name in names:
             count = int(np.prod(tuple(self._context.get_tensor_shape(name)), dtype=np.int64))
             self._host[name] = device.pinned((count,), self._dtypes[name])
             self._ptr[name] = device.malloc(self._host[name].nbytes)
-            self._context.set_tensor_address(name, self._ptr[name])
+            _require(self._context.set_tensor_address(name, self._ptr[name]), f"set_tensor_address({name})")
         run_shape = opt if self.dynamic else shape
         self._static_views: dict[str, np.ndarray] = {}
         if self.dynamic:
-            self._context.set_input_shape(self._input, run_shape)
+            _require(self._context.set_input_shape(self._input, run_shape), f"set_input_shape({self._input}, {run_shape})")
         else:  # fixed shapes: one view per tensor, no per-call shape queries
             self._static_views = {name: self._view(name) for name in names}
         self._start, self._computed, self._end = device.event(), device.event(), device.event()
@@ -364,7 +379,7 @@ class TensorRTSession(Session):
         low, high = self.shape_range
         if images.dtype != np.float32 or images.ndim != len(low) or not all(a <= s <= b for a, s, b in zip(low, images.shape, high)):
             raise SpecError(f"images are {images.dtype} {images.shape}; this engine takes float32 from {low} to {high}")
-        self._context.set_input_shape(self._input, images.shape)
+        _require(self._context.set_input_shape(self._input, images.shape), f"set_input_shape({self._input}, {images.shape})")
         return self._run(np.ascontiguousarray(images))
 
     def _enqueue(self) -> None:

@@ -196,26 +196,32 @@ def parse_failure(onnx_path: Path, errors: Sequence, nodes: Sequence[tuple[str, 
 
 
 def diagnose_build_failure(messages: Sequence[str], plan: BuilderSettings) -> VitfoldError:
-    """Name the cause of a failed ``build_serialized_network`` from the TensorRT log lines."""
+    """Name the cause of a failed ``build_serialized_network`` from the TensorRT log lines.
+
+    Lines the logger marked as errors (``[E] ...``) are searched before warnings (``[W] ...``): a
+    build logs routine warnings (a tactic that wanted more memory than the workspace, and was
+    skipped) that are not why it failed.
+    """
     text = "\n".join(messages)
-
-    def line(pattern: str) -> Optional[str]:
-        return next((m for m in messages if re.search(pattern, m, re.I)), None)
-
-    found = line(r"insufficient workspace|workspace.*(too small|insufficient)|insufficient memory")
-    if found:
-        mb = plan.workspace_bytes >> 20
-        return SpecError(f"TensorRT could not build within the {mb} MiB workspace: {found.strip()} "
-                         f"Fix: raise it, e.g. BuildConfig(extra={{'workspace_mb': {mb * 2}}}), or free GPU memory "
-                         "(a Jetson shares it with the CPU: close other programs).")
-    found = line(r"out of memory|OutOfMemory|cudaErrorMemoryAllocation")
-    if found:
-        return SpecError(f"the GPU ran out of memory while building: {found.strip()} Fix: free GPU memory, lower "
-                         "the batch or the workspace_mb limit.")
-    found = line(r"could not find any implementation|no implementation|not supported|unsupported")
-    if found:
-        return ExportError(f"TensorRT has no implementation for part of the graph: {found.strip()} Fix: run the "
-                           "backend lint pass to find the node, and merge-as-matmul for token merges.")
+    mb = plan.workspace_bytes >> 20
+    causes = (
+        (r"insufficient workspace|workspace.*(too small|insufficient)|insufficient memory",
+         lambda found: SpecError(f"TensorRT could not build within the {mb} MiB workspace: {found} Fix: raise it, e.g. "
+                                 f"BuildConfig(extra={{'workspace_mb': {mb * 2}}}), or free GPU memory (a Jetson shares "
+                                 "it with the CPU: close other programs).")),
+        (r"out of memory|OutOfMemory|cudaErrorMemoryAllocation",
+         lambda found: SpecError(f"the GPU ran out of memory while building: {found} Fix: free GPU memory, lower the "
+                                 "batch or the workspace_mb limit.")),
+        (r"could not find any implementation|no implementation|not supported|unsupported",
+         lambda found: ExportError(f"TensorRT has no implementation for part of the graph: {found} Fix: run the backend "
+                                   "lint pass to find the node, and merge-as-matmul for token merges.")),
+    )
+    errors = [m for m in messages if m.startswith("[E]")]
+    for group in (errors, [m for m in messages if m not in errors]):  # every cause in the errors first
+        for pattern, make in causes:
+            found = next((m for m in group if re.search(pattern, m, re.I)), None)
+            if found:
+                return make(found.strip())
     tail = "\n  ".join(m.strip() for m in messages[-5:]) or "no error logged"
     return ExportError(f"TensorRT engine build failed:\n  {tail}" if text else "TensorRT engine build failed (nothing logged)")
 
