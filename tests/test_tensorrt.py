@@ -920,9 +920,60 @@ def test_failed_graph_instantiation_frees_the_captured_graph():
 
 
 def test_rejected_binding_raises():
-    from vitfold.runtimes.tensorrt import _require
+    from vitfold.runtimes.tensorrt_config import _require
 
     _require(True, "set_tensor_address(x)")
     _require(None, "set_tensor_address(x)")  # TensorRT 8.5's binding returns None
     with pytest.raises(ArtifactError, match=r"refused set_input_shape\(images, \(9, 3, 224, 224\)\)"):
         _require(False, "set_input_shape(images, (9, 3, 224, 224))")
+
+
+def test_per_layer_pass_uses_the_sessions_own_context_and_restores_its_shape():
+    """TensorRT 8.5: one optimisation profile per context, so the profiler runs on the session's own
+    context (no second one); a dynamic session gets its input shape back, the profiler detached."""
+    events = []
+
+    class Profiler:
+        def __init__(self):
+            self.layers = []
+
+    class Context:
+        profiler = None
+        shape = (8, 3, 32, 32)
+
+        def get_tensor_shape(self, name):
+            return self.shape
+
+        def set_input_shape(self, name, shape):
+            events.append(("shape", tuple(shape)))
+            self.shape = tuple(shape)
+            return True
+
+        def execute_async_v3(self, stream):
+            self.profiler.layers = [("layer0", 0.5)]
+            return True
+
+    class Engine:
+        num_layers = 1
+
+        def create_engine_inspector(self):
+            return SimpleNamespace(get_layer_information=lambda i, fmt: json.dumps(
+                {"Name": "layer0", "LayerType": "MatMul", "Inputs": [], "Outputs": []}))
+
+        def create_execution_context(self):
+            raise AssertionError("a second execution context breaks TensorRT 8.5's one-profile-per-context rule")
+
+    class trt:  # the module's stand-in (hashable, as the real module is)
+        IProfiler = object
+        LayerInformationFormat = SimpleNamespace(JSON=1)
+
+    prof._PROFILER[trt] = Profiler
+    context = Context()
+    device = SimpleNamespace(h2d=lambda ptr, host: None, event=lambda: None, record=lambda e: None, synchronize=lambda: None,
+                             elapsed_ms=lambda a, b: 1.0, stream_handle=0)
+    session = SimpleNamespace(_trt=trt, _engine=Engine(), _device=device, _context=context, _input="images", dynamic=True,
+                              _ptr={"images": 1}, _view=lambda name: np.zeros((1, 3, 32, 32), np.float32), settings={})
+    result = prof.session_layers(session, np.ones((1, 3, 32, 32), np.float32), warmup=1, runs=2)
+    assert [r[0]["name"] for r in result["runs"]] == ["layer0", "layer0"] and result["run_ms"] == [1.0, 1.0]
+    assert events == [("shape", (1, 3, 32, 32)), ("shape", (8, 3, 32, 32))] and context.shape == (8, 3, 32, 32)
+    assert context.profiler is None

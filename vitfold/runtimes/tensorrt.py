@@ -44,6 +44,7 @@ from .tensorrt_cache import EngineCache, cached_engine, detect_platform, engine_
 from .tensorrt_config import (  # noqa: F401  (re-exported: the backend's public API)
     WORKSPACE_MB,
     BuilderSettings,
+    _require,
     check_graph_precision,
     diagnose_build_failure,
     format_parser_errors,
@@ -120,18 +121,6 @@ def _logger(trt):
 
         _LOGGER = CapturingLogger()
     return _LOGGER
-
-
-def _require(ok, call: str) -> None:
-    """TensorRT's ``set_input_shape`` / ``set_tensor_address`` return False instead of raising (the
-    reason goes to the log): raise, so a rejected binding never runs on stale buffers.
-
-    Raises:
-        ArtifactError: ``ok`` is False.
-    """
-    if ok is False:
-        raise ArtifactError(f"TensorRT refused {call} (see the TensorRT warnings logged above); rebuild the engine "
-                            "for this shape with `deploy.py build --backend tensorrt`")
 
 
 def device_identity(trt, device: cudamem.CudaDevice) -> dict:

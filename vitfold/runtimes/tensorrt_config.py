@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
-from ..errors import ExportError, SpecError, VitfoldError
+from ..errors import ArtifactError, ExportError, SpecError, VitfoldError
 from .base import BuildConfig
 
 WORKSPACE_MB = 1024
@@ -239,3 +239,15 @@ def check_graph_precision(dtypes: Iterable[str], plan: BuilderSettings) -> None:
             "or python -m modelopt.onnx.autocast --low_precision_type fp16 --keep_io_types) and build from that "
             "model.opt.onnx, or use --precision f32."
         )
+
+
+def _require(ok, call: str) -> None:
+    """TensorRT's ``set_input_shape`` / ``set_tensor_address`` return False instead of raising (the
+    reason goes to the log): raise, so a rejected binding never runs on stale buffers.
+
+    Raises:
+        ArtifactError: ``ok`` is False.
+    """
+    if ok is False:
+        raise ArtifactError(f"TensorRT refused {call} (see the TensorRT warnings logged above); rebuild the engine "
+                            "for this shape with `deploy.py build --backend tensorrt`")

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from .tensorrt_cache import detect_platform
+from .tensorrt_config import _require
 
 #: Coefficient of variation above which a TensorRT GPU latency is flagged as noisy.
 GPU_NOISY_COV = 0.025
@@ -130,43 +131,55 @@ def _profiler(trt):
 
 
 def session_layers(session, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
-    """IProfiler pass on a second execution context of ``session``'s engine (same buffers, no CUDA
-    graph: a profiled enqueue reports per layer); the session's own context is left untouched.
+    """IProfiler pass on ``session``'s own execution context (same buffers; plain enqueues, not the
+    CUDA graph, since a profiled enqueue reports per layer).
+
+    Not a second context: TensorRT 8.5 requires each execution context to have its own
+    optimisation profile (``NvInferRuntime.h``, ``createExecutionContext``; relaxed in 10), and the
+    session's context holds the engine's only one. A dynamic session's input shape is set to
+    ``images.shape`` for the pass and restored afterwards; the profiler is detached.
 
     Returns:
         ``{"runs": [[{name, type, ms, origins, inputs}, ...] per run], "run_ms": [GPU ms per run,
         profiler on], "settings": session.settings}``.
+
+    Raises:
+        RuntimeError: an enqueue failed. ArtifactError: the engine refused the shape.
     """
-    trt, engine, device = session._trt, session._engine, session._device
+    trt, engine, device, context = session._trt, session._engine, session._device, session._context
     inspector = engine.create_engine_inspector()
     info = link_layers([parse_layer_info(inspector.get_layer_information(i, trt.LayerInformationFormat.JSON))
                         for i in range(engine.num_layers)])
-    context = engine.create_execution_context()
     images = np.ascontiguousarray(images, dtype=np.float32)
+    previous = tuple(context.get_tensor_shape(session._input)) if session.dynamic else None
     if session.dynamic:
-        context.set_input_shape(session._input, images.shape)
-        session._context.set_input_shape(session._input, images.shape)
-    for name, ptr in session._ptr.items():
-        context.set_tensor_address(name, ptr)
+        _require(context.set_input_shape(session._input, images.shape), f"set_input_shape({session._input}, {images.shape})")
     profiler = _profiler(trt)
     context.profiler = profiler
-    staged = session._view(session._input)
-    np.copyto(staged, images, casting="same_kind")
-    device.h2d(session._ptr[session._input], staged)
-    start, end = device.event(), device.event()
     layer_runs, run_ms = [], []
-    for i in range(warmup + runs):
-        profiler.layers = []
-        device.record(start)
-        if not context.execute_async_v3(device.stream_handle):
-            raise RuntimeError("TensorRT execute_async_v3 failed while profiling; see the TensorRT log")
-        device.record(end)
-        device.synchronize()
-        if i >= warmup:
-            run_ms.append(device.elapsed_ms(start, end))
-            layer_runs.append([{"name": n, "ms": ms, **info.get(n, {"type": "", "origins": layer_origins(n), "inputs": []})}
-                               for n, ms in profiler.layers])
-    del context
+    try:
+        staged = session._view(session._input)
+        np.copyto(staged, images, casting="same_kind")
+        device.h2d(session._ptr[session._input], staged)
+        start, end = device.event(), device.event()
+        for i in range(warmup + runs):
+            profiler.layers = []
+            device.record(start)
+            if not context.execute_async_v3(device.stream_handle):
+                raise RuntimeError("TensorRT execute_async_v3 failed while profiling; see the TensorRT log")
+            device.record(end)
+            device.synchronize()
+            if i >= warmup:
+                run_ms.append(device.elapsed_ms(start, end))
+                layer_runs.append([{"name": n, "ms": ms, **info.get(n, {"type": "", "origins": layer_origins(n), "inputs": []})}
+                                   for n, ms in profiler.layers])
+    finally:
+        try:
+            context.profiler = None  # nullptr: later enqueues are not reported
+        except TypeError:  # a binding that takes no None: the profiler stays, reporting into a list nobody reads
+            pass
+        if previous is not None:
+            _require(context.set_input_shape(session._input, previous), f"set_input_shape({session._input}, {previous})")
     return {"runs": layer_runs, "run_ms": run_ms, "settings": dict(session.settings)}
 
 
