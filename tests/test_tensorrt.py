@@ -977,3 +977,45 @@ def test_per_layer_pass_uses_the_sessions_own_context_and_restores_its_shape():
     assert [r[0]["name"] for r in result["runs"]] == ["layer0", "layer0"] and result["run_ms"] == [1.0, 1.0]
     assert events == [("shape", (1, 3, 32, 32)), ("shape", (8, 3, 32, 32))] and context.shape == (8, 3, 32, 32)
     assert context.profiler is None
+
+
+def test_plugin_libraries_with_get_creators_go_through_the_registry(monkeypatch, tmp_path):
+    import ctypes
+
+    calls = []
+    old, new = tmp_path / "libold.so", tmp_path / "libnew.so"
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    libraries = {str(old): SimpleNamespace(), str(new): SimpleNamespace(getCreators=lambda: None)}
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: libraries[path])
+    registry = SimpleNamespace(load_library=lambda path: calls.append(path) or object())
+    trt = SimpleNamespace(get_plugin_registry=lambda: registry)
+    loaded = trt_backend.load_plugins([str(old), str(new)], trt)
+    assert [p["loaded_by"] for p in loaded] == ["dlopen", "plugin registry"] and calls == [str(new)]
+    registry.load_library = lambda path: None
+    with pytest.raises(SpecError, match="registry refused"):
+        trt_backend.load_plugins([str(new)], trt)
+
+
+def test_stream_handle_and_pycuda_context_release():
+    """cuda-bindings 13 deprecates int(cudaStream_t): the address comes from getPtr(); pycuda's
+    primary context is popped and detached on close."""
+    device = cudamem.CudaPythonDevice.__new__(cudamem.CudaPythonDevice)
+    device._stream = SimpleNamespace(getPtr=lambda: 0x7F00)
+    assert device.stream_handle == 0x7F00
+    calls = []
+    pycuda = cudamem.PyCudaDevice.__new__(cudamem.PyCudaDevice)
+    pycuda._stream = SimpleNamespace(synchronize=lambda: None)
+    pycuda._allocations, pycuda._host = [], []
+    pycuda._context = SimpleNamespace(pop=lambda: calls.append("pop"), detach=lambda: calls.append("detach"))
+    pycuda.close()
+    assert calls == ["pop", "detach"] and pycuda._context is None
+
+
+def test_bf16_on_tensorrt_is_refused_before_any_export():
+    """The record offers f32 / fp16 / int8: the request itself is refused, before a model is built."""
+    from vitfold.build import BuildRequest
+    from vitfold.spec import ModelSpec
+
+    with pytest.raises(SpecError, match="--precision bf16 is not built for tensorrt; choose f32 or fp16 or int8"):
+        BuildRequest(ModelSpec("deit_small_patch16_224"), build=BuildConfig("tensorrt", "bf16"))

@@ -124,7 +124,9 @@ class CudaPythonDevice(CudaDevice):
 
     @property
     def stream_handle(self) -> int:
-        return int(self._stream)
+        # cudaStream_t.getPtr() is the address in every cuda-python; int(handle) is deprecated in cuda-bindings 13
+        get_ptr = getattr(self._stream, "getPtr", None)
+        return int(get_ptr()) if get_ptr is not None else int(self._stream)
 
     def malloc(self, nbytes: int) -> int:
         ptr = int(_check(self._rt.cudaMalloc(max(int(nbytes), 1))))
@@ -258,6 +260,7 @@ class PyCudaDevice(CudaDevice):
             allocation.free()
         self._allocations, self._host = [], []
         self._context.pop()
+        self._context.detach()  # release our reference on the primary context (retain_primary_context took one)
         self._context = None
 
 

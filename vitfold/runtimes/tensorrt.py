@@ -137,21 +137,33 @@ def engine_cache(cfg: BuildConfig) -> Optional[EngineCache]:
     return EngineCache(Path(cfg.cache_dir) if cfg.cache_dir else Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "vitfold")
 
 
-def load_plugins(paths: Sequence[str]) -> list[dict]:
-    """``dlopen`` plugin libraries (``extra["plugins"]``) before parsing; returns their names and sha256.
+def load_plugins(paths: Sequence[str], trt=None) -> list[dict]:
+    """Load plugin libraries (``extra["plugins"]``) before parsing; returns their names and sha256.
+
+    Every library is ``dlopen``-ed (``RTLD_GLOBAL``), which registers plugins the old way (static
+    ``REGISTER_TENSORRT_PLUGIN`` creators). A library that exports ``getCreators`` (TensorRT 10's
+    plugin-library entry point; ``getPluginCreators`` before it) is also handed to
+    ``trt.get_plugin_registry().load_library``, which is how TensorRT registers those.
 
     Raises:
-        SpecError: a library is missing or does not load.
+        SpecError: a library is missing, does not load, or TensorRT's registry refuses it.
     """
     loaded = []
     for path in map(Path, paths):
         if not path.is_file():
             raise SpecError(f"TensorRT plugin library {path} does not exist")
         try:
-            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         except OSError as exc:
             raise SpecError(f"TensorRT plugin library {path} does not load: {exc}") from exc
-        loaded.append({"name": path.name, "sha256": file_sha256(path)})
+        how = "dlopen"
+        if trt is not None and (hasattr(library, "getCreators") or hasattr(library, "getPluginCreators")):
+            registry = trt.get_plugin_registry()
+            if hasattr(registry, "load_library"):
+                if registry.load_library(str(path)) is None:
+                    raise SpecError(f"TensorRT's plugin registry refused {path} (see the TensorRT log)")
+                how = "plugin registry"
+        loaded.append({"name": path.name, "sha256": file_sha256(path), "loaded_by": how})
     return loaded
 
 
@@ -181,7 +193,7 @@ def obtain_engine(trt, onnx_path: Path, cfg: BuildConfig, plan: BuilderSettings,
             from an fp32 graph.
     """
     logger = _logger(trt)
-    plugins = load_plugins(cfg.extra.get("plugins", ()))
+    plugins = load_plugins(cfg.extra.get("plugins", ()), trt)
     if hasattr(trt, "init_libnvinfer_plugins"):
         trt.init_libnvinfer_plugins(logger, "")
     flags = 0
