@@ -62,6 +62,7 @@ class BuildRequest:
     tolerance: Optional[dict] = None  # overrides of the backend's tolerance (Tolerance field -> value)
     percentile: float = DEFAULT_PERCENTILE  # gated methods: nearest-rank percentile of the kept counts
     force: bool = False  # replace an existing build of another request at ``out``
+    export_only: bool = False  # stop before the backend build: the device builds (python -m vitfold.device build)
     auto_schedule: Optional[dict] = None  # the planner's record (vitfold.plan.auto_schedule), written before profiling
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class BuildRequest:
             "percentile": self.percentile,
             **({"calibration_size": self.calibration_size} if self.build.precision == "int8" else {}),
             **({"tolerance": self.tolerance} if self.tolerance else {}),
+            **({"export_only": True} if self.export_only else {}),
         }
 
     def key(self) -> str:
@@ -198,7 +200,7 @@ def build_variant(
     )
     np.save(directory / REFERENCE, reference)
     compiled = compile_onnx(directory / "model.onnx", directory, cfg, check[0], calibration=calibration,
-                            log=lambda msg: log(f"[{what}] {msg}"))
+                            build_backend=not request.export_only, log=lambda msg: log(f"[{what}] {msg}"))
     manifest = {
         **common,
         "method": method,
@@ -215,11 +217,16 @@ def build_variant(
     }
     if compiled.quantization is not None:
         manifest["quantization"] = compiled.quantization
+    key = f"{cfg.backend}:{cfg.label}"
+    tolerance = request.check_tolerance() if cfg == request.build else get_backend(cfg.backend).tolerance_for(cfg)
+    if request.export_only:  # the device builds, checks against reference.npy with this tolerance, profiles
+        manifest["stage"] = "exported"
+        manifest["checks"]["tolerance"] = {"key": key, **tolerance.to_json()}
+        write_manifest(directory, manifest)
+        return manifest
     write_manifest(directory, manifest)
     with runtimes.load(directory, verify=False) as session:  # hashed just above by write_manifest
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in check])
-    key = f"{cfg.backend}:{cfg.label}"
-    tolerance = request.check_tolerance() if cfg == request.build else get_backend(cfg.backend).tolerance_for(cfg)
     against = "its f32 torch model" if cfg.quantized else "torch"
     parity = compare(reference, outputs, classes=output_name(model) == "logits")
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
@@ -273,7 +280,10 @@ def build(request: BuildRequest, log: Callable[[str], None] = print) -> tuple[Pa
         VitfoldError subclasses: bad spec / schedule (before any file is written), a target that may
         not be written, export, pass or fidelity failures (the target directory is left untouched).
     """
-    runtimes.backend_module(request.build.backend)  # unknown backend fails before the slow steps
+    if request.export_only:  # the device builds: only the target's passes and lint rules are needed here
+        get_backend(request.build.backend)
+    else:
+        runtimes.backend_module(request.build.backend)  # unknown backend fails before the slow steps
     out = Path(request.out) if request.out else Path.cwd() / "builds" / request.name()
     with claim(out, request.key(), force=request.force, log=log) as target:
         if target.state == "rebuilt":
@@ -347,7 +357,7 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
         write_manifest(staging, manifest)
         if request.auto_schedule is not None:  # profile_build reports predicted beside measured
             (staging / AUTO_JSON).write_text(json.dumps(request.auto_schedule, indent=2) + "\n")
-        if request.profile:
+        if request.profile and not request.export_only:
             log("profile: latency (dense and reduced interleaved), FLOPs, fidelity")
             report = profile_build(staging, images=request.images, options=request.latency)
     return out, report

@@ -153,6 +153,8 @@ def _terminated(signum, frame) -> None:
 @click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder of photos for the checks and fidelity (default: the shipped photos).")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Build directory (default: builds/<name> under the current directory). Must be absent, empty, or a vitfold build of the same request; a folder of yours is never touched.")
 @click.option("--force", is_flag=True, help="Replace the vitfold build at --out even when it was built from another request.")
+@click.option("--export-only", is_flag=True, help="Stop before the backend build: ONNX, passes, lint, (quantization,) reference outputs and manifest, no GPU needed. Build on the device with `python -m vitfold.device build DIR`.")
+@click.option("--tensorrt-version", default=None, help="--backend tensorrt --export-only: the device's TensorRT (e.g. 8.5, 10.3) whose passes and lint rules to apply (default: the installed one).")
 @click.option("--dense-from", "dense_from", type=click.Path(file_okay=False, path_type=Path), default=None, help="Use this dense twin (another build's dense/ directory, same model, weights, task and backend settings) instead of building one: saves its disk space (half of a build) and time.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
@@ -164,7 +166,7 @@ def _terminated(signum, frame) -> None:
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
 @click.option("--max-merge-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="--schedule auto: most of a block's tokens one block may merge or prune (default 0.2 for tome, whose matching allows up to 0.5: large single merges cost fidelity; 0.5 for evit/topk, i.e. keep rate >= 0.5).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
-          calibrate, calibration_size, weights, min_cosine, min_top1, min_token_cosine, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, dense_from,
+          calibrate, calibration_size, weights, min_cosine, min_top1, min_token_cosine, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, export_only, tensorrt_version, dense_from,
           threads, opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
@@ -178,7 +180,12 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
                            locations=locations, fuse=fuse, extra=extra_params, keep_mass=keep_mass, capacity=capacity)
     spec = ModelSpec(model, checkpoint=str(checkpoint) if checkpoint else None, pretrained=pretrained,
                      img_size=img_size, batch_size=batch)
-    cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads)
+    if export_only and schedule == "auto":
+        raise click.BadParameter("--schedule auto times the backend here; with --export-only give the schedule (--r / --keep-rate)")
+    if tensorrt_version is not None and backend != "tensorrt":
+        raise click.BadParameter("--tensorrt-version applies to --backend tensorrt")
+    cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads,
+               extra={"tensorrt_version": tensorrt_version} if tensorrt_version else {})
     overrides = {k: v for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1),
                                    ("min_token_cosine", min_token_cosine)) if v is not None}
     auto = None
@@ -210,10 +217,15 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         tolerance=overrides or None,
         percentile=percentile,
         force=force,
+        export_only=export_only,
         dense_dir=dense_from,
         auto_schedule=auto,
     )
     directory, report = _run(run_build, request, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"))
+    if report is None:  # --export-only
+        console.print(f"exported: {directory} ({_disk_use(directory)}); copy it to the device and run "
+                      f"`python -m vitfold.device build {directory.name}`", soft_wrap=True)
+        return
     print_report(report)
     if auto is not None:
         from .profiles.schedule_report import describe

@@ -52,15 +52,18 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
     TensorRT 11 (strongly typed networks, no fp16 builder flag) an fp16 build gets its precision from
     the graph through the ``precision`` pass.
 
+    ``cfg.extra["tensorrt_version"]`` names the TensorRT that will build the engine (an export on a
+    workstation for a Jetson); without it the installed one is asked.
+
     Raises:
-        BackendUnavailable: TensorRT requested but not installed.
+        BackendUnavailable: TensorRT requested, not installed, and no ``tensorrt_version`` given.
     """
     passes: list = list(get_backend(cfg.backend).pipeline)
     version = None
     if cfg.backend == "tensorrt":
         from .runtimes.tensorrt import installed_version
 
-        version = installed_version()
+        version = cfg.extra.get("tensorrt_version") or installed_version()  # the device's, for --export-only
         target = target_for(cfg.backend, version)
         if target == "tensorrt-8.5":
             passes.extend(TENSORRT_8_5_PASSES)
@@ -73,7 +76,7 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
 
 
 def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.ndarray, *,
-                 passes: Optional[Sequence] = None, calibration=None,
+                 passes: Optional[Sequence] = None, calibration=None, build_backend: bool = True,
                  log: Callable[[str], None] = lambda msg: None) -> Compiled:
     """Passes -> lint -> backend build for an exported ONNX file, into ``directory``.
 
@@ -82,6 +85,8 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         sample: one ``[B, 3, H, W]`` float32 batch each pass is verified on (real photos where there are).
         passes: the steps to run instead of :func:`pipeline_for`'s (benchmarks comparing pipelines).
         calibration: a :class:`vitfold.quantize.Calibration`, needed for ``--precision int8``.
+        build_backend: False stops before the backend build (``--export-only``: the device builds
+            from the files written here, :mod:`vitfold.device`).
 
     Raises:
         PassError: a pass failed or moved the outputs beyond its tolerance, or lint found an error.
@@ -103,6 +108,9 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         source = quantized["path"]
         if source.suffix == ".onnx":  # a Q/DQ graph: the target's Q/DQ rules
             warnings = warnings + require_clean(source, lint_target)
+    if not build_backend:
+        files = {"onnx": Path(onnx_path).name, "optimized": optimized.name, **(quantized["files"] if quantized else {})}
+        return Compiled(directory, files, {}, reports, lint_target, warnings, quantized["record"] if quantized else None)
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
     onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)

@@ -78,6 +78,9 @@ def load(directory: str | Path, *, verify: bool = True) -> Session:
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    if "backend" not in manifest.get("files", {}):
+        raise ArtifactError(f"{directory} was exported without its {manifest['build']['backend']} artifact "
+                            f"(--export-only); build it on the device: python -m vitfold.device build {directory}")
     if verify:
         verify_files(directory, manifest)
     module = backend_module(manifest["build"]["backend"])
