@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "vitfold"
 TORCH_FREE = ("vitfold.runtimes", "vitfold.profiles", "vitfold.artifact", "vitfold.images", "vitfold.metrics",
-              "vitfold.spec", "vitfold.errors", "vitfold.quantize")
+              "vitfold.spec", "vitfold.errors", "vitfold.quantize", "vitfold.device")
 HEAVY = ("torch", "timm", "onnx_graphsurgeon", "torchvision")
 
 
