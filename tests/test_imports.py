@@ -93,3 +93,31 @@ def test_runtime_side_and_profiles_reach_no_torch():
                     parent[nxt] = node
                     todo.append(nxt)
     assert not bad, bad
+
+
+#: The runtime side as files: what a device (JetPack 5: Python 3.8) runs.
+RUNTIME_FILES = ("runtimes", "profiles", "artifact.py", "images.py", "metrics.py", "spec.py", "errors.py", "device.py",
+                 "__init__.py")
+
+
+def test_runtime_side_parses_as_python_3_8():
+    """vermin reads every runtime-side file for features newer than Python 3.8 (``str.removesuffix``,
+    ``importlib.resources.files``, ``match``, runtime ``list[int]``, ...). Annotations are not
+    evaluated there: every module has ``from __future__ import annotations``."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    beside = Path(sys.executable).parent / "vermin"  # the venv's console script, also when it is not on PATH
+    vermin = str(beside) if beside.is_file() else shutil.which("vermin")
+    if vermin is None:
+        pytest.skip("vermin is not installed (it is in the dev extra)")
+    result = subprocess.run([vermin, "--target=3.8-", "--no-tips", "--violations",
+                             *(str(ROOT / f) for f in RUNTIME_FILES)], capture_output=True, text=True)
+    assert result.returncode == 0 and "not met" not in result.stdout, result.stdout + result.stderr
+    for path in [p for f in RUNTIME_FILES for p in ((ROOT / f).rglob("*.py") if (ROOT / f).is_dir() else [ROOT / f])]:
+        text = path.read_text()
+        if text.strip() and ("list[" in text or "dict[" in text or "tuple[" in text or " | " in text):
+            assert "from __future__ import annotations" in text, f"{path.name} needs postponed annotations for 3.8"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import struct
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -30,7 +29,7 @@ _RESAMPLE = {
 
 def default_photo_dir() -> Path:
     """The photos shipped with the package."""
-    return Path(str(resources.files("vitfold") / "data" / "photos"))
+    return Path(__file__).resolve().parent / "data" / "photos"  # installed as files (importlib.resources.files is 3.9+)
 
 
 def list_images(folder: Optional[Path] = None) -> list[Path]:

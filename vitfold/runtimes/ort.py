@@ -144,7 +144,7 @@ def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmu
         events = [e for e in nodes if start <= e["ts"] <= end]
         records, previous_end = [], start
         for e in events:
-            name = e["name"].removesuffix("_kernel_time")
+            name = e["name"][: -len("_kernel_time")] if e["name"].endswith("_kernel_time") else e["name"]  # 3.8: no removesuffix
             # A node's time is its kernel plus the executor's gap since the previous kernel ended
             # (dispatch, output allocation): about 5% of a run, real time spent on that node.
             records.append({"name": name, "type": e["args"].get("op_name", ""), "kernel_ms": e["dur"] / 1e3,
