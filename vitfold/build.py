@@ -219,24 +219,25 @@ def build_variant(
         manifest["quantization"] = compiled.quantization
     key = f"{cfg.backend}:{cfg.label}"
     tolerance = request.check_tolerance() if cfg == request.build else get_backend(cfg.backend).tolerance_for(cfg)
+    manifest["checks"]["tolerance"] = {"key": key, **tolerance.to_json()}
     if request.export_only:  # the device builds, checks against reference.npy with this tolerance, profiles
         manifest["stage"] = "exported"
-        manifest["checks"]["tolerance"] = {"key": key, **tolerance.to_json()}
         write_manifest(directory, manifest)
         return manifest
     write_manifest(directory, manifest)
     with runtimes.load(directory, verify=False) as session:  # hashed just above by write_manifest
         outputs = np.concatenate([next(iter(session(batch).values())) for batch in check])
-    against = "its f32 torch model" if cfg.quantized else "torch"
     parity = compare(reference, outputs, classes=output_name(model) == "logits")
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
-    manifest["checks"]["tolerance"] = {"key": key, **tolerance.to_json()}
     if compiled.quantization is not None and not schedule.is_dense:
         manifest["quantization"]["choices"] = token_choices(directory, manifest, check, log=lambda m: log(f"[{what}] {m}"))
-    if cfg.quantized and request.spec.weights.startswith("random"):
-        log(f"[{what}] note: random weights: the int8 fidelity gate below is not meaningful (use --pretrained or --checkpoint)")
-    parity.check(tolerance, f"{what}: {key} vs {against} (fidelity gate; override with --min-cosine / --min-top1 / "
-                            "--min-token-cosine, or calibrate on your own images with --calibrate DIR)")
+    what_failed = f"{what}: {key} vs torch"
+    if cfg.quantized:
+        what_failed = (f"{what}: {key} vs its f32 torch model (the quantization fidelity gate; override with --min-cosine / "
+                       "--min-top1 / --min-token-cosine, or calibrate on your own images with --calibrate DIR)")
+        if request.spec.weights.startswith("random"):
+            log(f"[{what}] note: random weights: the quantization fidelity gate is not meaningful (use --pretrained or --checkpoint)")
+    parity.check(tolerance, what_failed)
     write_manifest(directory, manifest)
     return manifest
 
