@@ -375,3 +375,11 @@ def test_int8_build_end_to_end(backend, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["speedup_vs_dense_f32"] > 0 and "dense_f32" in report["latency"]
     assert "## Quantization" in (out / "report.md").read_text()
+
+
+def test_every_record_names_a_quantizer_that_exists():
+    from vitfold.quantize import QUANTIZERS, _quantizers
+    from vitfold.runtimes import BACKENDS
+
+    assert set(QUANTIZERS) == set(_quantizers())
+    assert all(b.quantizer in QUANTIZERS for b in BACKENDS.values() if b.quantizer is not None)

@@ -108,15 +108,14 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         source = quantized["path"]
         if source.suffix == ".onnx":  # a Q/DQ graph: the target's Q/DQ rules
             warnings = warnings + require_clean(source, lint_target)
+    onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
+    files = {"onnx": onnx_name, "optimized": optimized.name, **(quantized["files"] if quantized else {})}
+    record = quantized["record"] if quantized else None
     if not build_backend:
-        files = {"onnx": Path(onnx_path).name, "optimized": optimized.name, **(quantized["files"] if quantized else {})}
-        return Compiled(directory, files, {}, reports, lint_target, warnings, quantized["record"] if quantized else None)
+        return Compiled(directory, files, {}, reports, lint_target, warnings, record)
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
-    onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
-    files = {"onnx": onnx_name, "optimized": optimized.name, **(quantized["files"] if quantized else {}), **built["files"]}
-    return Compiled(directory, files, built["versions"], reports, lint_target, warnings,
-                    quantized["record"] if quantized else None)
+    return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,

@@ -119,8 +119,9 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         outputs = {label: _outputs(session, check, count) for label, session in sessions.items()}
         parity = {}
         if images is None:  # the build's own photos: the saved torch outputs apply
+            listed_by = {"dense": dense_manifest, "reduced": manifest}
             for label, where in dirs.items():
-                listed = read_manifest(where)
+                listed = listed_by.get(label) or read_manifest(where)
                 key = listed["checks"].get("tolerance", {}).get("key") or f"{listed['build']['backend']}:{listed['build']['precision']}"
                 tolerance = (Tolerance.from_json(listed["checks"]["tolerance"]) if "tolerance" in listed["checks"]
                              else backend.tolerance(listed["build"]["precision"]))

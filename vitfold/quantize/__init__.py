@@ -39,6 +39,7 @@ def _quantizers() -> dict:
     }
 
 
+#: The quantizer names a Backend record may declare (the keys of :func:`_quantizers`).
 QUANTIZERS = ("nncf-openvino", "qdq-u8s8", "qdq-s8s8")
 
 

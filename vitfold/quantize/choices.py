@@ -115,7 +115,8 @@ def agreement(reference: Sequence[dict], candidate: Sequence[dict], sites: Seque
     photo (batch) i; ``sites`` lists each site's exit names, in graph order.
 
     Raises:
-        ValueError: different run counts, or an exit missing from a run.
+        ValueError: different run counts.
+        KeyError: an exit missing from a run.
     """
     if len(reference) != len(candidate):
         raise ValueError(f"{len(reference)} reference runs, {len(candidate)} candidate runs")
