@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vitfold command line: ``python deploy.py --help``. Works from any directory once vitfold is installed."""
 
-from vitfold.cli import main
+from vitfold.entry import main
 
 if __name__ == "__main__":
     main()

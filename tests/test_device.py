@@ -67,3 +67,66 @@ def test_a_tampered_export_is_refused_on_the_device(tmp_path):
     (out / "model.opt.onnx").write_bytes((out / "model.opt.onnx").read_bytes()[:-10])
     result = device("build", str(out))
     assert result.returncode == 2 and "sha256" in result.stderr and not (out / "model.ort.onnx").exists()
+
+
+def _python_3_8():
+    """A working Python 3.8 interpreter (JetPack 5's), from $VITFOLD_PYTHON38, pyenv or PATH; None if none."""
+    import glob
+    import os
+    import shutil
+
+    candidates = [os.environ.get("VITFOLD_PYTHON38"), *sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.8*/bin/python"))),
+                  shutil.which("python3.8")]
+    for candidate in filter(None, candidates):
+        probe = subprocess.run([candidate, "-c", "import sys; assert sys.version_info[:2] == (3, 8)"], capture_output=True)
+        if probe.returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_python_3_8() is None, reason="no Python 3.8 here (set VITFOLD_PYTHON38 to one)")
+def test_python_3_8_installs_the_runtime_side_and_builds_on_the_device(tmp_path):
+    """JetPack 5's Python: `pip install .[onnxruntime]` brings numpy, Pillow and ONNX Runtime only (no
+    torch, onnx or click), the device command builds, checks and profiles an exported build, and the
+    export command says to export on a workstation. Needs the package index (ONNX Runtime for 3.8)."""
+    import shutil
+
+    source = tmp_path / "src"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, source / name)
+    venv = tmp_path / "py38"
+    subprocess.run([_python_3_8(), "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", f"{source}[onnxruntime]"], capture_output=True,
+                             text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-3000:]
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True).stdout
+    installed = {line.split("==")[0].lower() for line in listed.split()}
+    assert {"numpy", "pillow", "onnxruntime", "vitfold"} <= installed
+    assert not installed & {"torch", "timm", "onnx", "click", "rich", "matplotlib"}, installed
+
+    out = tmp_path / "exported"
+    result = deploy("build", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--r", "1", "--backend", "onnxruntime",
+                    "--export-only", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr + result.stdout
+    result = subprocess.run([str(python), "-m", "vitfold.device", "build", str(out)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr + result.stdout
+    built = json.loads((out / "manifest.json").read_text())
+    device_ort = subprocess.run([str(python), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+                                capture_output=True, text=True).stdout.strip()
+    assert built["stage"] == "built on the device" and built["versions"]["onnxruntime"] == device_ort
+    report = json.loads((out / "report.json").read_text())
+    assert report["graph_gmacs"] == {"dense": None, "reduced": None} and report["flop_ratio"] > 1
+    per_layer = subprocess.run([str(python), "-m", "vitfold.device", "profile", str(out), "--per-layer"],
+                               capture_output=True, text=True, cwd=tmp_path)
+    assert per_layer.returncode == 2 and "pip install onnx" in per_layer.stderr
+
+    cli = subprocess.run([str(venv / "bin" / "vitfold"), "build"], capture_output=True, text=True, cwd=tmp_path)
+    assert cli.returncode == 2 and "Python >= 3.10" in cli.stderr and "vitfold.device build" in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1

@@ -96,7 +96,7 @@ def test_runtime_side_and_profiles_reach_no_torch():
 
 
 #: The runtime side as files: what a device (JetPack 5: Python 3.8) runs.
-RUNTIME_FILES = ("runtimes", "profiles", "artifact.py", "images.py", "metrics.py", "spec.py", "errors.py", "device.py",
+RUNTIME_FILES = ("runtimes", "profiles", "artifact.py", "images.py", "metrics.py", "spec.py", "errors.py", "device.py", "entry.py",
                  "__init__.py")
 
 
@@ -121,3 +121,19 @@ def test_runtime_side_parses_as_python_3_8():
         text = path.read_text()
         if text.strip() and ("list[" in text or "dict[" in text or "tuple[" in text or " | " in text):
             assert "from __future__ import annotations" in text, f"{path.name} needs postponed annotations for 3.8"
+
+
+def test_command_line_on_python_below_3_10_says_export_on_a_workstation(monkeypatch, capsys):
+    """Below 3.10 only the runtime side is installed: one line, exit 2, before importing click or torch."""
+    import sys
+
+    import pytest
+
+    from vitfold import entry
+
+    monkeypatch.setattr(sys, "version_info", (3, 8, 18, "final", 0))
+    with pytest.raises(SystemExit) as exc:
+        entry.main()
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "3.8.18" in err and "--export-only" in err and "python -m vitfold.device build" in err

@@ -101,6 +101,15 @@ def build(directory: Path, *, images: Optional[Path] = None, force: bool = False
     return profile_build(Path(directory), images=images)
 
 
+def _require_onnx_for_per_layer() -> None:
+    """Per-layer profiles place each backend layer in its block from the ONNX graph's node metadata."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise SpecError("--per-layer reads the block of each layer from the ONNX graph: `pip install onnx` "
+                        "on this device (the rest of the device side runs without it)") from None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitfold.device", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .profiles.per_layer import LayerProfileOptions
             from .profiles.report import profile_build
 
+            if args.per_layer:
+                _require_onnx_for_per_layer()
             report = profile_build(args.directory, per_layer=LayerProfileOptions() if args.per_layer else None)
     except VitfoldError as exc:
         sys.stderr.write(f"error: {exc}\n")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -64,9 +65,16 @@ def schedule_macs(dims: ModelDims, tokens: list[int], site: str = "attention") -
     return {"total": total, "embed": embed, "head": head, "blocks": blocks}
 
 
-def graph_macs(path: Path, batch_size: int) -> int:
-    """MACs per image of every MatMul, Gemm and Conv in an ONNX file, from inferred static shapes."""
-    import onnx
+def graph_macs(path: Path, batch_size: int) -> Optional[int]:
+    """MACs per image of every MatMul, Gemm and Conv in an ONNX file, from inferred static shapes.
+
+    Returns None where the ``onnx`` package is absent: a device install (numpy, Pillow and the backend)
+    reports the schedule's MACs (:func:`schedule_macs`) and leaves the graph count out.
+    """
+    try:
+        import onnx
+    except ImportError:
+        return None
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     graph = proto.graph

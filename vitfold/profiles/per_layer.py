@@ -268,7 +268,8 @@ def _candidates(name: str) -> list[str]:
     its parts split on ``/`` (OpenVINO ``node/WithoutBiases``, ONNX Runtime ``node/MatMulAddFusion``),
     `` + `` (TensorRT fused layers), ``,`` and TensorRT's ``{ForeignNode[first...last]}``."""
     for suffix in _SUFFIXES:
-        name = name.removesuffix(suffix)
+        if suffix and name.endswith(suffix):  # 3.8: no str.removesuffix
+            name = name[: -len(suffix)]
     parts = [part.strip() for part in _SEPARATORS.split(name)]
     return list(dict.fromkeys(item for item in (name, *parts) if item))
 
@@ -436,7 +437,8 @@ def profile_build_layers(directory: Path, sample: np.ndarray, options: Optional[
     with its place) and ``per_layer.png`` (time per block by category, dense beside reduced).
 
     Returns:
-        ``{"options", "dense": summary, "reduced": summary, "png"}`` (see :func:`summarize`).
+        ``{"options", "dense": summary, "reduced": summary, "png"}`` (see :func:`summarize`); ``png`` is
+        None where matplotlib is not installed (a device install).
     """
     from ..artifact import read_manifest
 
@@ -451,8 +453,11 @@ def profile_build_layers(directory: Path, sample: np.ndarray, options: Optional[
         result[label] = summary
         layers[label] = [asdict(r) for r in rows]
     (directory / PER_LAYER_JSON).write_text(json.dumps({**result, "layers": layers}, indent=1) + "\n")
-    from .plots import plot_block_times
-
+    try:
+        from .plots import plot_block_times
+    except ImportError:  # a device install without matplotlib: the tables, no chart
+        result["png"] = None
+        return result
     per_block = {k: result[k]["blocks"] for k in variants}
     order = sorted({b for v in per_block.values() for b in v}, key=_block_order)
     plot_block_times(per_block, directory / PER_LAYER_PNG, blocks=order,
@@ -489,5 +494,7 @@ def render_markdown(per_layer: dict) -> list[str]:
     if noisy:
         lines += ["", f"**Warning: counter-pass CoV above {NOISY_COV:.0%}** ({', '.join(noisy)}): the machine was busy; "
                       "raw run times are in `run_samples_ms`; re-run."]
-    lines += ["", f"Chart: `{per_layer.get('png', PER_LAYER_PNG)}`; every layer with its place: `{PER_LAYER_JSON}`."]
+    chart = per_layer.get("png", PER_LAYER_PNG)
+    lines += ["", (f"Chart: `{chart}`; " if chart else "No chart (matplotlib is not installed); ")
+              + f"every layer with its place: `{PER_LAYER_JSON}`."]
     return lines

@@ -169,7 +169,7 @@ def profile_build(directory: Path, images: Optional[Path] = None, options: Optio
         "latency": {k: v.to_json() for k, v in latency.items()},
         "speedup": speedup(latency["dense"], latency["reduced"]),
         "gmacs": {k: v["total"] / 1e9 for k, v in macs.items()},
-        "graph_gmacs": {k: v / 1e9 for k, v in graph.items()},
+        "graph_gmacs": {k: (None if v is None else v / 1e9) for k, v in graph.items()},  # None: no onnx here
         "flop_ratio": macs["dense"]["total"] / macs["reduced"]["total"],
         "fidelity_vs_dense": fidelity,
         "parity_vs_torch": parity or {"dense": dense_manifest["checks"]["backend_vs_torch"],
