@@ -8,8 +8,9 @@ short side, centre crop, mean / std from timm's ``pretrained_cfg``)::
     python examples/classify.py builds/deit_small_patch16_224-tome-r13-openvino-f32-b1 cat.jpg photos/
     python examples/classify.py builds/<name> --dense          # the dense twin of the same build
 
-With no image given it classifies the photos shipped with vitfold. A 1000-class model prints
-ImageNet class names (``imagenet_classes.txt`` beside this file: synset id and WordNet lemmas per
+With no image given it classifies the photos shipped with vitfold. A build from a transformers
+classifier (``--model hf:DIR``) prints its own class names (``id2label``, kept in the manifest's
+``labels``). Otherwise a 1000-class model prints ImageNet class names (``imagenet_classes.txt`` beside this file: synset id and WordNet lemmas per
 class index, written out from timm's ``ImageNetInfo``); other models print class indices. A build
 with random weights gets a warning on stderr (its class names mean nothing); a build that outputs
 features / embeddings (a headless model, ``--task features``) is refused with exit code 2.
@@ -139,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warning = random_weights_warning(read_manifest(build))
     if warning:
         print(warning, file=sys.stderr)
-    names = class_names(num_classes)
+    names = read_manifest(build).get("labels") or class_names(num_classes)
     for path, top in results:
         print(path.name)
         for index, prob in top:

@@ -118,7 +118,7 @@ class BuildRequest:
         Two different requests never share a name."""
         params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
         task = "features" if self.task == "features" else ""
-        parts = [self.spec.name, self.method, params, task, self.build.backend, self.build.label,
+        parts = [self.spec.slug, self.method, params, task, self.build.backend, self.build.label,
                  f"b{self.spec.batch_size}"]
         identity = self.identity()
         unnamed = {"img_size": self.spec.img_size, "checkpoint": identity["spec"]["checkpoint"], "pretrained": self.spec.pretrained,
@@ -328,6 +328,9 @@ def _build(request: BuildRequest, out: Path, log: Callable[[str], None]) -> tupl
         "dims": dims.to_json(),
         "versions": tool_versions(),
     }
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names") if request.task == "classify" else None
+    if names:
+        common["labels"] = names  # class names of a transformers checkpoint (id2label), for reports and apps
     image_names = [p.name for p in paths]
     dense_schedule = Schedule.dense(layout.depth, layout.num_tokens, layout.num_prefix_tokens)
     calibration = (load_calibration(request.calibrate, pre, spec.batch_size, subset=request.calibration_size, warn=log)
@@ -384,7 +387,7 @@ def build_dense(request: BuildRequest, log: Callable[[str], None] = print) -> Pa
         model, dims = DenseFeatures(model), replace(dims, num_classes=0)
     paths = list_images(request.images)
     check = batches(load_images(paths, pre), request.spec.batch_size)
-    out = Path(request.out) if request.out else Path.cwd() / "builds" / f"{request.spec.name}-dense"
+    out = Path(request.out) if request.out else Path.cwd() / "builds" / f"{request.spec.slug}-dense"
     common = {
         "name": out.name, "spec": request.spec.to_json(), "weights": request.spec.weights, "preprocess": pre.to_json(),
         "task": request.task, "dims": dims.to_json(), "versions": tool_versions(),

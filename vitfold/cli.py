@@ -124,7 +124,7 @@ def _terminated(signum, frame) -> None:
 
 
 @main.command()
-@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer), or hf:DIR (a transformers save_pretrained directory; [hf] extra).")
 @click.option("--method", default="tome", show_default=True, help="Token reduction method: tome (merge), evit (prune + fuse), topk (prune), and the clustering methods; `deploy.py methods` lists them.")
 @click.option("--r", "r", default=None, help="ToMe: tokens merged per block; an int or one int per block (8,8,4,...). [default for tome: 13]")
 @click.option("--inflect", type=click.FloatRange(-1, 1), default=None, help="ToMe: schedule inflection (-1 decreasing, 0 constant, +1 increasing).")
@@ -246,7 +246,7 @@ def _disk_use(directory: Path) -> str:
 
 
 @main.command()
-@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer), or hf:DIR (a transformers save_pretrained directory; [hf] extra).")
 @click.option("--methods", "methods_spec", required=True,
               help='Points to build: "tome:r=4,8,13,16 evit:keep=0.5,0.7,0.9 topk:keep=0.7"; after a method, '
                    "':'-separated key=v1,v2 settings, every combination is a point (keep = keep_rate).")
@@ -347,7 +347,7 @@ def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> 
 
 
 @main.command()
-@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer).")
+@click.option("--model", default="deit_small_patch16_224", show_default=True, help="timm model name (a VisionTransformer), or hf:DIR (a transformers save_pretrained directory; [hf] extra).")
 @click.option("--backend", type=click.Choice(BACKEND_NAMES), default="openvino", show_default=True, help="Runtime to measure on.")
 @click.option("--block/--whole", "block_mode", default=True, show_default=True, help="One transformer block with a static [B, N, C] input, or the whole model with every block at N tokens.")
 @click.option("--tokens", default=None, help="Token counts N: START:STOP:STEP (STOP inclusive) or a list. [default: every 4 from 16 to the full count]")

@@ -83,7 +83,10 @@ def _resample(pre: Preprocess) -> Image.Resampling:
 
 
 def _resize_geometry(image_size: tuple[int, int], pre: Preprocess) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
-    """The size that makes the short side ``img_size / crop_pct``, and the centred ``img_size`` crop box."""
+    """The size that makes the short side ``img_size / crop_pct``, and the centred ``img_size`` crop box
+    (``resize="squash"``: ``img_size`` x ``img_size`` whatever the aspect ratio, and no crop)."""
+    if pre.resize == "squash":
+        return (pre.img_size, pre.img_size), (0, 0, pre.img_size, pre.img_size)
     scale = math.floor(pre.img_size / pre.crop_pct)
     w, h = image_size
     if w <= h:

@@ -6,6 +6,7 @@ model expects (timm's eval transform) with Pillow and numpy alone.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -15,7 +16,8 @@ class ModelSpec:
     """What to build.
 
     Attributes:
-        name: timm model name (``deit_small_patch16_224``).
+        name: timm model name (``deit_small_patch16_224``), or ``hf:DIR`` / ``hf:owner/name``: a Hugging
+            Face transformers checkpoint, converted to timm (:mod:`vitfold.export.hf`).
         checkpoint: optional ``.pth`` / ``.safetensors`` state dict with timm keys.
         pretrained: load timm's hub weights (needs network); otherwise weights are random (seed 0)
             unless ``checkpoint`` is given.
@@ -30,9 +32,25 @@ class ModelSpec:
     batch_size: int = 1
 
     @property
+    def is_hf(self) -> bool:
+        """A transformers checkpoint (``hf:...``) rather than a timm name."""
+        return self.name.startswith("hf:")
+
+    @property
+    def slug(self) -> str:
+        """The model's part of a build name: the timm name, or ``hf-<directory or hub id>``."""
+        if not self.is_hf:
+            return self.name
+        where = self.name[3:].rstrip("/")
+        base = where.replace("\\", "/").rsplit("/", 1)[-1] if where.startswith((".", "/", "~")) else where.replace("/", "-")
+        return "hf-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-.") or "model")
+
+    @property
     def weights(self) -> str:
         if self.checkpoint:
             return f"checkpoint {self.checkpoint}"
+        if self.is_hf:
+            return f"transformers {self.name[3:]}"
         return "timm pretrained" if self.pretrained else "random (seed 0): fidelity figures are not meaningful"
 
     def to_json(self) -> dict:
@@ -49,6 +67,7 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
     crop_pct: float = 0.875
+    resize: str = "shortest"  # "squash": resize to img_size x img_size, no crop (transformers' ViT / SigLIP processors)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,4 +80,5 @@ class Preprocess:
             std=tuple(data["std"]),
             interpolation=data.get("interpolation", "bicubic"),
             crop_pct=float(data.get("crop_pct", 0.875)),
+            resize=data.get("resize", "shortest"),
         )

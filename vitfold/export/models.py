@@ -61,6 +61,9 @@ def _check_name(name: str) -> None:
 def create_model(spec: ModelSpec) -> tuple[VisionTransformer, Preprocess]:
     """Build the dense reference model for ``spec`` in eval mode, and its input preprocessing.
 
+    ``hf:`` names go through :func:`vitfold.export.hf.create_hf_model` (a transformers checkpoint
+    converted to timm and checked against transformers on the photos).
+
     Random weights are seeded (seed 0) so that a build is reproducible. With a checkpoint the number
     of classes is read from its ``head.weight`` (a headless checkpoint gives a feature model).
 
@@ -69,6 +72,10 @@ def create_model(spec: ModelSpec) -> tuple[VisionTransformer, Preprocess]:
             patch size, or a checkpoint that is corrupt or does not match (missing / unexpected /
             mis-shaped keys named).
     """
+    if spec.is_hf:
+        from .hf import create_hf_model
+
+        return create_hf_model(spec)
     _check_name(spec.name)
     state: Optional[dict] = load_state_dict(Path(spec.checkpoint)) if spec.checkpoint else None
     kwargs: dict = {}
