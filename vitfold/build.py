@@ -153,14 +153,21 @@ def _fmt(key: str, value) -> str:
 
 
 def model_dims(model) -> ModelDims:
-    """The widths :mod:`vitfold.profiles.flops` needs, read off a timm VisionTransformer."""
+    """The widths :mod:`vitfold.profiles.flops` needs, read off a timm VisionTransformer or Eva.
+
+    ``mlp_hidden`` is the MAC-equivalent width of a plain two-layer MLP: the MLP's linear weights
+    over ``2 * embed_dim`` (a SwiGLU MLP's three matrices of hidden width h count as 1.5 h).
+    """
+    from torch import nn
+
     block = model.blocks[0]
     patch = model.patch_embed.proj
+    mlp_weights = sum(m.weight.numel() for m in block.mlp.modules() if isinstance(m, nn.Linear))
     return ModelDims(
         embed_dim=model.embed_dim,
-        attn_dim=block.attn.attn_dim,
+        attn_dim=block.attn.head_dim * block.attn.num_heads,
         head_dim=block.attn.head_dim,
-        mlp_hidden=block.mlp.fc1.out_features,
+        mlp_hidden=mlp_weights // (2 * model.embed_dim),
         num_patches=model.patch_embed.num_patches,
         patch_macs_per_token=patch.out_channels * patch.in_channels * int(np.prod(patch.kernel_size)),
         num_classes=model.num_classes,

@@ -8,6 +8,7 @@ from typing import Optional
 
 import timm
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import SpecError
@@ -90,10 +91,10 @@ def create_model(spec: ModelSpec) -> tuple[VisionTransformer, Preprocess]:
         if spec.pretrained:
             raise SpecError(f"cannot load timm pretrained weights for {spec.name} ({exc}); use --checkpoint") from exc
         raise SpecError(f"timm cannot build {spec.name} with {kwargs}: {exc}") from exc
-    if not isinstance(model, VisionTransformer):
+    if not isinstance(model, (VisionTransformer, Eva)):
         raise SpecError(
-            f"{spec.name} is a {type(model).__name__}, not a timm VisionTransformer; vitfold reduces "
-            f"tokens of plain ViTs (vit_*, deit_*, deit3_*, *_dinov2)"
+            f"{spec.name} is a {type(model).__name__}, not a timm VisionTransformer or Eva; vitfold reduces "
+            f"tokens of plain ViTs (vit_*, deit_*, deit3_*, *_dinov2) and Eva / RoPE ViTs (eva02_*, *_dinov3, vit_pe_*)"
         )
     patch = model.patch_embed.patch_size[0]
     size = model.patch_embed.img_size[0]

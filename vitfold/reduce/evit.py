@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
-from .patching import patchable_copy, swap_classes
+from .patching import eva_copy, patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 
 #: The reference's reduction blocks for 12-block models (``--drop_loc '(3, 6, 9)'``), 0-indexed.
@@ -275,6 +275,11 @@ class EViT:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
+        from . import eva
+
+        if eva.is_eva(model):
+            return eva.apply_prune(model, self.keeps(schedule), self.fuse, self.trace_source, self.name,
+                                   lambda m: eva_copy(m, schedule))
         patched = patchable_copy(model, schedule, self.name)
         return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
                             num_protected=model.num_prefix_tokens, trace_source=self.trace_source,

@@ -40,6 +40,16 @@ def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) ->
     return copy.deepcopy(model)
 
 
+def eva_copy(model, schedule: Schedule):
+    """A deep copy of a timm ``Eva`` for :mod:`vitfold.reduce.eva` to patch (its blocks are checked there).
+
+    Raises:
+        ScheduleError: the schedule is for a model of another depth or token count.
+    """
+    check_schedule(model, schedule)
+    return copy.deepcopy(model)
+
+
 def check_blocks(model: VisionTransformer, method: str) -> None:
     """Raise NotImplementedError unless every block is timm's ``Block`` with timm's ``Attention``."""
     for index, block in enumerate(model.blocks):

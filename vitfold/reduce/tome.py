@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
-from .patching import patchable_copy, swap_classes, unpatch
+from .patching import eva_copy, patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
 
@@ -144,9 +144,12 @@ class ToMe:
         mode: ``merge`` (size-weighted average, the paper's method) or ``prune`` (drop each matched
             token and keep its partner unchanged: the "keep one" combination of the paper's Table 1c;
             token sizes stay 1, so proportional attention has no effect).
+        rope_merge: RoPE models (timm ``Eva``): the rotary row a merged token takes, ``dst`` (that of
+            the token it was merged into) or ``mean`` (size-weighted mean of the rows); see
+            :mod:`vitfold.reduce.eva`. No effect on models without RoPE.
 
     Raises:
-        SpecError: unknown ``mode``.
+        SpecError: unknown ``mode`` or ``rope_merge``.
     """
 
     name = "tome"
@@ -167,16 +170,22 @@ class ToMe:
                             lambda tokens: {"r": tome_params(tokens)})
 
     def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False,
-                 mode: str = "merge"):
+                 mode: str = "merge", rope_merge: str = "dst"):
+        from .eva import ROPE_MERGES
+
         if mode not in self.MODES:
             raise SpecError(f"tome mode {mode!r} unknown; choose one of {', '.join(self.MODES)}")
+        if rope_merge not in ROPE_MERGES:
+            raise SpecError(f"tome rope_merge {rope_merge!r} unknown; choose one of {', '.join(ROPE_MERGES)}")
         self.r = r
         self.prop_attn = prop_attn
         self.trace_source = trace_source
         self.mode = mode
+        self.rope_merge = rope_merge
 
     def params(self) -> dict:
-        return {"r": self.r, "prop_attn": self.prop_attn, "trace_source": self.trace_source, "mode": self.mode}
+        return {"r": self.r, "prop_attn": self.prop_attn, "trace_source": self.trace_source, "mode": self.mode,
+                "rope_merge": self.rope_merge}
 
     def schedule(self, layout: TokenLayout) -> Schedule:
         """Token counts per block for this ``r`` on a model with ``layout``.
@@ -206,6 +215,11 @@ class ToMe:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
+        from . import eva
+
+        if eva.is_eva(model):
+            return eva.apply_tome(model, schedule.removed, self.prop_attn, self.trace_source, self.mode, self.rope_merge,
+                                  lambda m: eva_copy(m, schedule))
         return swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
                             r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
                             num_protected=model.num_prefix_tokens, mode=self.mode)
@@ -213,6 +227,10 @@ class ToMe:
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
+        from . import eva
+
+        if eva.is_eva(model):
+            return eva.unpatch(model, ("r", "prop_attn", "trace_source", "num_protected", "mode", "rope_merge"))
         return unpatch(model, ToMeBlocks, ToMeBlock, ("r", "prop_attn", "trace_source", "num_protected", "mode"))
 
 
