@@ -23,6 +23,9 @@ def tiny_eva(kind: str) -> Eva:
     common = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10, use_rot_pos_emb=True)
     if kind == "eva02":  # EVA-02: RoPE (interleaved), SwiGLU, fused qkv with q / v bias
         model = Eva(**common, mlp_ratio=8 / 3, swiglu_mlp=True, ref_feat_shape=(8, 8))
+    elif kind == "pe":  # Perception Encoder: timm's AttentionRope, pre-transformer norm, xy RoPE grid
+        model = Eva(**common, mlp_ratio=4, attn_type="rope", use_pre_transformer_norm=True, ref_feat_shape=(8, 8),
+                    rope_grid_offset=1.0, rope_grid_indexing="xy")
     else:  # DINOv3-like: RoPE rotate-half, 4 registers, layer scale
         model = Eva(**common, mlp_ratio=4, num_reg_tokens=4, init_values=0.5, rope_type="dinov3", use_abs_pos_emb=False,
                     qkv_bias=False, rope_temperature=100, dynamic_img_size=True,
@@ -34,7 +37,7 @@ def tiny_eva(kind: str) -> Eva:
     return model.eval()
 
 
-KINDS = ["eva02", "dinov3"]
+KINDS = ["eva02", "dinov3", "pe"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -75,7 +78,10 @@ def test_pruning_gathers_the_rope_rows_with_the_tokens(kind):
         hook.remove()
         # class attention, written out: q / k as EvaAttention makes them, rotated by timm's helper
         B, N, C = y.shape
-        qkv = torch.nn.functional.linear(y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None)
+        if getattr(attn, "q_bias", None) is not None:
+            qkv = torch.nn.functional.linear(y, attn.qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        else:
+            qkv = attn.qkv(y)
         q, k, _ = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         from timm.layers import apply_rot_embed_cat
 

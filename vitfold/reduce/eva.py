@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
+from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from .evit import PruneBlocks, PruneState, _trace
@@ -46,12 +46,15 @@ def is_eva(model) -> bool:
 
 
 def check_eva(model: Eva, method: str) -> None:
-    """Raise NotImplementedError unless ``model`` is an ``Eva`` this module patches (``EvaBlock`` /
-    ``EvaAttention`` blocks, one RoPE table for all blocks)."""
+    """Raise NotImplementedError unless ``model`` is an ``Eva`` this module patches: ``EvaBlock``
+    blocks with ``EvaAttention`` (EVA-02, DINOv3) or ``AttentionRope`` without grouped keys (PE), one
+    RoPE table for all blocks."""
     if getattr(model, "rope_mixed", False):
         raise NotImplementedError(f"{method} on Eva: depth-mixed RoPE (one table per block) is not supported")
     for index, block in enumerate(model.blocks):
-        if type(block) is not EvaBlock or type(block.attn) is not EvaAttention:
+        if type(block.attn) is AttentionRope and getattr(block.attn, "num_kv_groups", 1) > 1:
+            raise NotImplementedError(f"{method} on Eva: grouped-query attention (block {index}) is not supported")
+        if type(block) is not EvaBlock or type(block.attn) not in (EvaAttention, AttentionRope):
             raise NotImplementedError(f"{method} patches Eva's EvaBlock/EvaAttention; block {index} is "
                                       f"{type(block).__name__}/{type(block.attn).__name__}")
 
@@ -73,10 +76,11 @@ class ReducedEva(Eva):
 
 
 def _qkv(attn: EvaAttention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``EvaAttention``'s q, k, v ``[B, H, N, d]`` (after q / k norm, before RoPE), as its forward."""
+    """``EvaAttention``'s / ``AttentionRope``'s q, k, v ``[B, H, N, d]`` (after q / k norm, before
+    RoPE), as their forward computes them."""
     B, N, _ = x.shape
     if attn.qkv is not None:
-        if attn.q_bias is None:
+        if getattr(attn, "q_bias", None) is None:  # AttentionRope: the bias is the Linear's
             qkv = attn.qkv(x)
         else:
             bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
