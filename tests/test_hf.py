@@ -213,3 +213,17 @@ def test_dinov2_transformers_route_equals_the_timm_route(backend, dinov2_path, t
                 got[route] = np.concatenate([next(iter(session(images[i:i + 1]).values())) for i in range(len(images))])
         assert got["hf"].shape == got["timm"].shape == (len(images), 256, 384)
         assert np.abs(got["hf"] - got["timm"]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["dinov2", "vit"])
+def test_another_image_size_uses_the_position_table_transformers_interpolates(family, tmp_path):
+    """The hub's DINOv2 is stored at 518 px; at another --img-size the converted model takes the
+    table transformers itself interpolates, and the check (against transformers at that size) passes."""
+    hf = save_tiny(family, tmp_path / family)
+    model, pre = create_model(ModelSpec(f"hf:{tmp_path / family}", img_size=48))
+    assert pre.img_size == 48 and model.patch_embed.num_patches == (48 // hf.config.patch_size) ** 2
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        kwargs = {} if family == "dinov2" else {"interpolate_pos_encoding": True}
+        want = hf(pixel_values=x, **kwargs).last_hidden_state
+        assert (model.forward_features(x) - want).abs().max() <= PARITY_MAX_ABS
