@@ -157,3 +157,17 @@ def test_eva_builds_export_static_and_match_torch(model, method, backend, tmp_pa
     graph = onnx.load(str(out / "model.opt.onnx"), load_external_data=False).graph
     dims = [d for v in list(graph.input) + list(graph.output) for d in v.type.tensor_type.shape.dim]
     assert all(d.HasField("dim_value") for d in dims)  # static
+
+
+@pytest.mark.parametrize("method", ["dpc-knn", "kmedoids", "expedite", "evit-mass"])
+def test_methods_without_an_eva_patch_refuse_it(method):
+    """Eva runs its blocks in its own loop: a method patching ``model.blocks`` as a whole would never
+    run and the "reduced" model would silently be the dense one. They refuse instead."""
+    from vitfold.errors import SpecError
+
+    import timm
+
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=224).eval()  # 12 blocks, 16x16 patches
+    m = create_method(method)
+    with pytest.raises((SpecError, NotImplementedError), match="tome, evit, topk|EvaBlock|got Eva"):
+        m.apply(model, m.schedule(TokenLayout.of(model)))

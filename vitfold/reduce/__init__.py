@@ -15,5 +15,6 @@ from .schedule import Schedule, ScheduleError, parse_r
 from . import evit, tome, topk  # noqa: F401  (register "evit", "tome", "topk")
 from . import evit_mass  # noqa: F401  (registers "evit-mass")
 from . import cluster, expedite  # noqa: F401  (register "dpc-knn", "kmedoids", "expedite")
+from . import eva  # noqa: F401  (registers the patch of timm's Eva for tome / evit / topk)
 
 __all__ = ["METHODS", "Schedule", "SchedulePlan", "ScheduleError", "TokenLayout", "create_method", "parse_r", "register_method"]

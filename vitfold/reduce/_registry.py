@@ -32,6 +32,21 @@ class TokenLayout:
         return cls(depth=len(model.blocks), num_tokens=num_patches + prefix, num_prefix_tokens=prefix)
 
 
+#: Model classes other than timm's ``VisionTransformer`` -> the module that patches them (``apply_tome``,
+#: ``apply_prune``, ``unpatch``), registered by that module on import (:mod:`.eva` for timm's ``Eva``).
+MODEL_PATCHES: dict[type, object] = {}
+
+
+def register_model_patch(model_cls: type, module) -> None:
+    """Route methods' ``apply`` / ``remove`` for ``model_cls`` (and subclasses) to ``module``."""
+    MODEL_PATCHES[model_cls] = module
+
+
+def model_patch(model):
+    """The registered patch module for ``model``'s class, or None (a timm ``VisionTransformer``)."""
+    return next((module for cls, module in MODEL_PATCHES.items() if isinstance(model, cls)), None)
+
+
 #: ``max_removed(block, tokens) -> int``: the most tokens a block may remove from ``tokens`` entering it.
 MaxRemoved = Callable[[int, int], int]
 

@@ -26,6 +26,7 @@ patch refuses depth-mixed RoPE, post-norm blocks and attention types it does not
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -35,14 +36,11 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 
 from .evit import PruneBlocks, PruneState, _trace
 from .matching import bipartite_soft_matching, merge_source, merge_wavg
-from .tome import ToMeBlocks, ToMeState
+from ._registry import register_model_patch
+from .tome import ROPE_MERGES, ToMeBlocks, ToMeState  # noqa: F401  (ROPE_MERGES: re-exported)
 
-ROPE_MERGES = ("dst", "mean")
-
-
-def is_eva(model) -> bool:
-    """True for timm ``Eva`` models (patched or not)."""
-    return isinstance(model, Eva)
+#: The methods this module patches Eva for; the others refuse an Eva (:func:`.patching.swap_classes`).
+METHODS = ("tome", "evit", "topk")
 
 
 def check_eva(model: Eva, method: str) -> None:
@@ -280,3 +278,6 @@ def unpatch(model: Eva, attrs: tuple[str, ...]) -> Eva:
         if isinstance(block, (EvaToMeBlock, EvaPruneBlock)):
             block.__class__ = EvaBlock
     return model
+
+
+register_model_patch(Eva, sys.modules[__name__])

@@ -33,7 +33,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
+from ._registry import MaxRemoved, SchedulePlan, TokenLayout, model_patch, register_method
 from .patching import eva_copy, patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 
@@ -275,10 +275,9 @@ class EViT:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
-        from . import eva
-
-        if eva.is_eva(model):
-            return eva.apply_prune(model, self.keeps(schedule), self.fuse, self.trace_source, self.name,
+        patch = model_patch(model)
+        if patch is not None:  # timm Eva: vitfold.reduce.eva
+            return patch.apply_prune(model, self.keeps(schedule), self.fuse, self.trace_source, self.name,
                                    lambda m: eva_copy(m, schedule))
         patched = patchable_copy(model, schedule, self.name)
         return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,

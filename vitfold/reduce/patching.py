@@ -14,6 +14,7 @@ from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..errors import SpecError
 from ._registry import TokenLayout
 from .schedule import Schedule, ScheduleError
 
@@ -64,7 +65,18 @@ def swap_classes(model: VisionTransformer, blocks_cls: type, block_cls: Optional
                  attn_cls: Optional[type] = None, **attrs) -> VisionTransformer:
     """Apply a class-swap patch in place (the inverse of :func:`unpatch`): ``model.blocks`` becomes
     ``blocks_cls`` with ``attrs`` set as plain attributes, every block ``block_cls`` and its
-    attention ``attn_cls`` (None: left as they are); returns ``model``."""
+    attention ``attn_cls`` (None: left as they are); returns ``model``.
+
+    Raises:
+        SpecError: ``model`` is not a timm ``VisionTransformer`` (an ``Eva`` iterates its blocks
+            itself, so a patched ``model.blocks`` would silently never run: :mod:`.eva` patches it).
+    """
+    if not isinstance(model, VisionTransformer):
+        from ._registry import model_patch
+
+        covered = getattr(model_patch(model), "METHODS", ())
+        raise SpecError(f"{blocks_cls.__name__} patches timm VisionTransformer blocks; {type(model).__name__} models "
+                        f"take {', '.join(covered) or 'no method'}")
     blocks = model.blocks
     blocks.__class__ = blocks_cls
     for name, value in attrs.items():

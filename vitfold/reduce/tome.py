@@ -28,10 +28,14 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from ._registry import MaxRemoved, SchedulePlan, TokenLayout, register_method
+from ._registry import MaxRemoved, SchedulePlan, TokenLayout, model_patch, register_method
 from .patching import eva_copy, patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
+
+
+#: How a merged token takes its RoPE row on rotary models (:mod:`vitfold.reduce.eva`).
+ROPE_MERGES = ("dst", "mean")
 
 
 @dataclass
@@ -171,8 +175,6 @@ class ToMe:
 
     def __init__(self, r: Union[int, list, tuple] = 0, prop_attn: bool = True, trace_source: bool = False,
                  mode: str = "merge", rope_merge: str = "dst"):
-        from .eva import ROPE_MERGES
-
         if mode not in self.MODES:
             raise SpecError(f"tome mode {mode!r} unknown; choose one of {', '.join(self.MODES)}")
         if rope_merge not in ROPE_MERGES:
@@ -215,10 +217,9 @@ class ToMe:
             NotImplementedError: a block or attention type this patch does not know.
             ScheduleError: the schedule is for a model of another depth or token count.
         """
-        from . import eva
-
-        if eva.is_eva(model):
-            return eva.apply_tome(model, schedule.removed, self.prop_attn, self.trace_source, self.mode, self.rope_merge,
+        patch = model_patch(model)
+        if patch is not None:  # timm Eva: vitfold.reduce.eva
+            return patch.apply_tome(model, schedule.removed, self.prop_attn, self.trace_source, self.mode, self.rope_merge,
                                   lambda m: eva_copy(m, schedule))
         return swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
                             r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
@@ -227,10 +228,9 @@ class ToMe:
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
         """Undo :meth:`apply` in place (classes restored, attributes dropped); returns ``model``."""
-        from . import eva
-
-        if eva.is_eva(model):
-            return eva.unpatch(model, ("r", "prop_attn", "trace_source", "num_protected", "mode", "rope_merge"))
+        patch = model_patch(model)
+        if patch is not None:
+            return patch.unpatch(model, ("r", "prop_attn", "trace_source", "num_protected", "mode", "rope_merge"))
         return unpatch(model, ToMeBlocks, ToMeBlock, ("r", "prop_attn", "trace_source", "num_protected", "mode"))
 
 
