@@ -70,12 +70,18 @@ def test_keep_rate_one_is_dense_bit_for_bit(name, flavour):
         assert torch.equal(patched(model, name, keep_rate=1.0, locations=LOCS)(x), model(x))
 
 
-def reference_evit(model, images, rates: dict[int, float], fuse: bool):
+def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str = "source", k: int = 4, tau: float = 0.1):
     """The reference algorithm written out plainly: explicit attention matrix, one image at a time,
     Python lists for the kept / complement sets (youweiliang/evit ``evit.py``, class token only).
+    ``fill="reconstruct"``: the restored features of ``EViT(fill="reconstruct")`` written out with
+    dictionaries: each current token holds ``{original: weight}``, a pruned token's holdings move to
+    its ``k`` most cosine-similar kept tokens with softmax(similarity / ``tau``) weights, and what
+    that weighted mix misses of it is added back to its originals before the final norm.
 
     Returns ``(logits [B, K], restored [B, N0, C] per-original features, via member lists)``.
     """
+    if fill == "reconstruct":
+        return _reference_reconstruct(model, images, rates, fuse, k, tau)
     logits, restored = [], []
     for image in images:
         x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
@@ -113,16 +119,59 @@ def reference_evit(model, images, rates: dict[int, float], fuse: bool):
     return torch.stack(logits), torch.stack(restored)
 
 
+def _reference_reconstruct(model, images, rates, fuse, k, tau):
+    logits, restored = [], []
+    for image in images:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
+        n0 = x.shape[1]
+        holds = [{i: 1.0} for i in range(n0)]
+        residual = {}
+        for index, block in enumerate(model.blocks):
+            n = x.shape[1]
+            x, a = plain_attention(block, x)
+            rate = rates.get(index, 1.0)
+            left = math.ceil(rate * (n - 1))
+            if rate < 1 and left < n - 1:
+                cls = a[0, :, 0, 1:].mean(dim=0)
+                keep = sorted(range(n - 1), key=lambda i: -float(cls[i]))[:left]
+                rest = [i for i in range(n - 1) if i not in keep]
+                new_holds = [dict(holds[0])] + [dict(holds[1 + j]) for j in keep]
+                for i in rest:
+                    sims = [float(torch.nn.functional.cosine_similarity(x[0, 1 + i], x[0, 1 + j], dim=0)) for j in keep]
+                    near = sorted(range(len(keep)), key=lambda t: -sims[t])[:k]
+                    w = torch.tensor([sims[t] for t in near], dtype=torch.float64).div(tau).softmax(0)
+                    mix = sum(float(w[q]) * x[0, 1 + keep[t]] for q, t in enumerate(near))
+                    for m, amount in holds[1 + i].items():
+                        residual[m] = residual.get(m, 0) + amount * (x[0, 1 + i] - mix)
+                        for q, t in enumerate(near):
+                            target = new_holds[1 + t]
+                            target[m] = target.get(m, 0.0) + amount * float(w[q])
+                rows = [x[0, 0]] + [x[0, 1 + j] for j in keep]
+                if fuse:
+                    rows.append(sum(cls[i] * x[0, 1 + i] for i in rest))
+                    new_holds.append({})
+                x, holds = torch.stack(rows)[None], new_holds
+            x = x + block.ls2(block.mlp(block.norm2(x)))
+        logits.append(model.forward_head(model.norm(x))[0])
+        per_original = [residual.get(m, torch.zeros_like(x[0, 0])).clone() for m in range(n0)]
+        for token, held in enumerate(holds):
+            for m, amount in held.items():
+                per_original[m] = per_original[m] + amount * x[0, token]
+        restored.append(model.norm(torch.stack(per_original)))
+    return torch.stack(logits), torch.stack(restored)
+
+
+@pytest.mark.parametrize("fill", ["source", "reconstruct"])
 @pytest.mark.parametrize("name, fuse", [("evit", True), ("topk", False), ("evit", False)])
 @pytest.mark.parametrize("flavour", ["plain", "layer_scale"])
-def test_matches_plain_reference(name, fuse, flavour):
+def test_matches_plain_reference(name, fuse, flavour, fill):
     model = tiny_vit(**FLAVOURS[flavour])
     images = torch.randn(3, 3, 32, 32)
     rates = {1: 0.5, 2: 0.7}
-    params = dict(keep_rate=[0.5, 0.7], locations=LOCS, fuse=fuse)
+    params = dict(keep_rate=[0.5, 0.7], locations=LOCS, fuse=fuse, fill=fill)
     reduced = patched(model, name, **params, trace_source=True)
     with torch.no_grad():
-        expected_logits, expected_tokens = reference_evit(model, images, rates, fuse)
+        expected_logits, expected_tokens = reference_evit(model, images, rates, fuse, fill)
         torch.testing.assert_close(reduced(images), expected_logits, atol=1e-5, rtol=1e-5)
         features = DenseFeatures(reduced)(images)
         torch.testing.assert_close(features, expected_tokens[:, 1:], atol=1e-5, rtol=1e-5)
@@ -219,3 +268,19 @@ def test_tome_restore_is_an_exact_unmerge():
         owner = source.argmax(dim=1)  # [B, N0]
         assert torch.equal(restored, torch.stack([tokens[b, owner[b]] for b in range(2)]))
         assert np.unique(restored[0].numpy(), axis=0).shape[0] == tokens.shape[1]
+
+
+@pytest.mark.parametrize("name", ["evit", "topk"])
+@pytest.mark.parametrize("fill", ["reconstruct", "source"])
+def test_features_at_keep_rate_one_are_dense_bit_for_bit(name, fill):
+    """--task features: nothing pruned, nothing rebuilt; the patch grid is the dense model's exactly."""
+    model = tiny_vit(**FLAVOURS["layer_scale"])
+    x = torch.randn(2, 3, 32, 32)
+    reduced = patched(model, name, keep_rate=1.0, locations=LOCS, trace_source=True, fill=fill)
+    with torch.no_grad():
+        assert torch.equal(DenseFeatures(reduced)(x), DenseFeatures(model)(x))
+
+
+def test_unknown_fill_is_refused():
+    with pytest.raises(SpecError, match="fill 'nearest' unknown; choose one of reconstruct, source"):
+        create_method("evit", fill="nearest")

@@ -163,7 +163,9 @@ def test_schedule_and_restore_on_every_flavour(flavour):
 def test_defaults_follow_the_model():
     layout = TokenLayout(depth=12, num_tokens=257, num_prefix_tokens=1)  # DINOv2 ViT-S/14 at 224
     schedule = create_method("expedite").schedule(layout)
-    assert schedule.tokens == (257,) * 6 + (65,) * 7  # after block 5, 16x16 -> 8x8
+    assert schedule.tokens == (257,) * 6 + (101,) * 7  # after block 5, 16x16 -> 10x10 (5/8 per side)
+    deit = create_method("expedite").schedule(TokenLayout(depth=12, num_tokens=197, num_prefix_tokens=1))
+    assert deit.tokens[-1] == 1 + 9 * 9  # 14x14 -> 9x9
 
 
 def test_layer_scale_applied_original_untouched_remove_pickle_deepcopy():

@@ -243,19 +243,21 @@ class EvaPruneBlocks(PruneBlocks):
         state = PruneState()
         for index, block in enumerate(self):
             x, rope = block.forward_prune(x, rope, self.keep[index], self, state)
+        state.final = x
         self.last_state = state
         return x
 
 
-def apply_prune(model: Eva, keep: tuple[int, ...], fuse: bool, trace_source: bool, method: str, copy_fn) -> Eva:
-    """An EViT / Top-K-patched copy of ``model``."""
+def apply_prune(model: Eva, keep: tuple[int, ...], fuse: bool, trace_source: bool, method: str, copy_fn,
+                **fill) -> Eva:
+    """An EViT / Top-K-patched copy of ``model`` (``fill``: the ``--task features`` fill settings)."""
     check_eva(model, method)
     patched = copy_fn(model)
     patched.__class__ = ReducedEva
     blocks = patched.blocks
     blocks.__class__ = EvaPruneBlocks
     for name, value in dict(keep=keep, fuse=fuse, num_protected=model.num_prefix_tokens, trace_source=trace_source,
-                            final_norm=[patched.norm]).items():
+                            final_norm=[patched.norm], **fill).items():
         setattr(blocks, name, value)
     for block in blocks:
         block.__class__ = EvaPruneBlock
