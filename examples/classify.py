@@ -10,7 +10,7 @@ short side, centre crop, mean / std from timm's ``pretrained_cfg``)::
 
 With no image given it classifies the photos shipped with vitfold. A build from a transformers
 classifier (``--model hf:DIR``) prints its own class names (``id2label``, kept in the manifest's
-``labels``). Otherwise a 1000-class model prints ImageNet class names (``imagenet_classes.txt`` beside this file: synset id and WordNet lemmas per
+``labels``). Otherwise a 1000-class model prints ImageNet class names (``vitfold/data/imagenet_classes.txt``: synset id and WordNet lemmas per
 class index, written out from timm's ``ImageNetInfo``); other models print class indices. A build
 with random weights gets a warning on stderr (its class names mean nothing); a build that outputs
 features / embeddings (a headless model, ``--task features``) is refused with exit code 2.
@@ -27,11 +27,12 @@ import numpy as np
 
 from vitfold.artifact import read_manifest
 from vitfold.errors import VitfoldError
+from vitfold.evaluate import IMAGENET_CLASSES
 from vitfold.images import IMAGE_SUFFIXES, batches, list_images, load_images
 from vitfold.runtimes import load
 from vitfold.spec import Preprocess
 
-NAMES = Path(__file__).with_name("imagenet_classes.txt")
+NAMES = IMAGENET_CLASSES
 
 
 def class_names(num_classes: int, path: Path = NAMES) -> Optional[list[str]]:

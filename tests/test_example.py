@@ -46,7 +46,7 @@ def test_example_prints_the_builds_top5_without_torch(imagenet_build):
 
     result = run_without_torch(str(imagenet_build))
     assert result.returncode == 0, result.stderr
-    names = [line.split("\t")[1] for line in (REPO / "examples" / "imagenet_classes.txt").read_text().splitlines()]
+    names = [line.split("\t")[1] for line in (REPO / "vitfold" / "data" / "imagenet_classes.txt").read_text().splitlines()]
     # the torch model's outputs on the same photos, saved at build time, give the expected classes
     expected = _top5_from(np.load(imagenet_build / "reference.npy"))
     lines = result.stdout.splitlines()

@@ -93,3 +93,30 @@ def test_sweep_over_precisions_shares_one_dense_f32(tmp_path):
     assert manifest["dense_f32"].startswith("../dense-f32-") and not (directory / "dense-f32").exists()
     assert json.loads((directory / manifest["dense_f32"] / "manifest.json").read_text())["build"]["precision"] == "f32"
     assert manifest["quantization"]["precision"] == "int8"
+
+
+def test_sweep_with_eval_adds_an_accuracy_column(tmp_path):
+    """--eval runs `eval` on every point: accuracies against the folder's labels, one dense accuracy
+    (the shared twin, run once), the drop = dense - point, in sweep.json / sweep.md and the table."""
+    from PIL import Image, ImageOps
+
+    from vitfold.images import list_images
+
+    data = tmp_path / "val"
+    for n, path in enumerate(list_images(None)):
+        target = data / str(n % 3)  # class indices as folder names
+        target.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as photo:
+            photo.convert("RGB").save(target / f"{n}.png")
+            ImageOps.mirror(photo.convert("RGB")).save(target / f"{n}-m.png")
+    result = deploy("sweep", "--model", "vit_tiny_patch16_224", "--img-size", "96", "--backend", "onnxruntime",
+                    "--out", str(tmp_path / "sw"), "--min-runs", "3", "--min-seconds", "0",
+                    "--methods", "tome:r=1,2", "--eval", str(data))
+    assert result.returncode == 0, result.stderr + result.stdout
+    summary = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    dense = {p["dense_accuracy"] for p in summary["points"]}
+    assert len(dense) == 1
+    for point in summary["points"]:
+        assert 0.0 <= point["accuracy"] <= 1.0
+        assert point["accuracy_drop"] == pytest.approx(point["dense_accuracy"] - point["accuracy"])
+    assert "accuracy (drop)" in (tmp_path / "sw" / "sweep.md").read_text() and "tome r=1: top-1" in result.stdout

@@ -262,10 +262,12 @@ def _disk_use(directory: Path) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Sweep directory (default: sweeps/<model>-<backend>-<precision>-b<batch>).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
 @click.option("--reprofile", is_flag=True, help="Re-measure points already built (default: reuse their reports).")
+@click.option("--eval", "eval_data", type=click.Path(file_okay=False, path_type=Path), default=None, help="Labeled folder (ImageFolder): an accuracy column in the table and plot (`deploy.py eval` on every point).")
+@click.option("--eval-labels", type=click.Path(dir_okay=False, path_type=Path), default=None, help="--eval: folder name of class i on line i.")
 @click.option("--min-runs", type=click.IntRange(min=3), default=50, show_default=True, help="Latency: timed runs per variant, at least.")
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=3.0, show_default=True, help="Latency: timed seconds per variant, at least.")
 def sweep(model, methods_spec, backend, precision, precisions, calibrate, batch, img_size, checkpoint, task, images, out,
-          threads, reprofile, min_runs, min_seconds) -> None:
+          threads, reprofile, eval_data, eval_labels, min_runs, min_seconds) -> None:
     """Build every point once (cached by spec hash), profile each against one dense baseline, and
     write sweep.json, sweep.md and sweep.png (speedup vs fidelity, one curve per method)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -274,7 +276,7 @@ def sweep(model, methods_spec, backend, precision, precisions, calibrate, batch,
     from .profiles.report import LatencyOptions
     from .runtimes import BuildConfig
     from .spec import ModelSpec
-    from .sweep import parse_points, run_sweep
+    from .sweep import accuracy_cell, parse_points, run_sweep
 
     points = _run(parse_points, methods_spec)
     chosen = [p.strip() for p in precisions.split(",") if p.strip()] if precisions else [precision]
@@ -293,20 +295,23 @@ def sweep(model, methods_spec, backend, precision, precisions, calibrate, batch,
     table = Table(title=f"sweep {model} ({backend} {', '.join(chosen)}, batch {batch})")
     for column in ("precision", "method", "params", "GMACs", "FLOP ratio", "speedup", "vs dense f32", "fidelity", "top-1 vs dense"):
         table.add_column(column, justify="right")
+    if eval_data is not None:
+        table.add_column("accuracy (drop)", justify="right")
     for base in bases:
         p = base.build.precision
-        where = (out / p if len(bases) > 1 else out) if out else Path("sweeps") / f"{model}-{backend}-{p}-b{batch}"
+        where = (out / p if len(bases) > 1 else out) if out else Path("sweeps") / f"{base.spec.slug}-{backend}-{p}-b{batch}"
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console, transient=False) as progress:
             task_id = progress.add_task(f"sweep {p}", total=len(points) + 1)
-            summary = _run(run_sweep, base, points, where, reprofile=reprofile,
+            summary = _run(run_sweep, base, points, where, reprofile=reprofile, eval_data=eval_data, eval_labels=eval_labels,
                            log=lambda msg: progress.console.print(f"[dim]{escape(msg)}[/]"),
                            advance=lambda label: progress.update(task_id, advance=1, description=f"sweep {p}: {label} done"))
         for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
             top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
             whole = "" if r.get("speedup_vs_dense_f32") is None else f"{r['speedup_vs_dense_f32']:.2f}x"
+            accuracy = [] if eval_data is None else [accuracy_cell(r)]
             table.add_row(p, r["method"], r["label"], f"{r['gmacs']:.3f}", f"{r['flop_ratio']:.2f}x", f"{r['speedup']:.2f}x",
-                          whole, f"{r['fidelity']:.4f}", top1)
+                          whole, f"{r['fidelity']:.4f}", top1, *accuracy)
         console.print(f"sweep {p}: {Path(where).resolve()} (sweep.md, sweep.json, sweep.png)")
     console.print(table)
 
@@ -344,6 +349,39 @@ def profile(build_dir, images, min_runs, min_seconds, per_layer, layer_runs) -> 
     print_report(report)
     if per_layer:
         print_per_layer(report["per_layer"], Path(build_dir))
+
+
+@main.command(name="eval")
+@click.argument("build_dir", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Labeled images, ImageFolder layout: DIR/<class>/<image>.")
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Folder name of class i on line i (first word; e.g. ImageNet's LOC_synset_mapping.txt). Default: folder names matched to the build's class names, ImageNet synsets / names, or class indices.")
+@click.option("--worst", type=click.IntRange(min=1), default=12, show_default=True, help="Disagreements shown in eval_worst.png.")
+def evaluate(build_dir, data, labels_file, worst) -> None:
+    """Accuracy of a build and its dense twin on a labeled folder (through the backend, no torch)."""
+    from rich.progress import Progress
+
+    from .evaluate import evaluate as run_eval
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("eval: dense twin, then the build", total=None)
+        result = _run(run_eval, build_dir, data, labels_file, worst=worst, progress=lambda n: bar.advance(task, n))
+    print_eval(result, Path(build_dir))
+
+
+def print_eval(result: dict, directory: Path) -> None:
+    """The eval table: accuracy of both variants, the drop with its interval, agreement, files."""
+    table = Table(title=f"{result['images']} images, {result['classes']} classes: {result['metric']}")
+    for column in ("variant", "top-1", "top-5"):
+        table.add_column(column, justify="right")
+    for variant in ("dense", "reduced"):
+        top5 = result[variant]["top5"]
+        table.add_row(variant, f"{result[variant]['top1']:.2%}", "n/a" if top5 is None else f"{top5:.2%}")
+    console.print(table)
+    low, high = result["drop"]["interval"]
+    console.print(f"top-1 drop {result['drop']['top1']:+.2%} (95% interval {low:+.2%} .. {high:+.2%}, paired bootstrap); "
+                  f"top-1 agreement {result['agreement']:.2%}; {result['disagreements']} disagreements")
+    files = ", ".join(str(directory / f) for f in result["files"].values())
+    console.print(f"written: {directory / 'eval.json'}, {escape(files)}")
 
 
 @main.command()

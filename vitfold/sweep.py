@@ -95,6 +95,8 @@ def run_sweep(
     reprofile: bool = False,
     log: Callable[[str], None] = print,
     advance: Optional[Callable[[str], None]] = None,
+    eval_data: Optional[Path] = None,
+    eval_labels: Optional[Path] = None,
 ) -> dict:
     """Build (or reuse) the dense baseline and every point, profile, write ``sweep.json/.md/.png``.
 
@@ -105,6 +107,8 @@ def run_sweep(
         out: sweep directory; points go in ``out/<build name>-<hash>``, the baseline in ``out/dense-<hash>``.
         reprofile: re-measure cached points (default: reuse their reports).
         advance: called once per finished step (baseline, then each point) with its label, for progress bars.
+        eval_data, eval_labels: a labeled folder (and its ``--labels`` file): every point also gets its
+            accuracy and the drop from the dense twin (:func:`vitfold.evaluate.evaluate`).
 
     Returns:
         The sweep summary (also written to ``sweep.json``).
@@ -132,7 +136,8 @@ def run_sweep(
             build_dense(replace(dense_f32_request, out=dense_f32_dir), log=log)
     if advance:
         advance("dense baseline")
-    rows = []
+    rows: list[dict] = []
+    eval_cache: dict = {}
     for point in points:
         request = replace(base, method=point.method, params=point.params, dense_dir=dense_dir,
                           dense_f32_dir=dense_f32_dir, out=None)
@@ -147,7 +152,16 @@ def run_sweep(
         else:
             log(f"{point.method} {point.label}: build")
             _, report = build(replace(request, out=directory), log=log)
-        rows.append(_row(point, directory, report))
+        row = _row(point, directory, report)
+        if eval_data is not None:
+            from .evaluate import evaluate
+
+            accuracy = evaluate(directory, eval_data, eval_labels, cache=eval_cache)
+            row.update(accuracy=accuracy["reduced"]["top1"], dense_accuracy=accuracy["dense"]["top1"],
+                       accuracy_drop=accuracy["drop"]["top1"], accuracy_interval=accuracy["drop"]["interval"])
+            log(f"{point.method} {point.label}: top-1 {accuracy['reduced']['top1']:.2%} "
+                f"(dense {accuracy['dense']['top1']:.2%})")
+        rows.append(row)
         if advance:
             advance(f"{point.method} {point.label}")
     summary = {
@@ -157,6 +171,7 @@ def run_sweep(
         "batch_size": base.spec.batch_size,
         "task": base.task,
         "dense": dense_dir.name,
+        "eval_data": None if eval_data is None else str(eval_data),
         "points": rows,
     }
     (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -203,8 +218,8 @@ def render_markdown(summary: dict) -> str:
         f"Weights: {summary['weights']}. Dense baseline: `{summary['dense']}`. Speedup = dense median / point "
         "median, measured interleaved with the dense model for every point.",
         "",
-        "| method | params | GMACs | FLOP ratio | speedup | speedup / FLOP ratio | vs dense f32 | median ms | fidelity (cosine) | top-1 vs dense | KL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | params | GMACs | FLOP ratio | speedup | speedup / FLOP ratio | vs dense f32 | median ms | fidelity (cosine) | top-1 vs dense | KL | accuracy (drop) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(summary["points"], key=lambda r: (r["method"], -r["gmacs"])):
         top1 = "n/a" if r["top1_agreement"] is None else f"{r['top1_agreement']:.0%}"
@@ -213,11 +228,23 @@ def render_markdown(summary: dict) -> str:
         whole = "n/a" if r.get("speedup_vs_dense_f32") is None else f"{r['speedup_vs_dense_f32']:.2f}x"
         lines.append(
             f"| {r['method']} | {r['label']} | {r['gmacs']:.3f} | {r['flop_ratio']:.2f}x | {r['speedup']:.2f}x{noisy} | "
-            f"{r['speedup'] / r['flop_ratio']:.0%} | {whole} | {r['median_ms']:.2f} | {r['fidelity']:.4f} | {top1} | {kl} |"
+            f"{r['speedup'] / r['flop_ratio']:.0%} | {whole} | {r['median_ms']:.2f} | {r['fidelity']:.4f} | {top1} | {kl} | "
+            f"{accuracy_cell(r)} |"
         )
+    if summary.get("eval_data"):
+        lines += ["", f"Accuracy: top-1 on `{summary['eval_data']}` (`deploy.py eval`), drop from the dense twin with its "
+                      "95% paired bootstrap interval."]
     if summary["weights"].startswith("random"):
         lines += ["", "Weights are random: the fidelity columns mean nothing; pass --checkpoint for real figures."]
     return "\n".join(lines) + "\n"
+
+
+def accuracy_cell(row: dict) -> str:
+    """A sweep row's accuracy, its drop from the dense twin and the drop's 95% interval, as one table cell."""
+    if row.get("accuracy") is None:
+        return "n/a"
+    low, high = row["accuracy_interval"]
+    return f"{row['accuracy']:.2%} ({row['accuracy_drop']:+.2%}, {low:+.2%}..{high:+.2%})"
 
 
 def plot_sweep(summary: dict, path: Path) -> Path:
@@ -227,22 +254,28 @@ def plot_sweep(summary: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    with_accuracy = any(r.get("accuracy") is not None for r in summary["points"])
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(12 if with_accuracy else 7, 4.5), dpi=120, squeeze=False)
     by_method: dict[str, list[dict]] = {}
     for row in summary["points"]:
         by_method.setdefault(row["method"], []).append(row)
-    for method, rows in sorted(by_method.items()):
-        rows = sorted(rows, key=lambda r: r["speedup"])
-        ax.plot([r["speedup"] for r in rows], [r["fidelity"] for r in rows], marker="o", label=method)
-        for r in rows:
-            ax.annotate(r["label"], (r["speedup"], r["fidelity"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
-    ax.set_xlabel("speedup over dense (measured, interleaved)")
-    ax.set_ylabel("fidelity vs dense (mean cosine)")
+    panels = [("fidelity", "fidelity vs dense (mean cosine)")] + ([("accuracy", "top-1 accuracy (eval data)")] if with_accuracy else [])
     b = summary["backend"]
-    ax.set_title(f"{summary['model']}, {b['backend']} {b['precision']}, batch {summary['batch_size']}", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        for method, rows in sorted(by_method.items()):
+            rows = sorted(rows, key=lambda r: r["speedup"])
+            ax.plot([r["speedup"] for r in rows], [r[key] for r in rows], marker="o", label=method)
+            for r in rows:
+                ax.annotate(r["label"], (r["speedup"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if key == "accuracy":
+            dense = summary["points"][0]["dense_accuracy"]
+            ax.axhline(dense, color="black", linewidth=0.8, linestyle="--", label=f"dense {dense:.1%}")
+        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("speedup over dense (measured, interleaved)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{summary['model']}, {b['backend']} {b['precision']}, batch {summary['batch_size']}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
