@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "vitfold"
 TORCH_FREE = ("vitfold.runtimes", "vitfold.profiles", "vitfold.artifact", "vitfold.images", "vitfold.metrics",
-              "vitfold.spec", "vitfold.errors", "vitfold.quantize", "vitfold.device")
+              "vitfold.spec", "vitfold.errors", "vitfold.quantize", "vitfold.device", "vitfold.evaluate")
 HEAVY = ("torch", "timm", "onnx_graphsurgeon", "torchvision")
 
 
@@ -96,7 +96,7 @@ def test_runtime_side_and_profiles_reach_no_torch():
 
 
 #: The runtime side as files: what a device (JetPack 5: Python 3.8) runs.
-RUNTIME_FILES = ("runtimes", "profiles", "artifact.py", "images.py", "metrics.py", "spec.py", "errors.py", "device.py", "entry.py",
+RUNTIME_FILES = ("runtimes", "profiles", "artifact.py", "images.py", "metrics.py", "spec.py", "errors.py", "device.py", "entry.py", "evaluate.py",
                  "__init__.py")
 
 

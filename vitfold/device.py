@@ -122,8 +122,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     pr = commands.add_parser("profile", help="re-measure a built build against its dense twin")
     pr.add_argument("directory", type=Path)
     pr.add_argument("--per-layer", action="store_true", help="add the backend's per-layer counters")
+    ev = commands.add_parser("eval", help="accuracy of a built build and its dense twin on a labeled folder")
+    ev.add_argument("directory", type=Path)
+    ev.add_argument("--data", type=Path, required=True, help="ImageFolder: DIR/<class>/<image>")
+    ev.add_argument("--labels", type=Path, default=None, help="folder name of class i on line i")
     args = parser.parse_args(argv)
     try:
+        if args.command == "eval":
+            from .evaluate import evaluate
+
+            result = evaluate(args.directory, args.data, args.labels)
+            low, high = result["drop"]["interval"]
+            print(f"{result['images']} images, {result['classes']} classes ({result['metric']}): top-1 dense "
+                  f"{result['dense']['top1']:.2%}, build {result['reduced']['top1']:.2%}, drop {result['drop']['top1']:+.2%} "
+                  f"(95% interval {low:+.2%} .. {high:+.2%}), agreement {result['agreement']:.2%}")
+            return 0
         if args.command == "build":
             report = build(args.directory, images=args.images, force=args.force, profile=not args.no_profile)
         else:
