@@ -70,6 +70,19 @@ def test_keep_rate_one_is_dense_bit_for_bit(name, flavour):
         assert torch.equal(patched(model, name, keep_rate=1.0, locations=LOCS)(x), model(x))
 
 
+def _plain_step(block, x, rate: float):
+    """A block's attention, written out, and at a reduction block the reference's kept and pruned
+    lists: ``(x, class attention [N - 1], keep, rest)``, the last three None elsewhere."""
+    n = x.shape[1]
+    x, a = plain_attention(block, x)
+    left = math.ceil(rate * (n - 1))
+    if not (rate < 1 and left < n - 1):
+        return x, None, None, None
+    cls = a[0, :, 0, 1:].mean(dim=0)
+    keep = sorted(range(n - 1), key=lambda i: -float(cls[i]))[:left]
+    return x, cls, keep, [i for i in range(n - 1) if i not in keep]
+
+
 def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str = "source", k: int = 4, tau: float = 0.1):
     """The reference algorithm written out plainly: explicit attention matrix, one image at a time,
     Python lists for the kept / complement sets (youweiliang/evit ``evit.py``, class token only).
@@ -88,14 +101,8 @@ def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str
         members = [[i] for i in range(x.shape[1])]
         frozen = {}
         for index, block in enumerate(model.blocks):
-            n = x.shape[1]
-            x, a = plain_attention(block, x)
-            rate = rates.get(index, 1.0)
-            left = math.ceil(rate * (n - 1))
-            if rate < 1 and left < n - 1:
-                cls = a[0, :, 0, 1:].mean(dim=0)
-                keep = sorted(range(n - 1), key=lambda i: -float(cls[i]))[:left]
-                rest = [i for i in range(n - 1) if i not in keep]
+            x, cls, keep, rest = _plain_step(block, x, rates.get(index, 1.0))
+            if keep is not None:
                 rows = [x[0, 0]] + [x[0, 1 + i] for i in keep]
                 new_members = [members[0]] + [members[1 + i] for i in keep]
                 if fuse:
@@ -127,14 +134,8 @@ def _reference_reconstruct(model, images, rates, fuse, k, tau):
         holds = [{i: 1.0} for i in range(n0)]
         residual = {}
         for index, block in enumerate(model.blocks):
-            n = x.shape[1]
-            x, a = plain_attention(block, x)
-            rate = rates.get(index, 1.0)
-            left = math.ceil(rate * (n - 1))
-            if rate < 1 and left < n - 1:
-                cls = a[0, :, 0, 1:].mean(dim=0)
-                keep = sorted(range(n - 1), key=lambda i: -float(cls[i]))[:left]
-                rest = [i for i in range(n - 1) if i not in keep]
+            x, cls, keep, rest = _plain_step(block, x, rates.get(index, 1.0))
+            if keep is not None:
                 new_holds = [dict(holds[0])] + [dict(holds[1 + j]) for j in keep]
                 for i in rest:
                     sims = [float(torch.nn.functional.cosine_similarity(x[0, 1 + i], x[0, 1 + j], dim=0)) for j in keep]
