@@ -26,6 +26,7 @@ from vitfold.build import model_dims
 from vitfold.compile import compile_module
 from vitfold.export.models import create_model
 from vitfold.images import list_images, load_images
+from vitfold.metrics import cosine_rows
 from vitfold.profiles.flops import schedule_macs
 from vitfold.reduce import TokenLayout, create_method
 from vitfold.reduce.features import DenseFeatures, for_features
@@ -81,10 +82,8 @@ def main() -> None:
     for column in ("variant", "FLOP ratio", "token cosine mean", "token cosine p5", "token cosine min", "map cosine"):
         table.add_column(column, justify="right")
     for label, out in outputs.items():
-        a, b = dense.reshape(-1, dense.shape[-1]), out.reshape(-1, out.shape[-1])
-        tokens = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-        flat_a, flat_b = dense.reshape(len(dense), -1), out.reshape(len(out), -1)
-        maps = (flat_a * flat_b).sum(-1) / (np.linalg.norm(flat_a, axis=-1) * np.linalg.norm(flat_b, axis=-1))
+        tokens = cosine_rows(dense.reshape(-1, dense.shape[-1]), out.reshape(-1, out.shape[-1]))
+        maps = cosine_rows(dense.reshape(len(dense), -1), out.reshape(len(out), -1))
         table.add_row(label, f"{ratios[label]:.2f}x", f"{tokens.mean():.4f}", f"{np.percentile(tokens, 5):.4f}",
                       f"{tokens.min():.3f}", f"{maps.mean():.4f}")
     console.print(table)

@@ -28,6 +28,7 @@ import numpy as np
 from vitfold.artifact import read_manifest
 from vitfold.errors import VitfoldError
 from vitfold.evaluate import IMAGENET_CLASSES
+from vitfold.metrics import softmax
 from vitfold.images import IMAGE_SUFFIXES, batches, list_images, load_images
 from vitfold.runtimes import load
 from vitfold.spec import Preprocess
@@ -42,13 +43,6 @@ def class_names(num_classes: int, path: Path = NAMES) -> Optional[list[str]]:
         return None
     names = [line.split("\t", 1)[-1].strip() for line in path.read_text().splitlines() if line.strip()]
     return names if len(names) == 1000 else None
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``[B, K]`` logits (float64)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
 
 
 def image_paths(items: list[str]) -> list[Path]:

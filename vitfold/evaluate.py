@@ -31,6 +31,7 @@ import numpy as np
 from .artifact import read_manifest
 from .errors import SpecError
 from .images import IMAGE_SUFFIXES, load_images
+from .metrics import softmax
 from .spec import Preprocess
 
 IMAGENET_CLASSES = Path(__file__).resolve().parent / "data" / "imagenet_classes.txt"
@@ -148,12 +149,6 @@ def _run(directory: Path, images: List[Path], pre: Preprocess, batch: int,
     return np.concatenate(outputs)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
 def nearest_centroid(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Leave-one-out nearest class centroid (cosine) on ``[N, C]`` pooled features: each image's
     predicted class, its own feature left out of its class's centroid. Classes with one image are
@@ -194,9 +189,9 @@ def evaluate(build_dir: Path, data: Path, labels_file: Optional[Path] = None, wo
         raise SpecError(f"{build_dir} has no dense twin (manifest key 'dense'); eval compares a reduced build with "
                         "its dense twin: pass the reduced build's directory")
     dense_dir = build_dir / manifest["dense"]
-    features = manifest.get("task") == "features"
     num_classes = int(manifest.get("dims", {}).get("num_classes", 0))
-    if features or num_classes == 0:  # no head: the folders are the classes, in sorted order
+    headless = manifest.get("task") == "features" or num_classes == 0
+    if headless:  # no head: the folders are the classes, in sorted order
         order: Dict[str, int] = {}
         folder = read_folder(data, lambda name: order.setdefault(name, len(order)))
     else:
@@ -214,7 +209,7 @@ def evaluate(build_dir: Path, data: Path, labels_file: Optional[Path] = None, wo
             cache[key] = outputs[label]
     targets = folder.targets
     result: dict = {"images": len(targets), "classes": len(folder.folders), "data": str(data)}
-    if features or num_classes == 0:
+    if headless:
         pooled = {k: (v.mean(axis=1) if v.ndim == 3 else v) for k, v in outputs.items()}
         predictions = {k: nearest_centroid(v, targets) for k, v in pooled.items()}
         confidence = {k: np.zeros(len(targets)) for k in outputs}
@@ -223,7 +218,7 @@ def evaluate(build_dir: Path, data: Path, labels_file: Optional[Path] = None, wo
             result[label] = {"top1": float((predictions[label] == targets).mean()), "top5": None}
         true_prob = confidence
     else:
-        probs = {k: _softmax(v) for k, v in outputs.items()}
+        probs = {k: softmax(v) for k, v in outputs.items()}
         predictions = {k: v.argmax(axis=1) for k, v in probs.items()}
         top5 = {k: np.argsort(-v, axis=1)[:, :5] for k, v in probs.items()}
         result["metric"] = "top-1 / top-5 accuracy of the build's logits"

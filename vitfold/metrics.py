@@ -89,6 +89,13 @@ class Comparison:
         return self
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of ``[B, K]`` logits, in float64."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
 def cosine_rows(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     """Cosine similarity of matching rows of two ``[M, D]`` arrays (1.0 where both are zero)."""
     norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)

@@ -176,7 +176,7 @@ def preprocess(directory: Path, img_size: int) -> Preprocess:
     return Preprocess(img_size, mean, std, interpolation, crop_pct=1.0 if data else 0.875)
 
 
-def _load_transformers(directory: Path, config: dict, spec: ModelSpec) -> nn.Module:
+def _load_transformers(directory: Path, config: dict) -> nn.Module:
     try:
         import transformers
     except ImportError as exc:
@@ -320,7 +320,7 @@ def create_hf_model(spec: ModelSpec) -> tuple[nn.Module, Preprocess]:
     directory = resolve(spec)
     config = read_config(directory)
     family, output = ARCHITECTURES[config["architecture"]]
-    hf = _load_transformers(directory, config, spec)
+    hf = _load_transformers(directory, config)
     vision, vcfg = _vision_part(hf, config)
     native = int(vcfg["image_size"])
     img_size = spec.img_size or native

@@ -26,6 +26,7 @@ patch refuses depth-mixed RoPE, post-norm blocks and attention types it does not
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Optional
 
@@ -33,11 +34,14 @@ import torch
 import torch.nn.functional as F
 from timm.layers import AttentionRope, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
+from torch import nn
 
 from .evit import PruneBlocks, PruneState, _trace
 from .matching import bipartite_soft_matching, merge_source, merge_wavg
 from ._registry import register_model_patch
-from .tome import ROPE_MERGES, ToMeBlocks, ToMeState  # noqa: F401  (ROPE_MERGES: re-exported)
+from .patching import check_schedule
+from .schedule import Schedule
+from .tome import ToMeBlocks, ToMeState
 
 #: The methods this module patches Eva for; the others refuse an Eva (:func:`.patching.swap_classes`).
 METHODS = ("tome", "evit", "topk")
@@ -178,20 +182,32 @@ class EvaToMeBlocks(ToMeBlocks):
         return x
 
 
-def apply_tome(model: Eva, r: tuple[int, ...], prop_attn: bool, trace_source: bool, mode: str,
-               rope_merge: str, copy_fn) -> Eva:
-    """A ToMe-patched copy of ``model`` (``copy_fn`` checks the schedule and deep-copies)."""
-    check_eva(model, "tome")
-    patched = copy_fn(model)
+def _patched_copy(model: Eva, schedule: Schedule, method: str, blocks_cls: type, block_cls: type, **attrs) -> Eva:
+    """A deep copy of ``model`` as :class:`ReducedEva` with ``blocks_cls`` / ``block_cls`` swapped in
+    and ``attrs`` set on its blocks (the Eva counterpart of :func:`.patching.swap_classes`).
+
+    Raises:
+        NotImplementedError: see :func:`check_eva`.
+        ScheduleError: the schedule is for a model of another depth or token count.
+    """
+    check_eva(model, method)
+    check_schedule(model, schedule)
+    patched = copy.deepcopy(model)
     patched.__class__ = ReducedEva
     blocks = patched.blocks
-    blocks.__class__ = EvaToMeBlocks
-    for name, value in dict(r=r, prop_attn=prop_attn, trace_source=trace_source, num_protected=model.num_prefix_tokens,
-                            mode=mode, rope_merge=rope_merge).items():
+    blocks.__class__ = blocks_cls
+    for name, value in attrs.items():
         setattr(blocks, name, value)
     for block in blocks:
-        block.__class__ = EvaToMeBlock
+        block.__class__ = block_cls
     return patched
+
+
+def apply_tome(model: Eva, schedule: Schedule, prop_attn: bool, trace_source: bool, mode: str, rope_merge: str) -> Eva:
+    """A ToMe-patched copy of ``model`` running ``schedule``."""
+    return _patched_copy(model, schedule, "tome", EvaToMeBlocks, EvaToMeBlock, r=schedule.removed, prop_attn=prop_attn,
+                         trace_source=trace_source, num_protected=model.num_prefix_tokens, mode=mode,
+                         rope_merge=rope_merge)
 
 
 # ------------------------------------------------------------------------------------- EViT / Top-K
@@ -248,27 +264,18 @@ class EvaPruneBlocks(PruneBlocks):
         return x
 
 
-def apply_prune(model: Eva, keep: tuple[int, ...], fuse: bool, trace_source: bool, method: str, copy_fn,
+def apply_prune(model: Eva, schedule: Schedule, keep: tuple[int, ...], fuse: bool, trace_source: bool, method: str,
                 **fill) -> Eva:
     """An EViT / Top-K-patched copy of ``model`` (``fill``: the ``--task features`` fill settings)."""
-    check_eva(model, method)
-    patched = copy_fn(model)
-    patched.__class__ = ReducedEva
-    blocks = patched.blocks
-    blocks.__class__ = EvaPruneBlocks
-    for name, value in dict(keep=keep, fuse=fuse, num_protected=model.num_prefix_tokens, trace_source=trace_source,
-                            final_norm=[patched.norm], **fill).items():
-        setattr(blocks, name, value)
-    for block in blocks:
-        block.__class__ = EvaPruneBlock
+    patched = _patched_copy(model, schedule, method, EvaPruneBlocks, EvaPruneBlock, keep=keep, fuse=fuse,
+                            num_protected=model.num_prefix_tokens, trace_source=trace_source, **fill)
+    patched.blocks.final_norm = [patched.norm]  # a list: a reference, not a second registered submodule
     return patched
 
 
 def unpatch(model: Eva, attrs: tuple[str, ...]) -> Eva:
     """Undo :func:`apply_tome` / :func:`apply_prune` in place: Eva, ``nn.Sequential`` and ``EvaBlock``
     classes back, patch attributes dropped; returns ``model``."""
-    from torch import nn
-
     if isinstance(model, ReducedEva):
         model.__class__ = Eva
     blocks = model.blocks

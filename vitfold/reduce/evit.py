@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ._registry import MaxRemoved, SchedulePlan, TokenLayout, model_patch, register_method
-from .patching import eva_copy, patchable_copy, swap_classes
+from .patching import patchable_copy, swap_classes
 from .schedule import Schedule, ScheduleError
 
 #: The reference's reduction blocks for 12-block models (``--drop_loc '(3, 6, 9)'``), 0-indexed.
@@ -256,9 +256,10 @@ class EViT:
             ``reconstruct`` (default): rebuilt from the final tokens with weights taken where it was
             pruned (:func:`reconstruction_weights`, after Expedit's reconstruction layer).
             ``source``: the token that absorbed it (EViT: the fused token), or its features when it
-            was dropped (Top-K). On DINOv2 ViT-S/14, keep 0.7, the shipped photos and their mirror
-            images: mean patch cosine vs dense EViT 0.82 / Top-K 0.47 with ``source``, see
-            ``benchmarks/dense_features.py`` for ``reconstruct``.
+            was dropped (Top-K). On DINOv2 ViT-S/14, keep 0.7, OpenVINO, the shipped photos and their
+            mirror images (``benchmarks/dense_features.py``): mean / p5 patch cosine vs dense, EViT
+            0.82 / 0.19 with ``source`` and 0.94 / 0.82 with ``reconstruct``; Top-K 0.47 / 0.11 and
+            0.94 / 0.81.
         recon_k, recon_temperature: the reconstruction's neighbours per pruned token and the
             temperature dividing its cosine similarities.
 
@@ -363,8 +364,8 @@ class EViT:
         """
         patch = model_patch(model)
         if patch is not None:  # timm Eva: vitfold.reduce.eva
-            return patch.apply_prune(model, self.keeps(schedule), self.fuse, self.trace_source, self.name,
-                                     lambda m: eva_copy(m, schedule), **self._fill_attrs())
+            return patch.apply_prune(model, schedule, self.keeps(schedule), self.fuse, self.trace_source, self.name,
+                                     **self._fill_attrs())
         patched = patchable_copy(model, schedule, self.name)
         return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
                             num_protected=model.num_prefix_tokens, trace_source=self.trace_source,

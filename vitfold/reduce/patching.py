@@ -15,7 +15,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from ..errors import SpecError
-from ._registry import TokenLayout
+from ._registry import TokenLayout, model_patch
 from .schedule import Schedule, ScheduleError
 
 
@@ -41,16 +41,6 @@ def patchable_copy(model: VisionTransformer, schedule: Schedule, method: str) ->
     return copy.deepcopy(model)
 
 
-def eva_copy(model, schedule: Schedule):
-    """A deep copy of a timm ``Eva`` for :mod:`vitfold.reduce.eva` to patch (its blocks are checked there).
-
-    Raises:
-        ScheduleError: the schedule is for a model of another depth or token count.
-    """
-    check_schedule(model, schedule)
-    return copy.deepcopy(model)
-
-
 def check_blocks(model: VisionTransformer, method: str) -> None:
     """Raise NotImplementedError unless every block is timm's ``Block`` with timm's ``Attention``."""
     for index, block in enumerate(model.blocks):
@@ -72,8 +62,6 @@ def swap_classes(model: VisionTransformer, blocks_cls: type, block_cls: Optional
             itself, so a patched ``model.blocks`` would silently never run: :mod:`.eva` patches it).
     """
     if not isinstance(model, VisionTransformer):
-        from ._registry import model_patch
-
         covered = getattr(model_patch(model), "METHODS", ())
         raise SpecError(f"{blocks_cls.__name__} patches timm VisionTransformer blocks; {type(model).__name__} models "
                         f"take {', '.join(covered) or 'no method'}")

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..errors import SpecError
 from ._registry import MaxRemoved, SchedulePlan, TokenLayout, model_patch, register_method
-from .patching import eva_copy, patchable_copy, swap_classes, unpatch
+from .patching import patchable_copy, swap_classes, unpatch
 from .matching import bipartite_soft_matching, max_merge, merge_source, merge_wavg
 from .schedule import Schedule, ScheduleError, parse_r
 
@@ -219,8 +219,7 @@ class ToMe:
         """
         patch = model_patch(model)
         if patch is not None:  # timm Eva: vitfold.reduce.eva
-            return patch.apply_tome(model, schedule.removed, self.prop_attn, self.trace_source, self.mode, self.rope_merge,
-                                  lambda m: eva_copy(m, schedule))
+            return patch.apply_tome(model, schedule, self.prop_attn, self.trace_source, self.mode, self.rope_merge)
         return swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
                             r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
                             num_protected=model.num_prefix_tokens, mode=self.mode)
