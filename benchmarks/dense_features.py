@@ -8,13 +8,15 @@ build's compile path for ``--backend`` (default OpenVINO f32) and run on the shi
 their mirror images, unless ``--no-mirror``). Columns, against the dense model built the same way:
 mean per-token cosine, its 5th percentile (the worst tokens matter to a dense head), the map cosine
 (each image's whole grid as one vector), and the FLOP ratio of the schedule. Rows: ToMe r=8 / 13,
-EViT and Top-K at keep 0.7 with both fills (``reconstruct``, the default, and ``source``),
-``expedite`` at its defaults and at the old half grid.
+EViT and Top-K at keep 0.7 with both fills (``reconstruct``, the default, and ``source``) and with
+the full grid rebuilt at block 9's or 10's site (``restore_at``), ``expedite`` at its defaults and at
+the old half grid.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 
@@ -42,6 +44,10 @@ VARIANTS = {
     "evit 0.7 (source)": ("evit", {"keep_rate": 0.7, "fill": "source"}),
     "topk 0.7 (reconstruct)": ("topk", {"keep_rate": 0.7}),
     "topk 0.7 (source)": ("topk", {"keep_rate": 0.7, "fill": "source"}),
+    "evit 0.7 restore_at=10": ("evit", {"keep_rate": 0.7, "restore_at": 10}),
+    "evit 0.7 restore_at=9": ("evit", {"keep_rate": 0.7, "restore_at": 9}),
+    "topk 0.7 restore_at=10": ("topk", {"keep_rate": 0.7, "restore_at": 10}),
+    "topk 0.7 restore_at=9": ("topk", {"keep_rate": 0.7, "restore_at": 9}),
     "expedite (defaults)": ("expedite", {}),
     "expedite (8x8 grid, t=0.3)": ("expedite", {"grid": 8, "temperature": 0.3}),
 }
@@ -71,7 +77,7 @@ def main() -> None:
             method = create_method(name, **params, **for_features(type(method)))
             schedule = method.schedule(layout)
             module = DenseFeatures(method.apply(model, schedule))
-            where = Path(tmp) / label.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace(",", "")
+            where = Path(tmp) / re.sub(r"[^A-Za-z0-9.]+", "_", label)
             compiled = compile_module(module, photos[:1].shape, where, cfg, sample=photos[:1])
             with compiled.open(cfg) as session:
                 outputs[label] = np.concatenate([next(iter(session(photos[i:i + 1]).values())) for i in range(len(photos))])

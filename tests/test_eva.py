@@ -171,3 +171,13 @@ def test_methods_without_an_eva_patch_refuse_it(method):
     m = create_method(method)
     with pytest.raises((SpecError, NotImplementedError), match="tome, evit, topk|EvaBlock|got Eva"):
         m.apply(model, m.schedule(TokenLayout.of(model)))
+
+
+def test_restore_at_is_refused_for_eva():
+    """restore_at would need the full RoPE table back mid-network; it says so instead of running wrong."""
+    from vitfold.errors import SpecError
+
+    model = tiny_eva("eva02")
+    method = create_method("evit", keep_rate=0.5, locations=(1,), trace_source=True, restore_at=2)
+    with pytest.raises(SpecError, match="restore_at is not implemented for Eva models"):
+        method.apply(model, method.schedule(TokenLayout.of(model)))

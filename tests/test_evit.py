@@ -4,6 +4,7 @@ plain transcription of the reference, exact export, and dense reconstruction for
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from vitfold.reduce import TokenLayout, create_method
 from vitfold.reduce.features import DenseFeatures, for_features
 
 LOCS = (1, 2)  # the tiny model has 4 blocks
+DEIT_S = TokenLayout(depth=12, num_tokens=197, num_prefix_tokens=1)
 
 
 def patched(model, name="evit", **params):
@@ -83,24 +85,42 @@ def _plain_step(block, x, rate: float):
     return x, cls, keep, [i for i in range(n - 1) if i not in keep]
 
 
-def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str = "source", k: int = 4, tau: float = 0.1):
+def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str = "source", k: int = 4, tau: float = 0.1,
+                   restore_at: Optional[int] = None):
     """The reference algorithm written out plainly: explicit attention matrix, one image at a time,
     Python lists for the kept / complement sets (youweiliang/evit ``evit.py``, class token only).
     ``fill="reconstruct"``: the restored features of ``EViT(fill="reconstruct")`` written out with
     dictionaries: each current token holds ``{original: weight}``, a pruned token's holdings move to
     its ``k`` most cosine-similar kept tokens with softmax(similarity / ``tau``) weights, and what
     that weighted mix misses of it is added back to its originals before the final norm.
+    ``restore_at``: at that block, after attention, every original gets those restored features (before
+    the final norm), and the block's MLP and the later blocks run on all of them.
 
     Returns ``(logits [B, K], restored [B, N0, C] per-original features, via member lists)``.
     """
     if fill == "reconstruct":
-        return _reference_reconstruct(model, images, rates, fuse, k, tau)
+        return _reference_reconstruct(model, images, rates, fuse, k, tau, restore_at)
     logits, restored = [], []
     for image in images:
         x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
-        members = [[i] for i in range(x.shape[1])]
+        n0 = x.shape[1]
+        members = [[i] for i in range(n0)]
         frozen = {}
         for index, block in enumerate(model.blocks):
+            if restore_at is not None and index >= restore_at:
+                if index == restore_at:
+                    x, _ = plain_attention(block, x)
+                    grid = [None] * n0
+                    for token, group in enumerate(members):
+                        for m in group:
+                            grid[m] = x[0, token]
+                    for m, feature in frozen.items():
+                        grid[m] = feature
+                    x, members, frozen = torch.stack(grid)[None], [[m] for m in range(n0)], {}
+                    x = x + block.ls2(block.mlp(block.norm2(x)))
+                else:
+                    x = block(x)
+                continue
             x, cls, keep, rest = _plain_step(block, x, rates.get(index, 1.0))
             if keep is not None:
                 rows = [x[0, 0]] + [x[0, 1 + i] for i in keep]
@@ -126,7 +146,7 @@ def reference_evit(model, images, rates: dict[int, float], fuse: bool, fill: str
     return torch.stack(logits), torch.stack(restored)
 
 
-def _reference_reconstruct(model, images, rates, fuse, k, tau):
+def _reference_reconstruct(model, images, rates, fuse, k, tau, restore_at=None):
     logits, restored = [], []
     for image in images:
         x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))
@@ -134,6 +154,14 @@ def _reference_reconstruct(model, images, rates, fuse, k, tau):
         holds = [{i: 1.0} for i in range(n0)]
         residual = {}
         for index, block in enumerate(model.blocks):
+            if restore_at is not None and index >= restore_at:
+                if index == restore_at:
+                    x, _ = plain_attention(block, x)
+                    x, holds, residual = _mix(x, holds, residual, n0)[None], [{m: 1.0} for m in range(n0)], {}
+                    x = x + block.ls2(block.mlp(block.norm2(x)))
+                else:
+                    x = block(x)
+                continue
             x, cls, keep, rest = _plain_step(block, x, rates.get(index, 1.0))
             if keep is not None:
                 new_holds = [dict(holds[0])] + [dict(holds[1 + j]) for j in keep]
@@ -154,12 +182,17 @@ def _reference_reconstruct(model, images, rates, fuse, k, tau):
                 x, holds = torch.stack(rows)[None], new_holds
             x = x + block.ls2(block.mlp(block.norm2(x)))
         logits.append(model.forward_head(model.norm(x))[0])
-        per_original = [residual.get(m, torch.zeros_like(x[0, 0])).clone() for m in range(n0)]
-        for token, held in enumerate(holds):
-            for m, amount in held.items():
-                per_original[m] = per_original[m] + amount * x[0, token]
-        restored.append(model.norm(torch.stack(per_original)))
+        restored.append(model.norm(_mix(x, holds, residual, n0)))
     return torch.stack(logits), torch.stack(restored)
+
+
+def _mix(x, holds, residual, n0):
+    """``[N0, C]``: each original's share of the tokens ``x`` ``[1, N, C]`` that hold it, plus its residual."""
+    per_original = [residual.get(m, torch.zeros_like(x[0, 0])).clone() for m in range(n0)]
+    for token, held in enumerate(holds):
+        for m, amount in held.items():
+            per_original[m] = per_original[m] + amount * x[0, token]
+    return torch.stack(per_original)
 
 
 @pytest.mark.parametrize("fill", ["source", "reconstruct"])
@@ -277,11 +310,74 @@ def test_features_at_keep_rate_one_are_dense_bit_for_bit(name, fill):
     """--task features: nothing pruned, nothing rebuilt; the patch grid is the dense model's exactly."""
     model = tiny_vit(**FLAVOURS["layer_scale"])
     x = torch.randn(2, 3, 32, 32)
-    reduced = patched(model, name, keep_rate=1.0, locations=LOCS, trace_source=True, fill=fill)
-    with torch.no_grad():
-        assert torch.equal(DenseFeatures(reduced)(x), DenseFeatures(model)(x))
+    for restore_at in (None, 2):
+        reduced = patched(model, name, keep_rate=1.0, locations=LOCS, trace_source=True, fill=fill, restore_at=restore_at)
+        with torch.no_grad():
+            assert torch.equal(DenseFeatures(reduced)(x), DenseFeatures(model)(x))
 
 
 def test_unknown_fill_is_refused():
     with pytest.raises(SpecError, match="fill 'nearest' unknown; choose one of reconstruct, source"):
         create_method("evit", fill="nearest")
+
+
+@pytest.mark.parametrize("fill", ["reconstruct", "source"])
+@pytest.mark.parametrize("name, fuse", [("evit", True), ("topk", False)])
+def test_restore_at_matches_plain_reference(name, fuse, fill):
+    """restore_at=2: block 1 prunes, block 2's site rebuilds the full grid (its own keep rate is not
+    run), block 2's MLP and block 3 run on every token, exactly as the written-out reference."""
+    model = tiny_vit(**FLAVOURS["layer_scale"])
+    images = torch.randn(3, 3, 32, 32)
+    reduced = patched(model, name, keep_rate=[0.5, 0.7], locations=LOCS, fuse=fuse, fill=fill, trace_source=True,
+                      restore_at=2)
+    with torch.no_grad():
+        expected_logits, expected_tokens = reference_evit(model, images, {1: 0.5}, fuse, fill, restore_at=2)
+        features = DenseFeatures(reduced)(images)
+        torch.testing.assert_close(features, expected_tokens[:, 1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(reduced(images), expected_logits, atol=1e-5, rtol=1e-5)
+        # and it is not the grid rebuilt after the last block
+        late = DenseFeatures(patched(model, name, keep_rate=0.5, locations=(1,), fuse=fuse, fill=fill, trace_source=True))(images)
+        assert (features - late).abs().max() > 1e-3
+
+
+def test_restore_at_schedule_counts_notes_and_json():
+    from vitfold.reduce.schedule import Schedule
+
+    method = create_method("evit", keep_rate=0.7, trace_source=True, restore_at=9)
+    schedule = method.schedule(DEIT_S)
+    assert schedule.tokens == (197,) * 4 + (140,) * 3 + (100,) * 3 + (197,) * 3  # keep 138 / 98 + class + fused
+    assert schedule.restored_at == 9 and schedule.removed[9] == 100 - 197
+    assert any("rebuilt at block 9's reduction site" in note for note in schedule.notes)
+    assert any("locations [9] are at or after restore_at=9 and do not prune" in note for note in schedule.notes)
+    assert Schedule.from_json(schedule.to_json()) == schedule
+    # nothing pruned before it: nothing to rebuild, the dense schedule
+    early = create_method("evit", keep_rate=0.7, trace_source=True, restore_at=2).schedule(DEIT_S)
+    assert early.restored_at is None and early.is_dense
+
+
+@pytest.mark.parametrize("params, match", [
+    (dict(restore_at=9), "only --task features uses; build with --task features or drop restore_at"),
+    (dict(restore_at=12, trace_source=True), "restore_at=12 is outside the model's blocks 0..11"),
+])
+def test_restore_at_bad_input_names_the_problem(params, match):
+    with pytest.raises(ScheduleError, match=match):
+        create_method("evit", **params).schedule(DEIT_S)
+
+
+def test_restore_at_is_refused_by_the_planner():
+    with pytest.raises(SpecError, match="--schedule auto does not place restore_at"):
+        create_method("topk", trace_source=True, restore_at=9).plan(DEIT_S, 0.5)
+
+
+def test_restore_at_features_export_static_and_exact(tmp_path):
+    from vitfold.images import batches, list_images, load_images
+    from vitfold.spec import Preprocess
+
+    pre = Preprocess(img_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    photos = batches(load_images(list_images(), pre), 2)
+    model = tiny_vit()
+    method = create_method("topk", keep_rate=0.5, locations=LOCS, trace_source=True, restore_at=2)
+    reduced = DenseFeatures(method.apply(model, method.schedule(TokenLayout.of(model))))
+    result, reference = export_and_validate(reduced, tmp_path / "topk.onnx", photos)
+    assert reference.shape[1:] == (16, 64)
+    assert result.parity.max_abs <= 1e-4 and result.parity.token_cosine_min > 0.9999

@@ -83,3 +83,28 @@ def test_schedule_site_round_trips_and_is_checked():
     assert Schedule.from_json({"tokens": [17, 12], "num_prefix_tokens": 1}).site == "attention"  # older manifests
     with pytest.raises(ScheduleError, match="site"):
         Schedule(tokens=(17, 12), num_prefix_tokens=1, site="mlp")
+
+
+def test_restored_at_allows_one_growth_back_to_the_full_grid():
+    from vitfold.profiles.flops import ModelDims, schedule_macs
+
+    s = Schedule(tokens=(17, 12, 17, 17), num_prefix_tokens=1, restored_at=1)
+    assert s.removed == (5, -5, 0) and not s.is_dense
+    assert Schedule.from_json(s.to_json()) == s
+    assert Schedule.from_json({"tokens": [17, 12], "num_prefix_tokens": 1}).restored_at is None  # older manifests
+    for tokens, at, match in (((17, 12, 17, 17), None, "block 1: token count grows"),
+                              ((17, 12, 12, 15), 2, "every count after block 2's site must be the full 17"),
+                              ((17, 12, 16, 16), 1, "every count after block 1's site must be the full 17"),
+                              ((17, 12, 17, 12), 1, "every count after block 1's site"),
+                              ((17, 17, 17, 17), 1, "nothing was removed before block 1"),
+                              ((17, 12, 17, 17), 3, "restored_at=3 is outside the model's blocks 0..2")):
+        with pytest.raises(ScheduleError, match=match):
+            Schedule(tokens=tokens, num_prefix_tokens=1, restored_at=at)
+    with pytest.raises(ScheduleError, match="needs reduction site 'attention'"):
+        Schedule(tokens=(17, 12, 17), num_prefix_tokens=1, site="block", restored_at=1)
+    # the restoring block: attention on the reduced count, MLP on every token, no matching
+    dims = ModelDims(embed_dim=64, attn_dim=64, head_dim=16, mlp_hidden=256, num_patches=16,
+                     patch_macs_per_token=3 * 8 * 8 * 64, num_classes=0)
+    blocks = schedule_macs(dims, list(s.tokens))["blocks"]
+    assert blocks[1]["mlp"] == 2 * 17 * 64 * 256 and blocks[1]["matching"] == 0
+    assert blocks[1]["attention"] == schedule_macs(dims, [12, 12])["blocks"][0]["attention"]

@@ -125,6 +125,15 @@ class PruneBlock(Block):
         x = torch.cat(parts, dim=1)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def forward_restore(self, x: torch.Tensor, cfg: "PruneBlocks", state: PruneState) -> torch.Tensor:
+        """timm's block with the full grid rebuilt at the reduction site (:meth:`PruneBlocks.rebuild`).
+
+        Args: ``x`` ``[B, N, C]`` reduced tokens. Returns ``[B, N0, C]``, the original token order.
+        """
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        x = cfg.rebuild(x, state)
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
 
 def _trace(state: PruneState, x: torch.Tensor, idx: torch.Tensor, dropped: torch.Tensor, cfg: "PruneBlocks") -> None:
     """Update ``state`` for a pruning step on ``x`` ``[B, N, C]`` keeping ``idx`` ``[B, k]``.
@@ -200,7 +209,9 @@ class PruneBlocks(nn.Sequential):
     """``model.blocks`` after patching: each block keeps ``keep[l]`` non-prefix tokens.
 
     Attributes (fixed at patch time): ``keep`` per block, ``fuse``, ``num_protected``,
-    ``trace_source``; ``last_state`` holds the latest forward's :class:`PruneState`.
+    ``trace_source``, the fill settings, ``restore_at`` (the schedule's ``restored_at``: the block
+    whose reduction site rebuilds the full grid, or None); ``last_state`` holds the latest forward's
+    :class:`PruneState`.
     """
 
     keep: tuple[int, ...]
@@ -210,14 +221,37 @@ class PruneBlocks(nn.Sequential):
     fill: str
     recon_k: int
     recon_temperature: float
+    restore_at: Optional[int] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state = PruneState()
         for index, block in enumerate(self):
-            x = block.forward_prune(x, self.keep[index], self, state)
+            if index == self.restore_at:
+                x = block.forward_restore(x, self, state)
+            else:
+                x = block.forward_prune(x, self.keep[index], self, state)
         state.final = x
         self.last_state = state
         return x
+
+    def rebuild(self, x: torch.Tensor, state: PruneState) -> torch.Tensor:
+        """Residual-stream tokens ``[B, N, C]`` -> ``[B, N0, C]`` in the original order, inside the network.
+
+        The fill rules of :meth:`restore` without the final norm: a kept token is itself; a pruned one
+        is its reconstruction weights' mix of ``x`` plus its ``residual`` (``reconstruct``), or the
+        fused token / its features when dropped (``source``). Afterwards ``state`` holds no sources, so
+        the later blocks run dense and :meth:`restore` is the identity. Expedit (Liang et al.,
+        NeurIPS 2022, Sec. 3.3) likewise places its reconstruction layer before the last blocks.
+        """
+        if state.source is None:
+            return x
+        out = state.source.transpose(1, 2) @ x
+        if state.residual is not None:
+            out = out + state.residual
+        elif state.frozen is not None:
+            out = out + state.dropped * state.frozen
+        state.source = state.residual = state.frozen = state.dropped = None
+        return out
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the last block ``[B, N_L, C]`` -> ``[B, N_0, C]`` in the original order.
@@ -262,10 +296,20 @@ class EViT:
             0.94 / 0.81.
         recon_k, recon_temperature: the reconstruction's neighbours per pruned token and the
             temperature dividing its cosine similarities.
+        restore_at: ``--task features`` only: a block whose reduction site rebuilds the full grid
+            (:meth:`PruneBlocks.rebuild`) instead of pruning, so that block's MLP and the later
+            blocks run on every token (Expedit's reconstruction layer placed before the last
+            blocks); locations at or after it do not prune. None (default): the grid is rebuilt
+            after the last block. It trades FLOPs for the dense map: on the benchmark above, keep
+            0.7, EViT reaches 0.97 / 0.91 with ``restore_at=9`` at a FLOP ratio of 1.26x (1.53x
+            without) and 0.95 / 0.83 with ``restore_at=10`` at 1.35x; Top-K 0.97 / 0.91 at 1.27x.
+            ToMe r=8 gives 0.99 / 0.98 at 1.25x, so where the map is what matters, ToMe is the
+            better buy at that FLOP ratio.
 
     Raises (from :meth:`schedule`):
-        ScheduleError: keep rate outside (0, 1], a location outside the model, or a step that
-            would keep no patch token.
+        ScheduleError: keep rate outside (0, 1], a location outside the model, a step that
+            would keep no patch token, or ``restore_at`` outside the model or without
+            ``trace_source`` (``--task features``).
     """
 
     name = "evit"
@@ -279,7 +323,13 @@ class EViT:
     def plan(self, layout: TokenLayout, max_fraction: float) -> SchedulePlan:
         """The planner's view (:class:`SchedulePlan`): removal only at this method's locations, at most
         ``max_fraction`` of the patch tokens there; calibration at keep rate 0.7; a schedule's keep
-        rate per location."""
+        rate per location.
+
+        Raises:
+            SpecError: ``restore_at`` is set (the planner does not place it).
+        """
+        if self.restore_at is not None:
+            raise SpecError("--schedule auto does not place restore_at; give --keep-rate with restore_at, or drop it")
         locations, P, fuse = list(self.locations), layout.num_prefix_tokens, self.fuse
         return SchedulePlan(prune_max_removed(locations, P, fuse, max_fraction), {"keep_rate": 0.7},
                             lambda tokens: {"keep_rate": prune_params(tokens, locations, P, fuse), "locations": locations})
@@ -289,7 +339,7 @@ class EViT:
     def __init__(self, keep_rate: Union[float, Sequence[float]] = 0.7,
                  locations: Sequence[int] = DEFAULT_LOCATIONS, fuse: Optional[bool] = None,
                  trace_source: bool = False, fill: str = "reconstruct", recon_k: int = 4,
-                 recon_temperature: float = 0.1):
+                 recon_temperature: float = 0.1, restore_at: Optional[int] = None):
         if fill not in self.FILLS:
             raise SpecError(f"{self.name} fill {fill!r} unknown; choose one of {', '.join(self.FILLS)}")
         if int(recon_k) < 1 or not float(recon_temperature) > 0:
@@ -301,12 +351,13 @@ class EViT:
         self.fill = fill
         self.recon_k = int(recon_k)
         self.recon_temperature = float(recon_temperature)
+        self.restore_at = None if restore_at is None else int(restore_at)
 
     def params(self) -> dict:
         rate = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else self.keep_rate
         return {"keep_rate": rate, "locations": list(self.locations), "fuse": self.fuse,
                 "trace_source": self.trace_source, "fill": self.fill, "recon_k": self.recon_k,
-                "recon_temperature": self.recon_temperature}
+                "recon_temperature": self.recon_temperature, "restore_at": self.restore_at}
 
     def _fill_attrs(self) -> dict:
         return {"fill": self.fill, "recon_k": self.recon_k, "recon_temperature": self.recon_temperature}
@@ -334,17 +385,42 @@ class EViT:
         P = layout.num_prefix_tokens
         if P < 1:
             raise ScheduleError(f"{self.name} ranks tokens by class-token attention; this model has no class token. Use tome instead.")
-        tokens = [layout.num_tokens]
-        for block, rate in enumerate(self.rates(layout.depth)):
+        at = self._check_restore_at(layout.depth)
+        tokens, full = [layout.num_tokens], layout.num_tokens
+        rates = self.rates(layout.depth)
+        for block, rate in enumerate(rates):
             have = tokens[-1]
+            if at is not None and block >= at:
+                tokens.append(full)  # rebuilt at block `at`'s site (or never reduced): every token from here on
+                continue
             keep = keep_count(have, P, rate)
             if keep < 1:
                 raise ScheduleError(f"block {block}: keep rate {rate} keeps no patch token of {have - P}; use a larger keep rate")
             tokens.append(P + keep + int(self.fuse) if keep < have - P else have)
-        notes = ()
+        notes = []
         if self.fuse:
-            notes = ("one fused token is appended at each reduction block",)
-        return Schedule(tokens=tuple(tokens), num_prefix_tokens=P, notes=notes)
+            notes.append("one fused token is appended at each reduction block")
+        restored = at if at is not None and tokens[at] < full else None
+        if restored is not None:
+            later = {0: "", 1: f" and block {at + 1}"}.get(layout.depth - 1 - at, f" and blocks {at + 1}..{layout.depth - 1}")
+            notes.append(f"the full grid of {full} tokens is rebuilt at block {at}'s reduction site (restore_at); "
+                         f"its MLP{later} run on every token")
+            skipped = [b for b, rate in enumerate(rates) if b >= at and rate < 1.0]
+            if skipped:
+                notes.append(f"locations {skipped} are at or after restore_at={at} and do not prune")
+        return Schedule(tokens=tuple(tokens), num_prefix_tokens=P, notes=tuple(notes), restored_at=restored)
+
+    def _check_restore_at(self, depth: int) -> Optional[int]:
+        """``restore_at``, checked against the model's ``depth`` and the task."""
+        at = self.restore_at
+        if at is None:
+            return None
+        if not self.trace_source:
+            raise ScheduleError(f"restore_at={at} rebuilds the full patch grid, which only --task features uses; "
+                                f"build with --task features or drop restore_at")
+        if not 0 <= at < depth:
+            raise ScheduleError(f"restore_at={at} is outside the model's blocks 0..{depth - 1}; choose a block below {depth}")
+        return at
 
     def keeps(self, schedule: Schedule) -> tuple[int, ...]:
         """Non-prefix tokens kept per block, from a schedule this method made."""
@@ -363,13 +439,16 @@ class EViT:
             ScheduleError: the schedule is for a model of another depth or token count.
         """
         patch = model_patch(model)
+        if patch is not None and schedule.restored_at is not None:
+            raise SpecError(f"restore_at is not implemented for {type(model).__name__} models (their RoPE table "
+                            f"would have to be rebuilt too); drop restore_at")
         if patch is not None:  # timm Eva: vitfold.reduce.eva
             return patch.apply_prune(model, schedule, self.keeps(schedule), self.fuse, self.trace_source, self.name,
                                      **self._fill_attrs())
         patched = patchable_copy(model, schedule, self.name)
         return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
                             num_protected=model.num_prefix_tokens, trace_source=self.trace_source,
-                            final_norm=[patched.norm], **self._fill_attrs())  # a list: a reference, not a second registered submodule
+                            final_norm=[patched.norm], restore_at=schedule.restored_at, **self._fill_attrs())  # a list: a reference, not a second registered submodule
 
 
 def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,

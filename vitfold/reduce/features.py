@@ -3,8 +3,10 @@
 A reduced model ends with fewer tokens than it started with; a segmentation or depth head needs one
 feature per patch. :class:`DenseFeatures` runs ``forward_features`` and asks the patched blocks to
 ``restore`` the original token order from what they recorded during the forward (ToMe: unmerge through
-the traced sources; EViT / Top-K: kept tokens scattered back, pruned positions filled from the fused
-token or from their features when dropped; clustering methods: their reconstruction layer).
+the traced sources; EViT / Top-K: kept tokens scattered back, pruned positions rebuilt from the final
+tokens or filled from the fused token / their features when dropped, or the whole grid rebuilt
+mid-network with ``restore_at`` (then ``restore`` is the identity); clustering methods: their
+reconstruction layer).
 """
 
 from __future__ import annotations

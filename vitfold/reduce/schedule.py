@@ -9,7 +9,7 @@ Because every count is a Python int fixed here, every shape in the exported grap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 from ..errors import ScheduleError
 
@@ -30,26 +30,45 @@ class Schedule:
         site: where inside block ``l`` the ``removed[l]`` tokens go: ``attention`` (between attention
             and MLP: ToMe, EViT, Top-K) or ``block`` (after the MLP, before block ``l + 1``: the
             clustering methods). FLOP counts depend on it.
+        restored_at: the one block whose reduction site rebuilds the full token grid instead of
+            removing tokens (``--task features``, EViT / Top-K ``restore_at``), or None. There the
+            count grows back to ``tokens[0]`` (``removed`` is negative) and stays there: that block's
+            MLP and every later block run on all tokens.
     """
 
     tokens: tuple[int, ...]
     num_prefix_tokens: int
     notes: tuple[str, ...] = field(default=())
     site: str = "attention"
+    restored_at: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.site not in SITES:
             raise ScheduleError(f"reduction site {self.site!r} unknown; one of {', '.join(SITES)}")
         if len(self.tokens) < 2:
             raise ScheduleError("a schedule needs at least one block (tokens has depth + 1 entries)")
+        if self.restored_at is not None:
+            self._check_restore()
         for block, (before, after) in enumerate(zip(self.tokens, self.tokens[1:])):
-            if after > before:
+            if after > before and block != self.restored_at:
                 raise ScheduleError(f"block {block}: token count grows from {before} to {after}")
             if after <= self.num_prefix_tokens:
                 raise ScheduleError(
                     f"block {block}: leaves {after} tokens, but {self.num_prefix_tokens} are class/"
                     f"register tokens; at least one patch token must remain. Use a smaller reduction."
                 )
+
+    def _check_restore(self) -> None:
+        at, full = self.restored_at, self.tokens[0]
+        if self.site != "attention":
+            raise ScheduleError(f"restored_at needs reduction site 'attention' (between attention and MLP), not {self.site!r}")
+        if not 0 <= at < len(self.tokens) - 1:
+            raise ScheduleError(f"restored_at={at} is outside the model's blocks 0..{len(self.tokens) - 2}")
+        if self.tokens[at] >= full:
+            raise ScheduleError(f"restored_at={at}: nothing was removed before block {at}, so there is nothing to rebuild")
+        if any(n != full for n in self.tokens[at + 1:]):
+            raise ScheduleError(f"restored_at={at}: every count after block {at}'s site must be the full {full} tokens, "
+                                f"got {list(self.tokens[at + 1:])}")
 
     @property
     def depth(self) -> int:
@@ -75,6 +94,7 @@ class Schedule:
             "num_prefix_tokens": self.num_prefix_tokens,
             "notes": list(self.notes),
             "site": self.site,
+            "restored_at": self.restored_at,
         }
 
     @classmethod
@@ -84,6 +104,7 @@ class Schedule:
             num_prefix_tokens=int(data["num_prefix_tokens"]),
             notes=tuple(data.get("notes", ())),
             site=data.get("site", "attention"),
+            restored_at=data.get("restored_at"),
         )
 
 
