@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from vitfold.errors import ScheduleError
 from vitfold.export.models import create_model
 from vitfold.images import batches, list_images, load_images
 from vitfold.metrics import compare
-from vitfold.plan.auto_schedule import describe, fit_cost_model, pick_schedule, planner
+from vitfold.plan.auto_schedule import describe, fit_cost_model, pick_schedule, planner, site_inputs, sparse_reference
 from vitfold.plan.curve import CurveOptions, measure_curve, read_curve, write_curve
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--out", type=Path, default=Path("benchmarks") / "hw_aware", help="curve and results JSON")
+    parser.add_argument("--compare-per-token", action="store_true",
+                        help="also pick each auto schedule with the reduction cost all per token (no per-site cost), "
+                             "the planner before sites were charged")
     args = parser.parse_args()
 
     console = Console(width=160)
@@ -97,10 +101,19 @@ def main() -> None:
         write_curve(curve, args.out / "curve")
     cap, reference, to_params = planner(args.method, {}, layout.num_tokens, layout.num_prefix_tokens, layout.depth,
                                         args.max_merge_fraction)
-    cost, calibration = fit_cost_model(spec, cfg, curve, method=args.method, params=reference, options=CurveOptions(), log=log)
-    console.print(f"cost model: outside blocks {cost.base_ms:.2f} ms, reduction overhead {cost.merge_us_per_token:.2f} us/token; "
+    sparse = sparse_reference(args.method, reference, to_params, layout.num_tokens, layout.num_prefix_tokens, layout.depth, cap)
+    cost, calibration = fit_cost_model(spec, cfg, curve, method=args.method, params=reference, sparse_params=sparse,
+                                       options=CurveOptions(), log=log)
+    # the planner before per-site costs: all of the reference model's reduction cost per token entering a site
+    ref_tokens = calibration["reference_tokens"]
+    entering = sum(site_inputs(ref_tokens))
+    per_token = replace(cost, site_ms=0.0, merge_us_per_token=max(0.0, calibration["reference_reduction_ms"]) / entering * 1e3)
+    console.print(f"cost model: outside blocks {cost.base_ms:.2f} ms, reduction overhead {cost.site_ms:.3f} ms per site + "
+                  f"{cost.merge_us_per_token:.2f} us/token (per-token only: {per_token.merge_us_per_token:.2f} us/token); "
                   f"calibrated dense {calibration['dense_ms']:.2f} ms, {args.method} {calibration['reference_params']} "
-                  f"{calibration['reference_ms']:.2f} ms")
+                  f"{calibration['reference_ms']:.2f} ms (reductions {calibration['reference_reduction_ms']:.2f} ms)"
+                  + (f", at half the sites {calibration['sparse_ms']:.2f} ms (reductions {calibration['sparse_reduction_ms']:.2f} ms)"
+                     if sparse else ""))
 
     if args.method == "tome":
         constants = {f"r={v}": {"r": int(v)} for v in args.r.split(",")}
@@ -114,6 +127,11 @@ def main() -> None:
         plan[label] = {"tokens": constant, "params": params, "predicted_ms": budget}
         plan[f"auto@{label}"] = {"tokens": auto, "params": to_params(auto), "predicted_ms": cost.predict(auto),
                                  "budget_ms": budget}
+        if args.compare_per_token and cost.site_ms > 0:  # the same budget, picked without a per-site cost
+            old = pick_schedule(per_token, layout.depth, layout.num_tokens, layout.num_prefix_tokens,
+                                per_token.predict(constant), cap, constant)
+            plan[f"auto@{label} per-token"] = {"tokens": old, "params": to_params(old), "predicted_ms": cost.predict(old),
+                                               "budget_ms": per_token.predict(constant), "model": "per_token"}
 
     with tempfile.TemporaryDirectory(prefix="vitfold-hw-aware-") as tmp:
         work = Path(tmp)
@@ -132,12 +150,13 @@ def main() -> None:
         for name, entry in plan.items():  # one refinement: an auto schedule slower than its partner
             if not name.startswith("auto@"):
                 continue
-            partner = latency[name.split("@", 1)[1]].median_ms
+            partner = latency[name.split("@", 1)[1].removesuffix(" per-token")].median_ms
             mine = latency[name].median_ms
             if mine > partner * 1.02:
                 budget = entry["budget_ms"] * partner / mine
+                model_of = per_token if entry.get("model") == "per_token" else cost
                 try:
-                    tokens = pick_schedule(cost, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
+                    tokens = pick_schedule(model_of, layout.depth, layout.num_tokens, layout.num_prefix_tokens, budget, cap)
                 except ScheduleError as exc:  # nothing faster than the schedule it has: keep that one
                     log(f"{name}: no faster schedule ({exc})")
                     continue
@@ -156,7 +175,7 @@ def main() -> None:
 
     weights = "real DINOv2 weights" if args.checkpoint else "random weights: fidelity not meaningful"
     table = Table(title=f"{args.model} ({weights}) on {args.backend}: {args.method} auto vs constant schedules at matched latency")
-    for column in ("variant", "tokens in last block", "GMACs", "predicted ms", "measured ms", "CoV", "speedup",
+    for column in ("variant", "sites", "tokens in last block", "GMACs", "predicted ms", "measured ms", "CoV", "speedup",
                    "cosine vs dense", "top-1 vs dense"):
         table.add_column(column, justify="right")
     dense_ms = latency["dense"].median_ms
@@ -172,7 +191,7 @@ def main() -> None:
                "speedup": dense_ms / stats.median_ms, "fidelity": fidelity, "refined": plan.get(name, {}).get("refined", False)}
         results["variants"][name] = row
         top1 = fidelity.get("top1_agreement") if model.num_classes else None  # argmax of features means nothing
-        table.add_row(name, str(tokens[-2]), f"{row['gmacs']:.3f}", f"{row['predicted_ms']:.2f}", f"{stats.median_ms:.2f}",
+        table.add_row(name, str(cost.sites(tokens)[0]), str(tokens[-2]), f"{row['gmacs']:.3f}", f"{row['predicted_ms']:.2f}", f"{stats.median_ms:.2f}",
                       f"{stats.cov:.1%}", f"{row['speedup']:.2f}x", f"{fidelity['mean_cosine']:.4f}",
                       "n/a" if top1 is None else f"{top1:.0%}")
     console.print(table)

@@ -2,6 +2,8 @@
 
     python benchmarks/latency.py                       # DeiT-S, r 8/13/16, OpenVINO + ONNX Runtime, batch 1 and 8
     python benchmarks/latency.py --backends openvino --batches 1 --r 13
+    python benchmarks/latency.py --backends openvino --ceiling --r 13,26/2,39/3   # 12, 6, 4 reduction sites
+    python benchmarks/latency.py --backends openvino --ceiling --precision int8 --r 13  # within INT8
 
 Prints one table: median / p90 ms per variant, speedup = dense median / reduced median, the FLOP
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
@@ -19,16 +21,19 @@ the reduction ops cost (reduced median minus truncated median), and ``budget ms`
 cost for the speedup to reach ``--target`` x the FLOP ratio (dense median / (target x FLOP ratio)
 minus truncated median). A negative budget means no reduction, however cheap, reaches the target on
 this backend at this batch size.
+
+``--precision int8`` builds every variant (dense, reduced, truncated twins) as the build does at that
+precision (the reduction's own ops kept float: :mod:`vitfold.quantize`), calibrated on ``--calibrate
+DIR`` or the check photos, so speedup, ceiling and reduction ms are all within INT8.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import re
 import tempfile
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -37,44 +42,42 @@ from vitfold.compile import compile_onnx
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
+from vitfold.plan.truncate import truncated_model
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
+from vitfold.quantize import load_calibration
 from vitfold.reduce import TokenLayout, create_method
 from vitfold.runtimes import BuildConfig
 from vitfold.spec import ModelSpec
 
 
-class _TruncatedBlock(torch.nn.Module):
-    """A timm block that keeps its first ``keep`` tokens between attention and MLP: the reduced
-    model's shapes with a free reduction (a Slice), for :func:`truncated_model`."""
-
-    def __init__(self, block: torch.nn.Module, keep: int):
-        super().__init__()
-        self.block, self.keep = block, keep
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
-        x = x + b.drop_path1(b.ls1(b.attn(b.norm1(x))))
-        x = x[:, : self.keep]
-        return x + b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
+def safe(label: str) -> str:
+    """A variant label as a file name (``r=26/2 truncated`` -> ``r=26_2_truncated``)."""
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)
 
 
-def truncated_model(model: torch.nn.Module, tokens) -> torch.nn.Module:
-    """``model`` running ``tokens`` (a schedule's counts) with each reduction a plain truncation."""
-    twin = copy.deepcopy(model)
-    twin.blocks = torch.nn.Sequential(*[_TruncatedBlock(b, n) for b, n in zip(twin.blocks, tokens[1:])])
-    return twin.eval()
+def parse_sites(value: str, depth: int):
+    """``"13"`` -> 13 (every block); ``"26/2"`` -> ``[26, 0, 26, 0, ...]`` (every 2nd block, from block 0)."""
+    r, _, every = value.partition("/")
+    if not every:
+        return int(r)
+    return [int(r) if block % int(every) == 0 else 0 for block in range(depth)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--r", default="8,13,16", help="comma-separated ToMe r values")
+    parser.add_argument("--r", default="8,13,16",
+                        help="comma-separated ToMe r values; R/K merges R at every K-th block only (blocks 0, K, 2K, ...): "
+                             "13,26/2,39/3 compares 12, 6 and 4 reduction sites")
     parser.add_argument("--backends", default="openvino,onnxruntime")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: one per core)")
     parser.add_argument("--min-runs", type=int, default=50)
     parser.add_argument("--min-seconds", type=float, default=3.0)
+    parser.add_argument("--precision", default="f32", choices=("f32", "int8"),
+                        help="every variant at this precision (int8: the build's quantization, reduction kept float)")
+    parser.add_argument("--calibrate", type=Path, default=None, help="--precision int8: calibration images (default: the check photos)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
     parser.add_argument("--target", type=float, default=0.9,
@@ -85,14 +88,13 @@ def main() -> None:
     model, pre = create_model(ModelSpec(args.model))
     layout = TokenLayout.of(model)
     dims = model_dims(model)
-    r_values = [int(v) for v in args.r.split(",")]
     variants = {"dense": create_method("tome", r=0)}
-    variants.update({f"r={r}": create_method("tome", r=r) for r in r_values})
+    variants.update({f"r={v}": create_method("tome", r=parse_sites(v, layout.depth)) for v in args.r.split(",")})
     schedules = {name: m.schedule(layout) for name, m in variants.items()}
     macs = {name: schedule_macs(dims, list(s.tokens))["total"] for name, s in schedules.items()}
     photos = load_images(list_images(), pre)
 
-    table = Table(title=f"{args.model}: ToMe vs dense, interleaved in one run")
+    table = Table(title=f"{args.model}: ToMe vs dense, {args.precision}, interleaved in one run")
     columns = ["backend", "batch", "variant", "median ms", "p90 ms", "CoV", "speedup", "FLOP ratio", "speedup / FLOP ratio"]
     if args.ceiling:
         columns += ["ceiling", "speedup / ceiling", "reduction ms", f"budget ms ({args.target:g}x FLOP ratio)"]
@@ -101,9 +103,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vitfold-bench-") as tmp:
         for batch in [int(b) for b in args.batches.split(",")]:
             sample = batches(photos, batch)[0]
+            calibration = load_calibration(args.calibrate, pre, batch, warn=lambda m: None) if args.precision == "int8" else None
             exported = {}
             def export(torch_model, label: str) -> Path:
-                path = Path(tmp) / f"{label}-b{batch}.onnx"
+                path = Path(tmp) / f"{safe(label)}-b{batch}.onnx"
                 export_onnx(torch_model, path, sample.shape)
                 return path
 
@@ -112,12 +115,12 @@ def main() -> None:
                 if args.ceiling and name != "dense":  # the same token counts, reduced by truncation
                     exported[f"{name} truncated"] = export(truncated_model(model, schedules[name].tokens), f"{name}-truncated")
             for backend in args.backends.split(","):
-                cfg = BuildConfig(backend=backend, threads=args.threads)
+                cfg = BuildConfig(backend=backend, threads=args.threads, precision=args.precision)
                 sessions = {}
                 for name, path in exported.items():  # the build's own compile path: passes, lint, backend build
-                    out = Path(tmp) / f"{backend}-{name.replace(' ', '-')}-b{batch}"
+                    out = Path(tmp) / f"{backend}-{safe(name)}-b{batch}"
                     out.mkdir()
-                    sessions[name] = compile_onnx(path, out, cfg, sample).open(cfg)
+                    sessions[name] = compile_onnx(path, out, cfg, sample, calibration=calibration).open(cfg)
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)
@@ -139,7 +142,8 @@ def main() -> None:
                     s.close()
     console.print(table)
     settings = BuildConfig(threads=args.threads)
-    console.print(f"threads: {settings.resolved_threads}; OpenVINO f32 hint LATENCY; ONNX Runtime CPU EP, graph optimisation all")
+    console.print(f"threads: {settings.resolved_threads}; precision {args.precision}; OpenVINO hint LATENCY; "
+                  f"ONNX Runtime CPU EP, graph optimisation all")
 
 
 if __name__ == "__main__":

@@ -179,8 +179,9 @@ def test_picker_matches_brute_force_on_a_small_case():
     curve = {"mode": "block", "embed_dim": 32, "attn_dim": 32, "mlp_hidden": 128,
              "points": [{"tokens": n, "median_ms": float(t), "cov": 0.0, "samples_ms": []}
                         for n, t in zip(counts, np.sort(rng.uniform(0.5, 2.0, 4)))]}
-    model = CostModel.from_curve(curve, merge_us_per_token=5.0)
-    for budget in (4.5, 5.5, 6.5):
+    checked = set()
+    for model, budget in itertools.product((CostModel.from_curve(curve, merge_us_per_token=5.0),
+                                            CostModel.from_curve(curve, merge_us_per_token=5.0, site_ms=0.3)), (4.5, 5.5, 6.5)):
         best = None
         for rest in itertools.product(counts, repeat=3):
             tokens = [17, *rest]
@@ -191,6 +192,8 @@ def test_picker_matches_brute_force_on_a_small_case():
             continue
         picked = pick_schedule(model, 3, 17, 1, budget)
         assert model.predict(picked) <= budget and sum(picked[1:]) == sum(best[1:])
+        checked.add(model.site_ms)
+    assert checked == {0.0, 0.3}  # both cost models met a budget with a feasible schedule
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +236,12 @@ def test_auto_schedule_build_records_predicted_and_measured(tiny_curve, tmp_path
     assert auto["measured_ms"] == report["latency"]["reduced"]["median_ms"] and auto["met_target"]
     assert "Hardware-aware schedule" in (out / "report.md").read_text()
     assert json.loads((out / "auto_schedule.json").read_text())["predicted_ms"] == auto["predicted_ms"]
+    # the reduction's cost was priced against truncated twins at all sites and at half of them
+    calibration = auto["calibration"]
+    assert calibration["reference_truncated_ms"] > 0 and calibration["sparse_truncated_ms"] > 0
+    assert len([1 for a, b in zip(calibration["sparse_tokens"], calibration["sparse_tokens"][1:]) if b < a]) < \
+        len([1 for a, b in zip(calibration["reference_tokens"], calibration["reference_tokens"][1:]) if b < a])
+    assert auto["sites"] == 0 and auto["reduction_ms"] == 0.0 and "- 0 reduction sites" in (out / "report.md").read_text()
 
 
 def test_prune_planner_removes_only_at_locations_and_round_trips_to_keep_rates():
@@ -329,3 +338,79 @@ def test_methods_describe_themselves_to_the_planner(monkeypatch):
     assert (max_removed(0, 10), reference, to_params([10, 5])) == (5, {"k": 1}, {"k": [10, 5]})
     with pytest.raises(SpecError, match="--schedule auto plans evit, halving, tome, topk schedules; 'dpc-knn'"):
         planner("dpc-knn", {}, 197, 1, 12, 0.5)
+
+
+def test_thinned_moves_every_other_sites_removals_forward_within_the_cap():
+    from vitfold.plan.auto_schedule import thinned
+
+    assert thinned([20, 18, 16, 14, 12], lambda block, n: 100) == [20, 16, 16, 12, 12]
+    # a cap of 3 per block: what does not fit moves on to the next block
+    assert thinned([20, 18, 16, 14, 12], lambda block, n: 3) == [20, 17, 16, 13, 12]
+    # an odd number of sites: the last one keeps its own removal; only locations 1 and 3 may prune
+    at = lambda block, n: n if block in (1, 3) else 0  # noqa: E731
+    assert thinned([20, 20, 15, 15, 10], at) == [20, 20, 10, 10, 10]
+    assert thinned([20, 20, 15, 12, 12], lambda block, n: n) == [20, 20, 12, 12, 12]
+    assert thinned([20, 18, 16, 14], lambda block, n: n) == [20, 16, 16, 14]  # three sites: the third stays
+    assert thinned([20] * 5, lambda block, n: n) == [20] * 5
+
+
+def test_fit_reduction_cost_separates_site_and_token_costs():
+    from vitfold.plan.auto_schedule import fit_reduction_cost
+
+    site_ms, us = 0.2, 1.5
+    samples = [(sites, tokens, site_ms * sites + us * tokens / 1e3) for sites, tokens in ((12, 1400), (6, 1250))]
+    fitted = fit_reduction_cost(samples)
+    assert fitted == pytest.approx((site_ms, us))
+    # a joint fit that would need a negative token cost falls back to the better single term
+    site_only = fit_reduction_cost([(12, 1400, 2.4), (6, 1500, 1.2)])
+    assert site_only[1] == 0.0 and site_only[0] == pytest.approx(0.2)
+    # one sample cannot tell them apart: all per token, as the planner did before sites were charged
+    assert fit_reduction_cost([(12, 1400, 2.1)]) == pytest.approx((0.0, 1.5))
+    assert fit_reduction_cost([(12, 1400, -0.3), (6, 1250, -0.1)]) == (0.0, 0.0)  # noise below the curve
+
+
+def test_a_per_site_cost_makes_the_picker_use_fewer_sites():
+    from vitfold.plan.auto_schedule import CostModel, pick_schedule
+
+    counts = list(range(2, 66))
+    curve = {"mode": "block", "embed_dim": 32, "attn_dim": 32, "mlp_hidden": 128,
+             "points": [{"tokens": n, "median_ms": 0.1 + 0.01 * n, "cov": 0.0, "samples_ms": []} for n in counts]}
+    free = CostModel.from_curve(curve)
+    costly = CostModel.from_curve(curve, site_ms=0.15)
+    budget_cut = free.predict([65] * 7) - free.predict([65, 57, 49, 41, 33, 25, 17])  # what r=8 per block saves
+    picked = {}
+    for name, model in (("free", free), ("costly", costly)):
+        budget = model.predict([65] * 7) - budget_cut
+        tokens = pick_schedule(model, 6, 65, 1, budget)
+        assert model.predict(tokens) <= budget + 1e-9
+        picked[name] = tokens
+    assert costly.sites(picked["costly"])[0] < free.sites(picked["free"])[0]
+    sites, ms = costly.sites(picked["costly"])
+    assert ms == pytest.approx(sites * 0.15)
+
+
+def test_truncated_twin_runs_the_schedule_with_slices():
+    """The twin that prices a reduction: the schedule's token counts, each reduction the first N_l
+    tokens; with nothing removed, the dense model bit for bit."""
+    import torch
+
+    from conftest import tiny_vit
+    from vitfold.plan.truncate import can_truncate, truncated_model
+
+    model = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(truncated_model(model, [17] * 5)(x), model(x))
+        twin = truncated_model(model, [17, 13, 13, 9, 9])
+        tokens = twin.forward_features(x)
+        assert tokens.shape == (2, 9, 64)
+        # block 0 keeps its first 13 tokens: the same as running it dense and slicing before the MLP
+        b = model.blocks[0]
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        h = h + b.ls1(b.attn(b.norm1(h)))
+        h = h[:, :13]
+        torch.testing.assert_close(twin.blocks[0](model.norm_pre(model._pos_embed(model.patch_embed(x)))),
+                                   h + b.ls2(b.mlp(b.norm2(h))))
+    assert can_truncate(model) and not can_truncate(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="need depth \\+ 1"):
+        truncated_model(model, [17] * 4)

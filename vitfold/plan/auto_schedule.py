@@ -7,15 +7,20 @@ block curve (:mod:`vitfold.plan.curve`):
 
 * :class:`CostModel` predicts a schedule's latency: ``base`` (embedding, head, per-call overhead)
   plus, per block ``l``, attention at ``tokens[l]`` and MLP at ``tokens[l + 1]`` (the block curve
-  split by the attention / MLP MAC shares at each count) plus a reduction overhead proportional to
-  the tokens entering a reducing block. A count between measured ones costs what the next measured
-  count above it costs, so a schedule never lands on the slow side of a step it has not measured.
+  split by the attention / MLP MAC shares at each count) plus, at a reducing block (a *site*), the
+  reduction's own cost: a fixed ``site_ms`` (its kernels' launch and bookkeeping, paid however few
+  tokens go) and ``merge_us_per_token`` per token entering it. A count between measured ones costs
+  what the next measured count above it costs, so a schedule never lands on the slow side of a step
+  it has not measured. With a fixed site cost the picker weighs where as well as how much: one
+  merge of ``2r`` every other block, or a front-loaded schedule, can beat ``r`` in every block.
 * :func:`pick_schedule` keeps the most tokens (sum of ``tokens[1:]``, the fewest removed) whose
   predicted latency fits a budget, over measured counts only: on a plateau it keeps its largest
   count, at a step it stays on the fast (lower) side. An exact dynamic program over (block, count,
   tokens kept so far) finds it; no relaxation, since step-shaped latency makes the problem non-convex.
-* :func:`fit_cost_model` (torch) measures the whole dense model and one reduced model on the backend to
-  fit ``base`` and the reduction overhead, so predictions are in measured milliseconds.
+* :func:`fit_cost_model` (torch) measures the whole dense model and two reduced ones on the backend
+  (the reference schedule, and the same removals at half its sites: :func:`thinned`), each reduced
+  one beside its truncated twin (:mod:`vitfold.plan.truncate`), to fit ``base`` and the per-site and
+  per-token reduction cost (:func:`fit_reduction_cost`), so predictions are in measured milliseconds.
 
 Methods plug in by describing themselves (``plan`` -> :class:`~vitfold.reduce.SchedulePlan`): the
 most a block may remove from ``n`` tokens (ToMe: half the unprotected tokens, every block; EViT /
@@ -54,6 +59,7 @@ class CostModel:
             by MAC share.
         base_ms: everything outside the blocks (embedding, head, per-call overhead).
         merge_us_per_token: reduction overhead of a reducing block, per token entering it (us).
+        site_ms: fixed reduction overhead of each reducing block (ms).
     """
 
     counts: tuple[int, ...]
@@ -61,9 +67,11 @@ class CostModel:
     mlp_ms: tuple[float, ...]
     base_ms: float = 0.0
     merge_us_per_token: float = 0.0
+    site_ms: float = 0.0
 
     @classmethod
-    def from_curve(cls, curve: dict, base_ms: float = 0.0, merge_us_per_token: float = 0.0) -> "CostModel":
+    def from_curve(cls, curve: dict, base_ms: float = 0.0, merge_us_per_token: float = 0.0,
+                   site_ms: float = 0.0) -> "CostModel":
         """From a block-mode curve (``curve.json``) that records the block's widths.
 
         Raises:
@@ -80,7 +88,7 @@ class CostModel:
             counts.append(int(point["tokens"]))
             attn.append(point[stat] * share)
             mlp.append(point[stat] * (1 - share))
-        return cls(tuple(counts), tuple(attn), tuple(mlp), base_ms, merge_us_per_token)
+        return cls(tuple(counts), tuple(attn), tuple(mlp), base_ms, merge_us_per_token, site_ms)
 
     def _index(self, tokens: int) -> int:
         """Index of the smallest measured count >= ``tokens`` (the cost a count between two measured
@@ -90,17 +98,31 @@ class CostModel:
             raise ScheduleError(f"{tokens} tokens is above the curve's largest measured count {self.counts[-1]}")
         return i
 
+    def reduction_ms(self, tokens_in: int) -> float:
+        """The reduction's own cost at a site that ``tokens_in`` tokens enter (ms)."""
+        return self.site_ms + self.merge_us_per_token * tokens_in / 1e3
+
     def block_ms(self, tokens_in: int, tokens_out: int) -> float:
         """One block: attention at ``tokens_in``, MLP at ``tokens_out``, plus the reduction overhead."""
-        merge = self.merge_us_per_token * tokens_in / 1e3 if tokens_out < tokens_in else 0.0
+        merge = self.reduction_ms(tokens_in) if tokens_out < tokens_in else 0.0
         return self.attn_ms[self._index(tokens_in)] + self.mlp_ms[self._index(tokens_out)] + merge
 
     def predict(self, tokens: Sequence[int]) -> float:
         """Predicted latency (ms) of a schedule's ``tokens`` (``depth + 1`` counts)."""
         return self.base_ms + sum(self.block_ms(a, b) for a, b in zip(tokens, tokens[1:]))
 
+    def sites(self, tokens: Sequence[int]) -> tuple[int, float]:
+        """``(reducing blocks, their predicted reduction cost in ms)`` of a schedule's ``tokens``."""
+        entering = site_inputs(tokens)
+        return len(entering), sum(self.reduction_ms(n) for n in entering)
+
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def site_inputs(tokens: Sequence[int]) -> list[int]:
+    """The token count entering each reduction site (a block whose count falls) of ``tokens``."""
+    return [a for a, b in zip(tokens, tokens[1:]) if b < a]
 
 
 def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_removed: MaxRemoved):
@@ -115,7 +137,7 @@ def _frontier(model: CostModel, depth: int, full: int, grid: list[int], max_remo
     k, total = len(grid), depth * full
     attn = np.array([model.attn_ms[model._index(n)] for n in grid])
     mlp = np.array([model.mlp_ms[model._index(n)] for n in grid])
-    merge = np.array(grid) * model.merge_us_per_token / 1e3
+    merge = np.array(grid) * model.merge_us_per_token / 1e3 + model.site_ms
     cost = np.full((k, total + 1), np.inf)
     cost[grid.index(full), 0] = 0.0
     back = np.zeros((depth, k, total + 1), dtype=np.int32)
@@ -206,18 +228,76 @@ def budget_for(model: CostModel, depth: int, full: int, *, target_speedup: Optio
 # ----------------------------------------------------------------------------------- calibration
 
 
-def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
-              options=None, log: Callable[[str], None] = print) -> tuple[CostModel, dict]:
-    """Fit ``base_ms`` and ``merge_us_per_token`` on the backend: the whole dense model and the
-    whole model reduced with ``params`` (default ToMe at :func:`reference_r`) are built and timed interleaved; ``base``
-    is the dense time the blocks do not explain, the reduction overhead what the reduced model
-    takes beyond its blocks at their token counts (torch, for the exports).
+def thinned(tokens: Sequence[int], max_removed: MaxRemoved) -> list[int]:
+    """``tokens`` with the same removals at every other site: the removals of sites ``2k`` and ``2k + 1``
+    both at site ``2k``, as far as that block may remove (``max_removed``; the rest moves on to the next
+    block that may take it, or is left out at the end). The second calibration schedule of :func:`fit_cost_model`:
+    about the same tokens, half the sites, so a fixed per-site cost and a per-token one separate.
+    """
+    removed = [a - b for a, b in zip(tokens, tokens[1:])]
+    sites = [block for block, r in enumerate(removed) if r > 0]
+    assign = [0] * len(removed)
+    for first, second in zip(sites[::2], sites[1::2] + [None]):
+        assign[first] = removed[first] + (removed[second] if second is not None else 0)
+    out, carry = [tokens[0]], 0
+    for block, want in enumerate(assign):
+        n = out[-1]
+        take = min(want + carry, max_removed(block, n)) if want + carry else 0
+        carry = want + carry - take
+        out.append(n - take)
+    return out
+
+
+def fit_reduction_cost(samples: Sequence[tuple[int, int, float]]) -> tuple[float, float]:
+    """Fit the reduction's cost from measured reduced models: ``cost = site_ms * sites +
+    us_per_token * tokens / 1000``, least squares with both coefficients >= 0.
+
+    Args:
+        samples: ``(sites, tokens entering them in total, cost ms)`` per model; the cost is its measured
+            latency minus its truncated twin's (:func:`fit_cost_model`); negative: noise, read as 0.
 
     Returns:
-        ``(CostModel, {"dense_ms", "reference_ms", "reference_tokens", "reference_params"})``.
+        ``(site_ms, merge_us_per_token)``; where the samples cannot tell the two apart (one sample, or
+        schedules in proportion), or the joint fit goes negative, the better single-term fit.
+    """
+    A = np.array([[sites, tokens / 1e3] for sites, tokens, _ in samples], dtype=np.float64)
+    y = np.maximum(np.array([r for *_, r in samples], dtype=np.float64), 0.0)
+    candidates = []
+    if len(samples) >= 2 and np.linalg.matrix_rank(A) == 2:
+        both = np.linalg.lstsq(A, y, rcond=None)[0]
+        if (both >= 0).all():
+            candidates.append(both)
+    for column in (1, 0):  # per token first: with nothing to tell them apart, the older model wins ties
+        x = A[:, column]
+        coef = np.zeros(2)
+        coef[column] = float(x @ y / (x @ x)) if x @ x > 0 else 0.0
+        candidates.append(coef)
+    best = min(candidates, key=lambda c: float(((A @ c - y) ** 2).sum()))
+    return float(best[0]), float(best[1])
+
+
+def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Optional[dict] = None,
+                   sparse_params: Optional[dict] = None, options=None,
+                   log: Callable[[str], None] = print) -> tuple[CostModel, dict]:
+    """Fit ``base_ms`` and the reduction's cost on the backend (torch, for the exports).
+
+    Built and timed in one interleaved loop: the whole dense model; the whole model reduced with
+    ``params`` (default ToMe at :func:`reference_r`) and, when given, with ``sparse_params`` (the same
+    removals at fewer sites: :func:`thinned`); and each reduced model's truncated twin
+    (:mod:`vitfold.plan.truncate`: its token counts, every reduction a Slice). ``base`` is the dense
+    time the block curve does not explain. A reduced model's reduction cost is its time minus its
+    twin's: the blocks' time cancels exactly, where the curve's prediction of a whole model is off by
+    more than the reduction costs (measured: DINOv2 on OpenVINO, the curve over-predicts a reduced
+    model by more than all its reductions take). Models without a twin (``Eva``) fall back to their
+    time minus base and the curve. :func:`fit_reduction_cost` splits the costs into a per-site and a
+    per-token part (all per token with one reduced model).
+
+    Returns:
+        ``(CostModel, {"dense_ms", "reference_ms", "reference_tokens", "reference_params",
+        "reference_reduction_ms", ...})``, the same ``sparse_*`` keys with a sparse model.
 
     Raises:
-        SpecError / BackendUnavailable / ExportError: as building the two models.
+        SpecError / BackendUnavailable / ExportError: as building the models.
     """
     import tempfile
     from pathlib import Path
@@ -227,6 +307,7 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
     from ..export.models import create_model
     from ..reduce import TokenLayout, create_method
     from .curve import CurveOptions
+    from .truncate import can_truncate, truncated_model
     from ..profiles.latency import measure_interleaved
     from ..quantize.calibration import timing_calibration
 
@@ -234,16 +315,21 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
     model, _ = create_model(spec)
     layout = TokenLayout.of(model)
     params = params or {"r": reference_r(layout.num_tokens, layout.num_prefix_tokens, layout.depth)}
-    reducer = create_method(method, **params)
-    schedule = reducer.schedule(layout)
-    reduced = reducer.apply(model, schedule)
+    variants = {"reference": params, **({"sparse": sparse_params} if sparse_params is not None else {})}
     size = model.patch_embed.img_size
     shape = (spec.batch_size, 3, size[0], size[1])
     runtimes.backend_module(cfg.backend)  # a missing backend fails before any export
-    sessions = {}
+    sessions, schedules = {}, {}
     sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="vitfold-calibrate-") as tmp:
-        for label, torch_model in (("dense", model), ("reference", reduced)):
+        torch_models = {"dense": model}
+        for label, settings in variants.items():
+            reducer = create_method(method, **settings)
+            schedules[label] = reducer.schedule(layout)
+            torch_models[label] = reducer.apply(model, schedules[label])
+            if can_truncate(model):
+                torch_models[f"{label}-truncated"] = truncated_model(model, schedules[label].tokens)
+        for label, torch_model in torch_models.items():
             log(f"calibrate: export and build the whole {label} model ({cfg.backend} {cfg.label}, the build's pass pipeline)")
             sessions[label] = compile_module(torch_model, shape, Path(tmp) / label, cfg, sample=sample,
                                              calibration=timing_calibration(sample)).open(cfg)
@@ -253,15 +339,25 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
         for session in sessions.values():
             session.close()
     plain = CostModel.from_curve(curve)
-    dense_ms, reference_ms = stats["dense"].median_ms, stats["reference"].median_ms
+    dense_ms = stats["dense"].median_ms
     base = dense_ms - plain.predict([layout.num_tokens] * (layout.depth + 1))
-    tokens = list(schedule.tokens)
-    residual = reference_ms - base - plain.predict(tokens)
-    reducing = sum(a for a, b in zip(tokens, tokens[1:]) if b < a)
-    merge = max(0.0, residual) / reducing * 1e3 if reducing else 0.0
-    info = {"dense_ms": dense_ms, "reference_ms": reference_ms, "reference_tokens": tokens, "reference_params": params,
-            "reference_cov": stats["reference"].cov, "dense_cov": stats["dense"].cov}
-    return CostModel.from_curve(curve, base_ms=base, merge_us_per_token=merge), info
+    samples = []
+    info = {"dense_ms": dense_ms, "dense_cov": stats["dense"].cov}
+    for label, settings in variants.items():
+        tokens = list(schedules[label].tokens)
+        entering = site_inputs(tokens)
+        twin = stats.get(f"{label}-truncated")
+        cost = stats[label].median_ms - (twin.median_ms if twin is not None else base + plain.predict(tokens))
+        samples.append((len(entering), sum(entering), cost))
+        info.update({f"{label}_ms": stats[label].median_ms, f"{label}_tokens": tokens, f"{label}_params": settings,
+                     f"{label}_cov": stats[label].cov, f"{label}_reduction_ms": cost,
+                     f"{label}_truncated_ms": None if twin is None else twin.median_ms})
+    if sparse_params is None:  # one model: all of its overhead per token, as before
+        _, entering, cost = samples[0]
+        site_ms, merge = 0.0, (max(0.0, cost) / entering * 1e3 if entering else 0.0)
+    else:
+        site_ms, merge = fit_reduction_cost(samples)
+    return CostModel.from_curve(curve, base_ms=base, merge_us_per_token=merge, site_ms=site_ms), info
 
 
 # ------------------------------------------------------------------------------------ build flow
@@ -352,7 +448,9 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
                         f"`deploy.py curve --model {spec.name} --backend {cfg.backend} --precision {cfg.precision} --batch {spec.batch_size}`")
     depth, full, prefix = curve["depth"], curve["full_tokens"], curve["num_prefix_tokens"]
     max_removed, reference, to_params = planner(method, params, full, prefix, depth, max_fraction)
-    model, calibration = fit_cost_model(spec, cfg, curve, method=method, params=reference, options=options, log=log)
+    sparse = sparse_reference(method, reference, to_params, full, prefix, depth, max_removed)
+    model, calibration = fit_cost_model(spec, cfg, curve, method=method, params=reference, sparse_params=sparse,
+                                        options=options, log=log)
     budget = budget_for(model, depth, full, target_speedup=target_speedup, latency_budget_ms=latency_budget_ms)
     if target_speedup is not None:  # over the measured dense model, not the predicted one
         budget = calibration["dense_ms"] / target_speedup
@@ -360,15 +458,30 @@ def auto_schedule(spec, cfg, *, method: str = "tome", params: Optional[dict] = N
     picked = to_params(tokens)
     schedule_params = {k: picked[k] for k in ("r", "keep_rate", "locations") if k in picked}
     predicted = model.predict(tokens)
+    sites, reduction_ms = model.sites(tokens)
     info = {
         "method": method, "target_speedup": target_speedup, "latency_budget_ms": budget, "tokens": tokens,
         **schedule_params, "max_merge_fraction": max_fraction,
         "predicted_ms": predicted, "predicted_speedup": calibration["dense_ms"] / predicted,
-        "cost_model": {"base_ms": model.base_ms, "merge_us_per_token": model.merge_us_per_token},
+        "sites": sites, "reduction_ms": reduction_ms,
+        "cost_model": {"base_ms": model.base_ms, "merge_us_per_token": model.merge_us_per_token, "site_ms": model.site_ms},
         "calibration": calibration, "curve": source, "curve_steps": curve.get("steps", []),
     }
     log(f"auto schedule: {describe(info)} (tokens {tokens[0]} -> {tokens[-1]}), predicted {predicted:.2f} ms "
-        f"= {info['predicted_speedup']:.2f}x over the measured dense {calibration['dense_ms']:.2f} ms")
+        f"= {info['predicted_speedup']:.2f}x over the measured dense {calibration['dense_ms']:.2f} ms; "
+        f"{sites} reduction sites, predicted to cost {reduction_ms:.2f} ms ({model.site_ms:.3f} ms per site "
+        f"+ {model.merge_us_per_token:.2f} us per token entering one)")
     return picked, info
+
+
+def sparse_reference(method: str, reference: dict, to_params: Callable[[Sequence[int]], dict], full: int, prefix: int,
+                     depth: int, max_removed: MaxRemoved) -> Optional[dict]:
+    """The second calibration model's parameters: ``reference``'s removals at half its sites
+    (:func:`thinned`), or None where that changes nothing (a single site)."""
+    from ..reduce import TokenLayout, create_method
+
+    tokens = list(create_method(method, **reference).schedule(TokenLayout(depth, full, prefix)).tokens)
+    sparse = thinned(tokens, max_removed)
+    return None if sparse == tokens else to_params(sparse)
 
 

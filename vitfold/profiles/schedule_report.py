@@ -34,7 +34,11 @@ def render_markdown(auto: dict) -> list[str]:
              f"{auto.get('max_merge_fraction', 0.5):.0%} of a block's tokens removed in one block)",
              f"- predicted {auto['predicted_ms']:.2f} ms ({auto['predicted_speedup']:.2f}x over the calibrated dense "
              f"{auto['calibration']['dense_ms']:.2f} ms); cost model: outside blocks {auto['cost_model']['base_ms']:.2f} ms, "
-             f"reduction overhead {auto['cost_model']['merge_us_per_token']:.2f} us per token entering a reducing block"]
+             f"reduction overhead {auto['cost_model'].get('site_ms', 0.0):.3f} ms per reducing block (site) + "
+             f"{auto['cost_model']['merge_us_per_token']:.2f} us per token entering it"]
+    if "sites" in auto:
+        lines.append(f"- {auto['sites']} reduction sites, predicted to cost {auto['reduction_ms']:.2f} ms "
+                     f"({auto['reduction_ms'] / auto['predicted_ms']:.1%} of the predicted run)")
     if "measured_ms" in auto:
         lines.append(f"- measured {auto['measured_ms']:.2f} ms, speedup {auto['measured_speedup']:.2f}x "
                      f"(prediction off by {auto['prediction_error']:+.1%}); target "
