@@ -4,6 +4,7 @@
     python benchmarks/latency.py --backends openvino --batches 1 --r 13
     python benchmarks/latency.py --backends openvino --ceiling --r 13,26/2,39/3   # 12, 6, 4 reduction sites
     python benchmarks/latency.py --backends openvino --ceiling --precision int8 --r 13  # within INT8
+    python benchmarks/latency.py --backends openvino --ceiling --fused-ops --r 13,39/3  # + one fused op per site
 
 Prints one table: median / p90 ms per variant, speedup = dense median / reduced median, the FLOP
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
@@ -17,7 +18,7 @@ grows as the row count falls). ``speedup / ceiling`` is the share that the reduc
 (matching, sorting, gathers, merges, proportional attention) leave on the table.
 
 With ``--ceiling`` two more columns say whether a target is reachable at all: ``reduction ms`` is what
-the reduction ops cost (reduced median minus truncated median), and ``budget ms`` is what they may
+the reduction ops cost (reduced median minus truncated median; in brackets, its share of the reduced run), and ``budget ms`` is what they may
 cost for the speedup to reach ``--target`` x the FLOP ratio (dense median / (target x FLOP ratio)
 minus truncated median). A negative budget means no reduction, however cheap, reaches the target on
 this backend at this batch size.
@@ -25,6 +26,9 @@ this backend at this batch size.
 ``--precision int8`` builds every variant (dense, reduced, truncated twins) as the build does at that
 precision (the reduction's own ops kept float: :mod:`vitfold.quantize`), calibrated on ``--calibrate
 DIR`` or the check photos, so speedup, ceiling and reduction ms are all within INT8.
+
+``--fused-ops`` (OpenVINO f32) adds, per schedule, the build's ``--fused-ops`` form: each site one
+``vitfold.ToMeMerge`` op (:mod:`vitfold.native`, compiled here once), checked against the graph form.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--precision", default="f32", choices=("f32", "int8"),
                         help="every variant at this precision (int8: the build's quantization, reduction kept float)")
     parser.add_argument("--calibrate", type=Path, default=None, help="--precision int8: calibration images (default: the check photos)")
+    parser.add_argument("--fused-ops", action="store_true",
+                        help="also each schedule with its sites as one fused op (OpenVINO f32; compiles vitfold.native once)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
     parser.add_argument("--target", type=float, default=0.9,
@@ -105,13 +112,13 @@ def main() -> None:
             sample = batches(photos, batch)[0]
             calibration = load_calibration(args.calibrate, pre, batch, warn=lambda m: None) if args.precision == "int8" else None
             exported = {}
-            def export(torch_model, label: str) -> Path:
+            def export(torch_model, label: str, schedule=None) -> Path:
                 path = Path(tmp) / f"{safe(label)}-b{batch}.onnx"
-                export_onnx(torch_model, path, sample.shape)
+                export_onnx(torch_model, path, sample.shape, metadata={"schedule": schedule.to_json()} if schedule else None)
                 return path
 
             for name, method in variants.items():
-                exported[name] = export(method.apply(model, schedules[name]), name)
+                exported[name] = export(method.apply(model, schedules[name]), name, schedules[name])
                 if args.ceiling and name != "dense":  # the same token counts, reduced by truncation
                     exported[f"{name} truncated"] = export(truncated_model(model, schedules[name].tokens), f"{name}-truncated")
             for backend in args.backends.split(","):
@@ -121,22 +128,29 @@ def main() -> None:
                     out = Path(tmp) / f"{backend}-{safe(name)}-b{batch}"
                     out.mkdir()
                     sessions[name] = compile_onnx(path, out, cfg, sample, calibration=calibration).open(cfg)
+                    if args.fused_ops and backend == "openvino" and name in schedules and name != "dense":
+                        fused_cfg = replace(cfg, extra={"fused_ops": True})  # checked against the graph form
+                        (Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}").mkdir()
+                        sessions[f"{name} fused"] = compile_onnx(path, Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}",
+                                                                 fused_cfg, sample).open(fused_cfg)
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)
                 for name, st in stats.items():
                     if name.endswith(" truncated"):
                         continue
+                    base = name.removesuffix(" fused")
                     speedup = stats["dense"].median_ms / st.median_ms
-                    ratio = macs["dense"] / macs[name]
+                    ratio = macs["dense"] / macs[base]
                     row = [backend, str(batch), name, f"{st.median_ms:.2f}", f"{st.p90_ms:.2f}", f"{st.cov:.1%}",
                            f"{speedup:.2f}x", f"{ratio:.2f}x", f"{speedup / ratio:.0%}"]
                     if args.ceiling:
-                        truncated = stats.get(f"{name} truncated", stats["dense"])
+                        truncated = stats.get(f"{base} truncated", stats["dense"])
                         ceiling = stats["dense"].median_ms / truncated.median_ms
                         budget = stats["dense"].median_ms / (args.target * ratio) - truncated.median_ms
                         row += [f"{ceiling:.2f}x", f"{speedup / ceiling:.0%}"]
-                        row += ["", ""] if name == "dense" else [f"{st.median_ms - truncated.median_ms:.2f}", f"{budget:.2f}"]
+                        spent = st.median_ms - truncated.median_ms
+                        row += ["", ""] if name == "dense" else [f"{spent:.2f} ({spent / st.median_ms:.1%})", f"{budget:.2f}"]
                     table.add_row(*row)
                 for s in sessions.values():
                     s.close()

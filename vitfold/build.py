@@ -110,7 +110,7 @@ class BuildRequest:
         return _digest(self.identity(), 12)
 
     def name(self) -> str:
-        """Default build name. The recipe: ``<model>-<method>-<params>[-features]-<backend>-<precision>-b<batch>``
+        """Default build name. The recipe: ``<model>-<method>-<params>[-features][-fused]-<backend>-<precision>-b<batch>``
         (params sorted by name, ``-`` in a value written ``m``: ``r16_m1.0`` for ``--r 16 --inflect -1``),
         then ``-<8 hex digits>`` when any setting not spelled out differs from its default (image size,
         checkpoint, pretrained weights, opset, image folder, threads, gate calibration folder and
@@ -118,7 +118,8 @@ class BuildRequest:
         Two different requests never share a name."""
         params = "-".join(_fmt(k, v) for k, v in sorted(self.params.items()))
         task = "features" if self.task == "features" else ""
-        parts = [self.spec.slug, self.method, params, task, self.build.backend, self.build.label,
+        fused = "fused" if self.build.extra.get("fused_ops") else ""
+        parts = [self.spec.slug, self.method, params, task, fused, self.build.backend, self.build.label,
                  f"b{self.spec.batch_size}"]
         identity = self.identity()
         unnamed = {"img_size": self.spec.img_size, "checkpoint": identity["spec"]["checkpoint"], "pretrained": self.spec.pretrained,

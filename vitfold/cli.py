@@ -155,6 +155,7 @@ def _terminated(signum, frame) -> None:
 @click.option("--force", is_flag=True, help="Replace the vitfold build at --out even when it was built from another request.")
 @click.option("--export-only", is_flag=True, help="Stop before the backend build: ONNX, passes, lint, (quantization,) reference outputs and manifest, no GPU needed. Build on the device with `python -m vitfold.device build DIR`.")
 @click.option("--tensorrt-version", default=None, help="--backend tensorrt --export-only: the device's TensorRT (e.g. 8.5, 10.3) whose passes and lint rules to apply (default: the installed one).")
+@click.option("--fused-ops", is_flag=True, help="OpenVINO f32, --method tome: run each reduction site as one fused op (vitfold.ToMeMerge, an OpenVINO extension compiled here once with cmake and a C++ compiler) instead of ~30 graph nodes; checked against the graph form. Fewer kernels per site: most worth it at batch 1.")
 @click.option("--dense-from", "dense_from", type=click.Path(file_okay=False, path_type=Path), default=None, help="Use this dense twin (another build's dense/ directory, same model, weights, task and backend settings) instead of building one: saves its disk space (half of a build) and time.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
@@ -166,7 +167,7 @@ def _terminated(signum, frame) -> None:
 @click.option("--curve", "curve_path", type=click.Path(path_type=Path), default=None, help="--schedule auto: a block curve from `deploy.py curve` for this model and backend (default: measure one, a few minutes).")
 @click.option("--max-merge-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, help="--schedule auto: most of a block's tokens one block may merge or prune (default 0.2 for tome, whose matching allows up to 0.5: large single merges cost fidelity; 0.5 for evit/topk, i.e. keep rate >= 0.5).")
 def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse, extra_params, keep_mass, capacity,
-          calibrate, calibration_size, weights, min_cosine, min_top1, min_token_cosine, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, export_only, tensorrt_version, dense_from,
+          calibrate, calibration_size, weights, min_cosine, min_top1, min_token_cosine, percentile, task, backend, precision, batch, img_size, checkpoint, pretrained, images, out, force, export_only, tensorrt_version, fused_ops, dense_from,
           threads, opset, min_runs, min_seconds, schedule, target_speedup, latency_budget, curve_path, max_merge_fraction) -> None:
     """Build the dense twin and the reduced model, check both against torch, profile, report."""
     from .build import BuildRequest, build as run_build
@@ -184,8 +185,17 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         raise click.BadParameter("--schedule auto times the backend here; with --export-only give the schedule (--r / --keep-rate)")
     if tensorrt_version is not None and backend != "tensorrt":
         raise click.BadParameter("--tensorrt-version applies to --backend tensorrt")
-    cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads,
-               extra={"tensorrt_version": tensorrt_version} if tensorrt_version else {})
+    if fused_ops:
+        if backend != "openvino" or precision != "f32" or weights is not None:
+            raise click.BadParameter("--fused-ops runs on OpenVINO at f32 (its kernel is float32, with no ONNX Runtime "
+                                     "or TensorRT version yet); use --backend openvino --precision f32, or drop --fused-ops")
+        if method != "tome" or params.get("mode", "merge") != "merge" or task != "classify":
+            raise click.BadParameter("--fused-ops fuses ToMe's merge sites: --method tome in merge mode with --task classify "
+                                     "(features builds trace sources); drop --fused-ops")
+        if export_only:
+            raise click.BadParameter("--fused-ops compiles the OpenVINO extension where the model is built; drop --export-only")
+    extra = {**({"tensorrt_version": tensorrt_version} if tensorrt_version else {}), **({"fused_ops": True} if fused_ops else {})}
+    cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads, extra=extra)
     overrides = {k: v for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1),
                                    ("min_token_cosine", min_token_cosine)) if v is not None}
     auto = None

@@ -100,6 +100,9 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     reports = run_pipeline(Path(onnx_path), optimized, steps, [sample])
     warnings = require_clean(optimized, lint_target)
     source, quantized = optimized, None
+    fused = _fuse_sites(optimized, directory, cfg, log) if cfg.extra.get("fused_ops") else None
+    if fused is not None:
+        source = fused.path
     if cfg.quantized:
         from .quantize import quantize
 
@@ -115,7 +118,85 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         return Compiled(directory, files, {}, reports, lint_target, warnings, record)
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
+    if fused is not None:
+        files["fused"] = fused.path.name
+        reports = reports + [_check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample, log)]
     return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
+
+
+#: Largest output change the fused sites may cause against the graph form on the same backend (f32):
+#: the same token choices give the same sums in another order.
+FUSED_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class _Fused:
+    path: Path
+    sites: int
+    nodes_before: int
+    nodes_after: int
+    ms: float
+
+
+def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callable[[str], None]) -> Optional[_Fused]:
+    """``--fused-ops``: each ToMe site of ``optimized`` as one ``vitfold.ToMeMerge`` node in
+    ``model.fused.onnx`` (:mod:`vitfold.passes.fuse_tome`); None when the model has no site (the dense twin).
+
+    Raises:
+        PassError: a site could not be fused; SpecError: a backend or precision the fused op does not run on.
+    """
+    import time
+
+    import onnx
+
+    from .errors import SpecError
+    from .native import SITE_PREFIX
+    from .passes.fuse_tome import fuse_tome_sites
+
+    if cfg.backend != "openvino" or cfg.quantized or cfg.precision != "f32":
+        raise SpecError(f"--fused-ops builds for OpenVINO at f32 (the extension's kernel is float32); "
+                        f"this build is {cfg.backend} {cfg.label}: drop --fused-ops")
+    proto = onnx.load(str(optimized))
+    if not any(node.name.startswith(SITE_PREFIX) for node in proto.graph.node):
+        return None
+    start = time.perf_counter()
+    result, sites = fuse_tome_sites(proto)
+    ms = (time.perf_counter() - start) * 1e3
+    path = directory / "model.fused.onnx"
+    onnx.save(result, str(path))
+    log(f"fused {sites} ToMe sites into vitfold.ToMeMerge ({len(proto.graph.node)} -> {len(result.graph.node)} nodes)")
+    return _Fused(path, sites, len(proto.graph.node), len(result.graph.node), ms)
+
+
+def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, cfg: BuildConfig,
+                 sample: np.ndarray, log: Callable[[str], None]) -> PassReport:
+    """Build the graph form beside the fused build and run both on ``sample``: outputs within
+    :data:`FUSED_TOLERANCE` (the same token choices) or the build stops.
+
+    Raises:
+        FidelityError: the fused build moved an output beyond the tolerance.
+    """
+    import tempfile
+    from dataclasses import replace
+
+    from .errors import FidelityError
+
+    plain = replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "fused_ops"})
+    with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
+        reference = runtimes.build_session(graph_form, Path(tmp), plain)
+        expected = reference(sample)
+        reference.close()
+    session = runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()})
+    got = session(sample)
+    session.close()
+    expected, got = (list(o.values()) if isinstance(o, dict) else [o] for o in (expected, got))
+    change = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) for a, b in zip(expected, got))
+    if not change <= FUSED_TOLERANCE:
+        raise FidelityError(f"the fused ToMe sites moved the outputs by {change:.3g} (max abs) against the graph form "
+                            f"on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
+    log(f"fused sites match the graph form on {cfg.backend}: max abs {change:.2g}")
+    return PassReport("fuse-tome-sites", fused.nodes_before, fused.nodes_after, fused.ms, change,
+                      (f"{fused.sites} sites as vitfold.ToMeMerge, checked on {cfg.backend} against the graph form",))
 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ import onnx
 import torch
 
 from ..errors import ExportError
+from ..native import SITE_PREFIX
 from ..metrics import Comparison, compare
 from ..runtimes.backends import get_backend
 from ..runtimes.ort import MAX_IR_VERSION, run_onnx
@@ -86,12 +88,33 @@ def export_onnx(
         raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc
     proto = onnx.load(str(path))
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
+    tag_sites(proto)
     for key, value in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"vitfold.{key}", json.dumps(value)
     onnx.save(proto, str(path))
     check_contract(path, dynamic=dynamic)
     return Path(path)
+
+
+_SITE_SCOPE = re.compile(r"^blocks\.(\d+)\.tome_site$")
+
+
+def tag_sites(proto: onnx.ModelProto) -> int:
+    """Prefix the names of the nodes each :class:`~vitfold.reduce.tome.ToMeSite` call exported with
+    ``vitfold.tome_site.<block>/``, read from the exporter's name-scope metadata; returns the number of
+    sites. Node names survive the graph passes (metadata does not), so
+    :func:`vitfold.passes.fuse_tome.fuse_tome_sites` finds each site's nodes after them."""
+    blocks = set()
+    for node in proto.graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        for scope in re.findall(r"'([^']*)'", scopes):
+            match = _SITE_SCOPE.match(scope)
+            if match:
+                node.name = f"{SITE_PREFIX}{match.group(1)}/{node.name}"
+                blocks.add(match.group(1))
+                break
+    return len(blocks)
 
 
 def check_contract(path: Path, dynamic: bool = False) -> dict[str, int]:

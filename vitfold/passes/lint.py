@@ -193,6 +193,10 @@ def _domain_not_in(view: GraphView, node, domains) -> Optional[str]:
     return None
 
 
+def _domain_in(view: GraphView, node, domains) -> Optional[str]:
+    return f"{node.domain}::{node.op_type}" if node.domain in domains else None
+
+
 def _attr_not_in(view: GraphView, node, attr, allowed, default) -> Optional[str]:
     value = _attr(node, attr, default)
     return f"{attr}={value!r}" if value not in allowed else None
@@ -319,6 +323,7 @@ def _tensor_dtype_in(view: GraphView, dtypes):
 NODE_CHECKS: dict[str, Callable[..., Optional[str]]] = {
     "op_not_in": _op_not_in,
     "domain_not_in": _domain_not_in,
+    "domain_in": _domain_in,
     "attr_not_in": _attr_not_in,
     "input_present": _input_present,
     "input_not_constant": _input_not_constant,
@@ -399,6 +404,13 @@ _CUSTOM_DOMAIN = Rule(
     "custom-domain", ("*",), (check("domain_not_in", domains=()),), "warning",
     "TensorRT imports ops outside the ONNX domain only as plugins registered under the same name",
     "onnx-tensorrt ModelImporter.cpp: no importer -> FallbackPluginImporter")
+#: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
+_FUSED_DOMAIN = "vitfold"
+_FUSED_FIX = ("vitfold's fused ToMe site (build --fused-ops), which only OpenVINO runs, with the extension "
+              "`python -m vitfold.native` compiles; build for this backend without --fused-ops (the graph form)")
+_FUSED_ELSEWHERE = Rule(
+    "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
+    "vitfold/native: an OpenVINO extension only (no ONNX Runtime custom-op library, no TensorRT plugin yet)")
 _TOPK_K_LIMIT = Rule(
     "topk-k-limit", ("TopK",), (check("input_value_at_least", index=1, limit=3840),), "error",
     "TensorRT's TopK layer takes K < 3840; select in stages (TopK of TopKs) or reduce the candidates first",
@@ -440,7 +452,7 @@ _QDQ_WEIGHT_AXIS = Rule(
     "per-channel weight scales must run along the output channels (MatMul [K, N]: axis 1; Conv: axis 0); "
     "quantize the weights per output channel",
     "TensorRT developer guide, Explicit Quantization: per-channel weight quantization along the output-channel (K) axis")
-_TRT_COMMON = (_QDQ_ZERO_POINT, _QDQ_WEIGHT_AXIS, _CUSTOM_DOMAIN, _TOPK_K_LIMIT, _SCATTERND_REDUCTION, _DATA_DEPENDENT_SHAPE, _REDUCE_AXES_CONSTANT,
+_TRT_COMMON = (_QDQ_ZERO_POINT, _QDQ_WEIGHT_AXIS, _FUSED_ELSEWHERE, _CUSTOM_DOMAIN, _TOPK_K_LIMIT, _SCATTERND_REDUCTION, _DATA_DEPENDENT_SHAPE, _REDUCE_AXES_CONSTANT,
                _CONTROL_FLOW, _DOUBLE, _DYNAMIC_DIMS)
 
 TRT85_RULES = (
@@ -622,13 +634,18 @@ ORT_RULES = (
          "ONNX Runtime's CPU provider has no bfloat16 kernel for this op (NOT_IMPLEMENTED at load): keep it in "
          "fp32 (precision pass islands) or build with --precision f32",
          "measured: onnxruntime 1.31.1 CPU (MatMul, Add, Mul, Softmax, ReduceMax, Erf, Where refuse bf16)"),
-    Rule("custom-domain", ("*",), (check("domain_not_in", domains=("com.microsoft", "ai.onnx.ml")),), "error",
+    _FUSED_ELSEWHERE,
+    Rule("custom-domain", ("*",), (check("domain_not_in", domains=("com.microsoft", "ai.onnx.ml", _FUSED_DOMAIN)),), "error",
          "ONNX Runtime has no kernel for ops outside the ONNX, ai.onnx.ml and com.microsoft domains without a "
          "custom-op library", "onnxruntime operator kernels"),
     _CONTROL_FLOW,
 )
 OPENVINO_RULES = (
     _CONTROL_FLOW,
+    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "warning",
+         "runs only where vitfold's OpenVINO extension is loaded (`python -m vitfold.native` compiles it; "
+         "builds made with --fused-ops carry and load it); without it, build without --fused-ops",
+         "vitfold/native/openvino/tome_op.cpp (OpenVINO OpExtension + ONNX frontend OpExtension)"),
 )
 
 #: Rules per target. TensorRT targets: 8.5 (JetPack 5), 8.6 (x86 8.6.1, JetPack 6.0 DP), 9, 10 (JetPack 6

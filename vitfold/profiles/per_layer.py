@@ -45,6 +45,7 @@ HEAD_MODULES = {"norm", "fc_norm", "head", "head_drop", "attn_pool"}
 SUBMODULE_CATEGORY = {
     "norm1": "attention", "attn": "attention", "ls1": "attention", "drop_path1": "attention",
     "norm2": "mlp", "mlp": "mlp", "ls2": "mlp", "drop_path2": "mlp",
+    "tome_site": "reduction",  # ToMe's matching and merge (vitfold.reduce.tome.ToMeSite)
 }
 #: ONNX ops that carry a fused backend layer's time (a fused FC + bias is the FC's, not the Add's).
 HEAVY_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "Einsum"}

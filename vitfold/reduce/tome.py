@@ -79,8 +79,23 @@ class ToMeAttention(Attention):
         return self.proj_drop(self.proj(x)), k.mean(1)
 
 
+class ToMeSite(nn.Module):
+    """One reduction site's bipartite matching and sum merge (Sec. 3), as a module of its own: the
+    exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
+    :func:`vitfold.passes.fuse_tome.fuse_tome_sites` can replace them with one fused op. No weights.
+
+    ``forward(x [B, N, C], metric [B, N, Cm], r, num_protected) -> [B, N - r, C]``.
+    """
+
+    def forward(self, x: torch.Tensor, metric: torch.Tensor, r: int, num_protected: int) -> torch.Tensor:
+        merge, _ = bipartite_soft_matching(metric, r, num_protected)
+        return merge(x, mode="sum")
+
+
 class ToMeBlock(Block):
     """timm ``Block`` plus :meth:`forward_tome`: merge ``r`` tokens between attention and MLP."""
+
+    tome_site: ToMeSite
 
     def forward_tome(self, x: torch.Tensor, state: ToMeState, r: int, cfg: "ToMeBlocks") -> torch.Tensor:
         """Args: ``x`` ``[B, N, C]``; returns ``[B, N - r, C]`` and updates ``state`` in place."""
@@ -89,7 +104,10 @@ class ToMeBlock(Block):
             return Block.forward(self, x)  # exactly timm's block
         x_attn, metric = self.attn.forward_tome(self.norm1(x), prop_size)
         x = x + self.drop_path1(self.ls1(x_attn))
-        if r > 0:
+        if r > 0 and cfg.mode == "merge" and not cfg.trace_source:  # the fusable site: one module call
+            site = lambda t, mode: self.tome_site(t, metric, r, cfg.num_protected)  # noqa: E731 (merge_wavg sums)
+            x, state.size = merge_wavg(site, x, state.size)
+        elif r > 0:
             merge, _ = bipartite_soft_matching(metric, r, cfg.num_protected)
             if cfg.trace_source:
                 state.source = merge_source(merge, x, state.source)
@@ -220,9 +238,12 @@ class ToMe:
         patch = model_patch(model)
         if patch is not None:  # timm Eva: vitfold.reduce.eva
             return patch.apply_tome(model, schedule, self.prop_attn, self.trace_source, self.mode, self.rope_merge)
-        return swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
-                            r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
-                            num_protected=model.num_prefix_tokens, mode=self.mode)
+        patched = swap_classes(patchable_copy(model, schedule, self.name), ToMeBlocks, ToMeBlock, ToMeAttention,
+                               r=schedule.removed, prop_attn=self.prop_attn, trace_source=self.trace_source,
+                               num_protected=model.num_prefix_tokens, mode=self.mode)
+        for block in patched.blocks:
+            block.tome_site = ToMeSite()
+        return patched
 
     @staticmethod
     def remove(model: VisionTransformer) -> VisionTransformer:
@@ -230,6 +251,9 @@ class ToMe:
         patch = model_patch(model)
         if patch is not None:
             return patch.unpatch(model, ("r", "prop_attn", "trace_source", "num_protected", "mode", "rope_merge"))
+        for block in model.blocks:
+            if "tome_site" in block._modules:
+                del block.tome_site
         return unpatch(model, ToMeBlocks, ToMeBlock, ("r", "prop_attn", "trace_source", "num_protected", "mode"))
 
 

@@ -4,11 +4,17 @@ Build: ``convert_model`` from the ONNX file, ``save_model`` to IR with weights k
 (``compress_to_fp16=False``: the default would silently halve the weights). Load: compile with an
 explicit performance hint, thread count and ``INFERENCE_PRECISION_HINT`` (f32 unless bf16/fp16 is
 asked for: CPUs with avx512_bf16 / AMX otherwise run bf16 and differ from torch by 1e-2).
+
+``--fused-ops`` builds (``cfg.extra["fused_ops"]``): the ONNX file holds ``vitfold.ToMeMerge`` nodes,
+which convert through :mod:`vitfold.native`'s extension; the build copies the extension library next to
+the IR (``files["extension"]``) and loading registers it before reading the IR.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -34,9 +40,19 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     """
     ov = _ov()
     path = Path(onnx_path)
-    model = ov.Core().read_model(str(path)) if path.suffix == ".xml" else ov.convert_model(str(path))
+    files = {"backend": XML, "weights": BIN}
+    if cfg.extra.get("fused_ops") and path.suffix != ".xml":
+        from ..native import LIBRARY, TOME_OP, openvino_ops
+
+        library = openvino_ops()
+        model = ov.convert_model(str(path), extension=str(library))
+        if any(op.get_type_name() == TOME_OP for op in model.get_ops()):  # the dense twin has no site
+            shutil.copy2(library, out_dir / LIBRARY)
+            files["extension"] = LIBRARY
+    else:
+        model = ov.Core().read_model(str(path)) if path.suffix == ".xml" else ov.convert_model(str(path))
     ov.save_model(model, str(out_dir / XML), compress_to_fp16=False)
-    return {"files": {"backend": XML, "weights": BIN}, "versions": {"openvino": ov.get_version()}}
+    return {"files": files, "versions": {"openvino": ov.get_version()}}
 
 
 def compile_config(cfg: BuildConfig) -> dict:
@@ -54,9 +70,14 @@ def compile_config(cfg: BuildConfig) -> dict:
 class OpenVINOSession(Session):
     backend = "openvino"
 
-    def __init__(self, xml: Path, cfg: BuildConfig, device: str = "CPU", perf_count: bool = False):
+    def __init__(self, xml: Path, cfg: BuildConfig, device: str = "CPU", perf_count: bool = False,
+                 extension: Optional[Path] = None):
         ov = _ov()
         core = ov.Core()
+        if extension is not None:  # a --fused-ops build: its ops are defined there
+            from ..native import load_openvino_ops
+
+            load_openvino_ops(core, extension)
         config = compile_config(cfg)
         if perf_count:  # per-layer counters (get_profiling_info); they cost a little time per layer
             config["PERF_COUNT"] = True
@@ -91,7 +112,9 @@ class OpenVINOSession(Session):
 
 
 def load(directory: Path, manifest: dict) -> Session:
-    return OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]))
+    files = manifest["files"]
+    extension = Path(directory) / files["extension"] if "extension" in files else None
+    return OpenVINOSession(Path(directory) / files["backend"], BuildConfig.from_json(manifest["build"]), extension=extension)
 
 
 def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
@@ -111,8 +134,9 @@ def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmu
     """
     import time
 
-    session = OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
-                              perf_count=True)
+    files = manifest["files"]
+    session = OpenVINOSession(Path(directory) / files["backend"], BuildConfig.from_json(manifest["build"]),
+                              perf_count=True, extension=Path(directory) / files["extension"] if "extension" in files else None)
     graph = {}
     for op in session._compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()

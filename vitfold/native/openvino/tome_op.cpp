@@ -1,5 +1,5 @@
-// ToMe's bipartite soft matching and sum merge as one OpenVINO operation: a probe for
-// benchmarks/fused_ops.py, not (yet) part of any build.
+// ToMe's bipartite soft matching and sum merge as one OpenVINO operation (vitfold.native builds it;
+// build --fused-ops puts it in OpenVINO builds, benchmarks/fused_ops.py times it).
 //
 // ToMeMerge(x [B, N, C], metric [B, N, D]; r, num_protected) -> [B, N - r, C] computes what
 // vitfold.reduce.matching.bipartite_soft_matching(metric, r, num_protected) followed by

@@ -1,0 +1,191 @@
+"""``build --fused-ops``: ToMe's reduction sites as one ``vitfold.ToMeMerge`` op each (OpenVINO extension).
+
+The rewrite itself (tagging at export, fusing the tagged region) and the lint need no compiler. The
+extension's tests compile it (cmake and a C++ compiler, a few seconds) into a temporary cache and skip,
+saying so, where the toolchain is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import deploy, tiny_vit
+from vitfold.errors import PassError
+from vitfold.export.onnx import export_onnx
+from vitfold.native import DOMAIN, LIBRARY, SITE_PREFIX, TOME_OP, NativeUnavailable
+from vitfold.passes.fuse_tome import fuse_tome_sites
+from vitfold.passes.lint import lint
+from vitfold.reduce import TokenLayout, create_method
+
+TOOLCHAIN = shutil.which("cmake") is not None and (shutil.which("g++") or shutil.which("c++")) is not None
+needs_toolchain = pytest.mark.skipif(not TOOLCHAIN, reason="compiling the OpenVINO extension needs cmake and a C++ compiler")
+
+
+def tiny_export(tmp_path, r=(2, 0, 3, 1), metadata=True, **params):
+    """A tiny ToMe model, exported the way a build exports it: ``(path, torch model, schedule)``."""
+    model = tiny_vit()
+    method = create_method("tome", r=list(r), **params)
+    schedule = method.schedule(TokenLayout.of(model))
+    reduced = method.apply(model, schedule)
+    path = tmp_path / "model.onnx"
+    export_onnx(reduced, path, (2, 3, 32, 32), metadata={"schedule": schedule.to_json()} if metadata else None)
+    return path, reduced, schedule
+
+
+@pytest.fixture(scope="module")
+def extension(tmp_path_factory):
+    """The OpenVINO extension, compiled once into a temporary cache."""
+    if not TOOLCHAIN:
+        pytest.skip("compiling the OpenVINO extension needs cmake and a C++ compiler")
+    from vitfold import native
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITFOLD_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield native.openvino_ops()
+
+
+def test_export_tags_each_site_and_the_rewrite_fuses_it(tmp_path):
+    path, _, schedule = tiny_export(tmp_path)
+    proto = onnx.load(str(path))
+    tagged = {n.name[len(SITE_PREFIX):].split("/")[0] for n in proto.graph.node if n.name.startswith(SITE_PREFIX)}
+    assert tagged == {"0", "2", "3"}  # the blocks with r > 0; block 1 merges nothing
+    fused, sites = fuse_tome_sites(proto)
+    ops = [n for n in fused.graph.node if n.domain == DOMAIN]
+    assert sites == 3 and [n.op_type for n in ops] == [TOME_OP] * 3
+    attrs = [{a.name: a.i for a in n.attribute} for n in ops]
+    assert [a["r"] for a in attrs] == [2, 3, 1] and {a["num_protected"] for a in attrs} == {1}
+    assert not any(n.name.startswith(SITE_PREFIX) and n.domain != DOMAIN for n in fused.graph.node)
+    assert len(fused.graph.node) < len(proto.graph.node) - 3 * 20  # ~30 graph nodes per site become one
+    assert any(o.domain == DOMAIN and o.version == 1 for o in fused.opset_import)
+    assert {p.key for p in proto.metadata_props} <= {p.key for p in fused.metadata_props}
+    first = ops[0]
+    x, metric = (next(v for v in onnx.shape_inference.infer_shapes(fused).graph.value_info if v.name == name)
+                 for name in first.input)
+    assert [d.dim_value for d in x.type.tensor_type.shape.dim] == [2, 17, 65]  # tokens | size channel
+    assert [d.dim_value for d in metric.type.tensor_type.shape.dim][:2] == [2, 17]
+
+
+def test_the_rewrite_refuses_what_it_cannot_fuse(tmp_path):
+    (tmp_path / "a").mkdir()
+    path, _, _ = tiny_export(tmp_path / "a", metadata=False)
+    with pytest.raises(PassError, match="no vitfold schedule"):
+        fuse_tome_sites(onnx.load(str(path)))
+    (tmp_path / "b").mkdir()
+    path, _, _ = tiny_export(tmp_path / "b", mode="prune")  # prune mode drops tokens: no merge site
+    with pytest.raises(PassError, match="no ToMe merge site to fuse"):
+        fuse_tome_sites(onnx.load(str(path)))
+    (tmp_path / "c").mkdir()
+    path, _, _ = tiny_export(tmp_path / "c")
+    proto = onnx.load(str(path))
+    site = [n for n in proto.graph.node if n.name.startswith(SITE_PREFIX + "2/")]
+    site[len(site) // 2].name = "untagged"  # a region with a hole is not closed: refused, not half-fused
+    with pytest.raises(PassError, match="block 2: the ToMe site has"):
+        fuse_tome_sites(proto)
+
+
+def test_tome_site_module_keeps_the_function_and_remove_drops_it():
+    model = tiny_vit()
+    method = create_method("tome", r=2)
+    reduced = method.apply(model, method.schedule(TokenLayout.of(model)))
+    assert all("tome_site" in b._modules for b in reduced.blocks) and not reduced.blocks[0].tome_site.state_dict()
+    assert reduced.state_dict().keys() == model.state_dict().keys()
+    type(method).remove(reduced)
+    assert not any("tome_site" in b._modules for b in reduced.blocks)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(reduced(x), model(x))
+
+
+def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
+    path, _, _ = tiny_export(tmp_path)
+    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    findings = {target: [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "fused-op"]
+                for target in ("openvino-cpu", "onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5")}
+    assert {f.severity for f in findings["openvino-cpu"]} == {"warning"} and len(findings["openvino-cpu"]) == 3
+    for target in ("onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5"):
+        assert {f.severity for f in findings[target]} == {"error"} and "without --fused-ops" in findings[target][0].message
+    ort = lint(tmp_path / "fused.onnx", "onnxruntime-cpu")
+    assert not [f for f in ort if f.rule == "custom-domain"]  # one finding per node, the one that names the fix
+
+
+def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension):
+    import openvino as ov
+
+    path, reduced, _ = tiny_export(tmp_path)
+    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    core = ov.Core()
+    core.add_extension(str(extension))
+    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
+    graph = core.compile_model(core.read_model(str(path)), "CPU", config)
+    one_op = core.compile_model(core.read_model(str(tmp_path / "fused.onnx")), "CPU", config)
+    for seed in range(4):
+        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        a, b = graph({0: x})[0], one_op({0: x})[0]
+        with torch.no_grad():
+            reference = reduced(torch.from_numpy(x)).numpy()
+        assert np.abs(a - b).max() <= 1e-5  # the same token choices
+        np.testing.assert_allclose(b, reference, atol=1e-4)
+
+
+def test_fused_build_end_to_end(tmp_path, extension, monkeypatch):
+    """A --fused-ops build: checked against the graph form and torch, carries its extension, loads by itself."""
+    from vitfold import build as build_module
+    from vitfold.build import BuildRequest
+    from vitfold.profiles.report import LatencyOptions
+    from vitfold.runtimes import BuildConfig, load
+    from vitfold.spec import ModelSpec, Preprocess
+
+    monkeypatch.setenv("VITFOLD_CACHE", str(extension.parent.parent.parent))  # the compiled one
+    pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
+    cfg = BuildConfig("openvino", extra={"fused_ops": True})
+    request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, cfg, out=tmp_path / "b",
+                           latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0))
+    assert "-fused-" in request.name()
+    directory, report = build_module.build(request, log=lambda message: None)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["files"]["extension"] == LIBRARY and (directory / LIBRARY).is_file()
+    dense = json.loads((directory / "dense" / "manifest.json").read_text())
+    assert "extension" not in dense["files"]  # the dense twin has no site: the graph form, no extension
+    fused = [p for p in manifest["passes"] if p["name"] == "fuse-tome-sites"]
+    assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
+    assert report["parity_vs_torch"]  # the build's own gate against torch passed on the fused build
+    session = load(directory)  # a device app: the manifest names the extension, load registers it
+    x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
+    assert session(x)["logits"].shape == (1, 10)
+    session.close()
+
+
+def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from vitfold import native
+
+    monkeypatch.setenv("VITFOLD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native.shutil, "which", lambda tool: None)
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(NativeUnavailable, match="needs cmake and a C\\+\\+17 compiler .* build without --fused-ops"):
+        native.openvino_ops()
+    with pytest.raises(NativeUnavailable, match="not built .* python -m vitfold.native"):
+        native.openvino_ops(build=False)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob(LIBRARY))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnxruntime"], "--fused-ops runs on OpenVINO at f32"),
+    (["--precision", "int8"], "--fused-ops runs on OpenVINO at f32"),
+    (["--method", "evit"], "--fused-ops fuses ToMe's merge sites"),
+    (["--mode", "prune"], "--fused-ops fuses ToMe's merge sites"),
+    (["--task", "features"], "--fused-ops fuses ToMe's merge sites"),
+    (["--export-only"], "drop --export-only"),
+])
+def test_cli_refuses_fused_ops_where_it_cannot_run(tmp_path, args, message):
+    result = deploy("build", "--fused-ops", "--out", str(tmp_path / "x"), *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
