@@ -189,3 +189,21 @@ def test_cli_refuses_fused_ops_where_it_cannot_run(tmp_path, args, message):
     result = deploy("build", "--fused-ops", "--out", str(tmp_path / "x"), *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reduced_model_without_sites_is_refused_not_built_unfused(tmp_path):
+    """--fused-ops on a reduced model with no fusable site (here prune mode; an Eva model alike) stops
+    with the reason instead of quietly building the graph form under a "fused" name; a dense model
+    (the twin) builds the graph form."""
+    from vitfold.compile import _fuse_sites
+    from vitfold.runtimes import BuildConfig
+
+    cfg = BuildConfig("openvino", extra={"fused_ops": True})
+    (tmp_path / "prune").mkdir()
+    path, _, _ = tiny_export(tmp_path / "prune", mode="prune")
+    with pytest.raises(PassError, match="no ToMe merge site to fuse"):
+        _fuse_sites(path, tmp_path / "prune", cfg, log=lambda m: None)
+    (tmp_path / "dense").mkdir()
+    path, _, _ = tiny_export(tmp_path / "dense", r=(0, 0, 0, 0))
+    assert _fuse_sites(path, tmp_path / "dense", cfg, log=lambda m: None) is None
+    assert not (tmp_path / "dense" / "model.fused.onnx").exists()

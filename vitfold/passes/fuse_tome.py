@@ -58,8 +58,9 @@ def fuse_tome_sites(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         if node.name.startswith(SITE_PREFIX):
             sites[int(node.name[len(SITE_PREFIX):].split("/", 1)[0])].append(node)
     if not sites:
-        raise PassError("no ToMe merge site to fuse: --fused-ops fuses the sites of --method tome in merge mode "
-                        "(not --mode prune, not --task features, whose sites also trace sources)")
+        raise PassError("no ToMe merge site to fuse: --fused-ops fuses the merge sites of --method tome on timm "
+                        "VisionTransformer models (not --mode prune, not --task features, whose sites also trace "
+                        "sources, and not Eva models yet); build without --fused-ops")
     outputs_of_graph = {t.name for t in graph.outputs}
     for block, nodes in sorted(sites.items()):
         inside = {id(n) for n in nodes}
