@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9,
                         help="--ceiling: speedup target as a fraction of the FLOP ratio, for the budget column")
     args = parser.parse_args()
+    if args.fused_ops and args.precision != "f32":
+        parser.error("--fused-ops builds at f32 only (the extension's kernel is float32); drop one of them")
 
     console = Console(width=150)
     model, pre = create_model(ModelSpec(args.model))

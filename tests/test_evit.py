@@ -350,18 +350,26 @@ def test_restore_at_schedule_counts_notes_and_json():
     assert any("rebuilt at block 9's reduction site" in note for note in schedule.notes)
     assert any("locations [9] are at or after restore_at=9 and do not prune" in note for note in schedule.notes)
     assert Schedule.from_json(schedule.to_json()) == schedule
-    # nothing pruned before it: nothing to rebuild, the dense schedule
-    early = create_method("evit", keep_rate=0.7, trace_source=True, restore_at=2).schedule(DEIT_S)
-    assert early.restored_at is None and early.is_dense
+    # keep 1.0 everywhere: nothing to rebuild, the dense schedule (bit for bit, below)
+    kept = create_method("evit", keep_rate=1.0, trace_source=True, restore_at=9).schedule(DEIT_S)
+    assert kept.restored_at is None and kept.is_dense
 
 
 @pytest.mark.parametrize("params, match", [
     (dict(restore_at=9), "only --task features uses; build with --task features or drop restore_at"),
     (dict(restore_at=12, trace_source=True), "restore_at=12 is outside the model's blocks 0..11"),
+    # pruning only at or after it: the build would silently be the dense model
+    (dict(restore_at=2, trace_source=True), "restore_at=2: nothing is pruned before block 2 .* first location that prunes is 3"),
 ])
 def test_restore_at_bad_input_names_the_problem(params, match):
     with pytest.raises(ScheduleError, match=match):
         create_method("evit", **params).schedule(DEIT_S)
+
+
+@pytest.mark.parametrize("value", ["9", 9.5, True])
+def test_restore_at_must_be_a_block_index(value):
+    with pytest.raises(SpecError, match="restore_at must be a block index"):
+        create_method("evit", trace_source=True, restore_at=value)
 
 
 def test_restore_at_is_refused_by_the_planner():

@@ -114,12 +114,13 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
     files = {"onnx": onnx_name, "optimized": optimized.name, **(quantized["files"] if quantized else {})}
     record = quantized["record"] if quantized else None
+    if fused is not None:
+        files["fused"] = fused.path.name
     if not build_backend:
         return Compiled(directory, files, {}, reports, lint_target, warnings, record)
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
     if fused is not None:
-        files["fused"] = fused.path.name
         reports = reports + [_check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample, log)]
     return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
 
@@ -206,16 +207,18 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,
                    sample: Optional[np.ndarray] = None, passes: Optional[Sequence] = None, calibration=None,
-                   log: Callable[[str], None] = lambda msg: None) -> Compiled:
+                   metadata: Optional[dict] = None, log: Callable[[str], None] = lambda msg: None) -> Compiled:
     """Export ``module`` at ``input_shape`` to ``directory / "model.onnx"`` (static shapes), then
     :func:`compile_onnx`. ``sample``: the batch the passes are verified on (default: a seeded normal one).
+    ``metadata``: as :func:`~vitfold.export.onnx.export_onnx`'s (a reduced model's ``schedule``, which
+    ``--fused-ops`` reads).
 
     Raises:
         ExportError: the graph breaks the static export contract; and as :func:`compile_onnx`.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    export_onnx(module, directory / "model.onnx", tuple(input_shape))
+    export_onnx(module, directory / "model.onnx", tuple(input_shape), metadata=metadata)
     if sample is None:
         sample = np.random.default_rng(0).standard_normal(tuple(input_shape)).astype(np.float32)
     return compile_onnx(directory / "model.onnx", directory, cfg, sample, passes=passes, calibration=calibration, log=log)

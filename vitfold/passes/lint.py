@@ -400,10 +400,6 @@ _SCATTERND_REDUCTION = Rule(
     "TensorRT's scatter layer has no reduction for ScatterND; rewrite as ScatterElements + merge-as-matmul, or a MatMul",
     "operators.md 10.x (ScatterND: reduction other than none is not supported); onnx/onnx-tensorrt#957 (8.x ignores it)")
 _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with supported ops (or a plugin)"
-_CUSTOM_DOMAIN = Rule(
-    "custom-domain", ("*",), (check("domain_not_in", domains=()),), "warning",
-    "TensorRT imports ops outside the ONNX domain only as plugins registered under the same name",
-    "onnx-tensorrt ModelImporter.cpp: no importer -> FallbackPluginImporter")
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
 _FUSED_FIX = ("vitfold's fused ToMe site (build --fused-ops), which only OpenVINO runs, with the extension "
@@ -411,6 +407,10 @@ _FUSED_FIX = ("vitfold's fused ToMe site (build --fused-ops), which only OpenVIN
 _FUSED_ELSEWHERE = Rule(
     "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
     "vitfold/native: an OpenVINO extension only (no ONNX Runtime custom-op library, no TensorRT plugin yet)")
+_CUSTOM_DOMAIN = Rule(
+    "custom-domain", ("*",), (check("domain_not_in", domains=(_FUSED_DOMAIN,)),), "warning",
+    "TensorRT imports ops outside the ONNX domain only as plugins registered under the same name",
+    "onnx-tensorrt ModelImporter.cpp: no importer -> FallbackPluginImporter")
 _TOPK_K_LIMIT = Rule(
     "topk-k-limit", ("TopK",), (check("input_value_at_least", index=1, limit=3840),), "error",
     "TensorRT's TopK layer takes K < 3840; select in stages (TopK of TopKs) or reduce the candidates first",

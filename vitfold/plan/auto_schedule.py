@@ -331,8 +331,10 @@ def fit_cost_model(spec, cfg, curve: dict, *, method: str = "tome", params: Opti
                 torch_models[f"{label}-truncated"] = truncated_model(model, schedules[label].tokens)
         for label, torch_model in torch_models.items():
             log(f"calibrate: export and build the whole {label} model ({cfg.backend} {cfg.label}, the build's pass pipeline)")
+            schedule = schedules.get(label)  # a reduced model's, for --fused-ops (the twins have no site)
             sessions[label] = compile_module(torch_model, shape, Path(tmp) / label, cfg, sample=sample,
-                                             calibration=timing_calibration(sample)).open(cfg)
+                                             calibration=timing_calibration(sample),
+                                             metadata={"schedule": schedule.to_json()} if schedule else None).open(cfg)
         stats = measure_interleaved({k: (lambda s=s: s(sample)) for k, s in sessions.items()}, spec.batch_size,
                                     warmup=options.warmup, min_runs=options.min_runs, min_seconds=max(1.0, options.min_seconds),
                                     runs_per_turn=options.runs_per_turn)

@@ -351,7 +351,9 @@ class EViT:
         self.fill = fill
         self.recon_k = int(recon_k)
         self.recon_temperature = float(recon_temperature)
-        self.restore_at = None if restore_at is None else int(restore_at)
+        if restore_at is not None and (isinstance(restore_at, bool) or not isinstance(restore_at, int)):
+            raise SpecError(f"restore_at must be a block index (an int), got {restore_at!r}")
+        self.restore_at = restore_at
 
     def params(self) -> dict:
         rate = list(self.keep_rate) if isinstance(self.keep_rate, (list, tuple)) else self.keep_rate
@@ -388,6 +390,11 @@ class EViT:
         at = self._check_restore_at(layout.depth)
         tokens, full = [layout.num_tokens], layout.num_tokens
         rates = self.rates(layout.depth)
+        pruning = [block for block, rate in enumerate(rates) if rate < 1.0]
+        if at is not None and pruning and pruning[0] >= at:
+            raise ScheduleError(f"restore_at={at}: nothing is pruned before block {at} (the first location that prunes is "
+                                f"{pruning[0]}), so the build would be the dense model; choose a block after {pruning[0]}, "
+                                f"or drop restore_at")
         for block, rate in enumerate(rates):
             have = tokens[-1]
             if at is not None and block >= at:

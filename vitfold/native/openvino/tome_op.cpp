@@ -6,8 +6,12 @@
 // merge(x, mode="sum") computes (Bolya et al., ICLR 2023, Sec. 3): A = even tokens, B = odd tokens,
 // each A token's best cosine partner in B, the r strongest edges merged (A summed into B), output
 // cat([unmerged A, B]) with the unmerged A tokens by position when there are prefix tokens, else by
-// falling edge score. Ties in the edge ranking keep the lower index (stable sort). The ONNX frontend
-// maps a node ToMeMerge of domain "vitfold" onto it. float32; images in parallel on OpenVINO's thread pool.
+// falling edge score, and with two or more prefix tokens each prefix token back at its own position
+// (matching._prefix_order). Ties keep the lower index, as the graph form's ONNX TopK / ArgMax do.
+// The scores are summed in another order than a MatMul kernel sums them, so an edge within float
+// rounding of the r-th can rank differently: the build compares this op with the graph form and
+// stops where they differ. The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it.
+// float32; images in parallel on OpenVINO's thread pool.
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -33,8 +37,8 @@ void merge_image(const float* x, const float* metric, float* out, const Dims& s)
     for (size_t i = 0; i < s.N; ++i) {
         float sq = 0.f;
         for (size_t d = 0; d < D; ++d) sq += metric[i * D + d] * metric[i * D + d];
-        const float inv = 1.f / std::sqrt(sq);
-        for (size_t d = 0; d < D; ++d) unit[i * D + d] = metric[i * D + d] * inv;
+        const float norm = std::sqrt(sq);  // divided, as the graph form's metric / norm
+        for (size_t d = 0; d < D; ++d) unit[i * D + d] = metric[i * D + d] / norm;
     }
     for (size_t i = 0; i < Na; ++i) {  // A token i sits at 2i, B token j at 2j + 1
         float top = -INFINITY;
@@ -62,11 +66,16 @@ void merge_image(const float* x, const float* metric, float* out, const Dims& s)
     std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return best[u] > best[v]; });
     std::vector<int64_t> unmerged(order.begin() + s.r, order.end());
     if (s.P) std::sort(unmerged.begin(), unmerged.end());  // prefix tokens back in front, as the reference
-    for (size_t k = 0; k < Nu; ++k) std::copy_n(x + 2 * unmerged[k] * C, C, out + k * C);
-    for (size_t j = 0; j < Nb; ++j) std::copy_n(x + (2 * j + 1) * C, C, out + (Nu + j) * C);
+    // Output slots of cat([unmerged A, B]): prefix token p (A when even, B when odd) at slot p, then the
+    // other unmerged A tokens, then the other B tokens; with P <= 1 the concatenation itself.
+    const size_t in_a = (s.P + 1) / 2, in_b = s.P / 2;
+    auto slot_a = [&](size_t k) { return k < in_a ? 2 * k : s.P + (k - in_a); };
+    auto slot_b = [&](size_t j) { return j < in_b ? 2 * j + 1 : s.P + (Nu - in_a) + (j - in_b); };
+    for (size_t k = 0; k < Nu; ++k) std::copy_n(x + 2 * unmerged[k] * C, C, out + slot_a(k) * C);
+    for (size_t j = 0; j < Nb; ++j) std::copy_n(x + (2 * j + 1) * C, C, out + slot_b(j) * C);
     for (size_t k = 0; k < s.r; ++k) {
         const float* src = x + 2 * order[k] * C;
-        float* dst = out + (Nu + partner[order[k]]) * C;
+        float* dst = out + slot_b(partner[order[k]]) * C;
         for (size_t c = 0; c < C; ++c) dst[c] += src[c];
     }
 }
@@ -82,7 +91,17 @@ public:
         constructor_validate_and_infer_types();
     }
     void validate_and_infer_types() override {
+        const auto& metric = get_input_partial_shape(1);
         auto shape = get_input_partial_shape(0);
+        NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32 && get_input_element_type(1) == ov::element::f32,
+                              "ToMeMerge takes float32 tokens and metric");
+        NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() == 3 && shape.is_static() &&
+                                        metric.is_static() && metric.rank().get_length() == 3,
+                              "ToMeMerge takes static [B, N, C] tokens and [B, N, D] metric");
+        const int64_t n = shape[1].get_length();
+        NODE_VALIDATION_CHECK(this, metric[0] == shape[0] && metric[1] == shape[1], "tokens and metric differ in B or N");
+        NODE_VALIDATION_CHECK(this, m_p >= 0 && m_r > 0 && m_r <= (n - m_p) / 2,
+                              "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
         shape[1] = shape[1] - m_r;
         set_output_type(0, get_input_element_type(0), shape);
     }
