@@ -27,7 +27,7 @@ this backend at this batch size.
 precision (the reduction's own ops kept float: :mod:`vitfold.quantize`), calibrated on ``--calibrate
 DIR`` or the check photos, so speedup, ceiling and reduction ms are all within INT8.
 
-``--fused-ops`` (OpenVINO f32) adds, per schedule, the build's ``--fused-ops`` form: each site one
+``--fused-ops`` (OpenVINO, f32 or int8) adds, per schedule, the build's ``--fused-ops`` form: each site one
 ``vitfold.ToMeMerge`` op (:mod:`vitfold.native`, compiled here once), checked against the graph form.
 """
 
@@ -84,14 +84,12 @@ def main() -> None:
                         help="every variant at this precision (int8: the build's quantization, reduction kept float)")
     parser.add_argument("--calibrate", type=Path, default=None, help="--precision int8: calibration images (default: the check photos)")
     parser.add_argument("--fused-ops", action="store_true",
-                        help="also each schedule with its sites as one fused op (OpenVINO f32; compiles vitfold.native once)")
+                        help="also each schedule with its sites as one fused op (OpenVINO; compiles vitfold.native once)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
     parser.add_argument("--target", type=float, default=0.9,
                         help="--ceiling: speedup target as a fraction of the FLOP ratio, for the budget column")
     args = parser.parse_args()
-    if args.fused_ops and args.precision != "f32":
-        parser.error("--fused-ops builds at f32 only (the extension's kernel is float32); drop one of them")
 
     console = Console(width=150)
     model, pre = create_model(ModelSpec(args.model))
@@ -134,7 +132,7 @@ def main() -> None:
                         fused_cfg = replace(cfg, extra={"fused_ops": True})  # checked against the graph form
                         (Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}").mkdir()
                         sessions[f"{name} fused"] = compile_onnx(path, Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}",
-                                                                 fused_cfg, sample).open(fused_cfg)
+                                                                 fused_cfg, sample, calibration=calibration).open(fused_cfg)
                 console.print(f"[dim]measuring {backend} batch {batch} ({', '.join(sessions)})[/]")
                 stats = measure_interleaved({n: (lambda s=s: s(sample)) for n, s in sessions.items()}, batch,
                                             min_runs=args.min_runs, min_seconds=args.min_seconds)

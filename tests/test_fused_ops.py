@@ -138,8 +138,10 @@ def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension,
         np.testing.assert_allclose(b, reference, atol=1e-4)
 
 
-def test_fused_build_end_to_end(tmp_path, extension, monkeypatch):
-    """A --fused-ops build: checked against the graph form and torch, carries its extension, loads by itself."""
+@pytest.mark.parametrize("precision", ["f32", "int8"])
+def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
+    """A --fused-ops build: checked against the graph form (int8: quantized alike) and torch, carries its
+    extension, loads by itself; int8 reads its token choices off the graph form quantized alike."""
     from vitfold import build as build_module
     from vitfold.build import BuildRequest
     from vitfold.profiles.report import LatencyOptions
@@ -149,9 +151,10 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch):
     monkeypatch.setenv("VITFOLD_CACHE", str(extension.parent.parent.parent))  # the compiled one
     pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
-    cfg = BuildConfig("openvino", extra={"fused_ops": True})
+    cfg = BuildConfig("openvino", precision, extra={"fused_ops": True})
     request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, cfg, out=tmp_path / "b",
-                           latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0))
+                           latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0),
+                           tolerance={"min_cosine": 0.5, "min_top1": 0.0} if precision == "int8" else None)
     assert "-fused-" in request.name()
     directory, report = build_module.build(request, log=lambda message: None)
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -160,7 +163,12 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch):
     assert "extension" not in dense["files"]  # the dense twin has no site: the graph form, no extension
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-tome-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
-    assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4  # the fused build against torch
+    if precision == "f32":
+        assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4  # the fused build against torch
+    else:
+        choices = manifest["quantization"]["choices"]
+        assert choices["sites"] == 4 and "graph form quantized alike" in choices["runner"]
+        assert 0.0 <= choices["identical"] <= 1.0
     session = load(directory)  # a device app: the manifest names the extension, load registers it
     x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
     assert session(x)["logits"].shape == (1, 10)
@@ -182,7 +190,8 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "onnxruntime"], "--fused-ops runs on OpenVINO at f32"),
-    (["--precision", "int8"], "--fused-ops runs on OpenVINO at f32"),
+    (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
+    (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--method", "evit"], "--fused-ops fuses ToMe's merge sites"),
     (["--mode", "prune"], "--fused-ops fuses ToMe's merge sites"),
     (["--task", "features"], "--fused-ops fuses ToMe's merge sites"),

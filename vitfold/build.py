@@ -238,7 +238,8 @@ def build_variant(
     parity = compare(reference, outputs, classes=output_name(model) == "logits")
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
     if compiled.quantization is not None and not schedule.is_dense:
-        manifest["quantization"]["choices"] = token_choices(directory, manifest, check, log=lambda m: log(f"[{what}] {m}"))
+        manifest["quantization"]["choices"] = token_choices(directory, manifest, check, log=lambda m: log(f"[{what}] {m}"),
+                                                            calibration=calibration)
     what_failed = f"{what}: {key} vs torch"
     if cfg.quantized:
         what_failed = (f"{what}: {key} vs its f32 torch model (the quantization fidelity gate; override with --min-cosine / "
@@ -250,11 +251,15 @@ def build_variant(
     return manifest
 
 
-def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log: Callable[[str], None]) -> dict:
+def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log: Callable[[str], None],
+                  calibration=None) -> dict:
     """Token-choice agreement of a quantized build with its f32 graph on the check photos
     (:mod:`vitfold.quantize.choices`): the f32 graph (``model.opt.onnx``) on ONNX Runtime against the
     quantized model on its backend. TensorRT's engine cannot add outputs after the build: there the
-    Q/DQ graph runs on ONNX Runtime instead (said in the record)."""
+    Q/DQ graph runs on ONNX Runtime instead (said in the record). A ``--fused-ops`` build makes its
+    choices inside ``vitfold.ToMeMerge``, where no output can read them: the graph form is quantized
+    again with the same ``calibration`` and read instead; the build has already checked that the fused
+    build gives its outputs (``fuse-tome-sites``, said in the record)."""
     import onnx
 
     from .quantize import choices
@@ -267,7 +272,17 @@ def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log:
     if not found.sites:
         return {"sites": 0, "note": "no token choice reached the main path"}
     reference = choices.run_onnxruntime(reference_model, found, check, cfg.resolved_threads)
-    if cfg.backend == "openvino":
+    if cfg.backend == "openvino" and "fused" in files:
+        import tempfile
+
+        from .compile import compile_onnx
+
+        plain = BuildConfig.from_json({**manifest["build"], "extra": {k: v for k, v in cfg.extra.items() if k != "fused_ops"}})
+        with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
+            graph_form = compile_onnx(directory / files["optimized"], Path(tmp), plain, check[0], passes=[], calibration=calibration)
+            candidate = choices.run_openvino(Path(tmp) / graph_form.files["backend"], found, check, compile_config(cfg))
+        runner = "openvino (the graph form quantized alike: the fused build's choices are inside vitfold.ToMeMerge)"
+    elif cfg.backend == "openvino":
         candidate, runner = choices.run_openvino(directory / files["backend"], found, check, compile_config(cfg)), "openvino"
     else:
         candidate = choices.run_onnxruntime(onnx.load(str(directory / files["quantized"])), found, check, cfg.resolved_threads)

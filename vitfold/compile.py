@@ -107,7 +107,7 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         from .quantize import quantize
 
         log(f"quantize ({cfg.label}) with {get_backend(cfg.backend).quantizer}, the reduction kept float")
-        quantized = quantize(optimized, directory, cfg, calibration)
+        quantized = quantize(source, directory, cfg, calibration)
         source = quantized["path"]
         if source.suffix == ".onnx":  # a Q/DQ graph: the target's Q/DQ rules
             warnings = warnings + require_clean(source, lint_target)
@@ -121,13 +121,16 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
     if fused is not None:
-        reports = reports + [_check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample, log)]
+        reports = reports + [_check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample,
+                                          calibration, log)]
     return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
 
 
-#: Largest output change the fused sites may cause against the graph form on the same backend (f32):
-#: the same token choices give the same sums in another order.
+#: Largest output change the fused sites may cause against the graph form on the same backend and
+#: precision: the same token choices give the same sums in another order.
 FUSED_TOLERANCE = 1e-5
+#: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
+FUSED_PRECISIONS = ("f32", "int8")
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,9 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     from .native import SITE_PREFIX
     from .passes.fuse_tome import fuse_tome_sites
 
-    if cfg.backend != "openvino" or cfg.quantized or cfg.precision != "f32":
-        raise SpecError(f"--fused-ops builds for OpenVINO at f32 (the extension's kernel is float32); "
-                        f"this build is {cfg.backend} {cfg.label}: drop --fused-ops")
+    if cfg.backend != "openvino" or cfg.weights is not None or cfg.precision not in FUSED_PRECISIONS:
+        raise SpecError(f"--fused-ops builds for OpenVINO at {' or '.join(FUSED_PRECISIONS)} (the extension's kernel is "
+                        f"float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
     proto = onnx.load(str(optimized))
     if not any(node.name.startswith(SITE_PREFIX) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)
@@ -175,9 +178,9 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
 
 
 def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, cfg: BuildConfig,
-                 sample: np.ndarray, log: Callable[[str], None]) -> PassReport:
-    """Build the graph form beside the fused build and run both on ``sample``: outputs within
-    :data:`FUSED_TOLERANCE` (the same token choices) or the build stops.
+                 sample: np.ndarray, calibration, log: Callable[[str], None]) -> PassReport:
+    """Build the graph form beside the fused build (int8: quantized with the same ``calibration``) and run
+    both on ``sample``: outputs within :data:`FUSED_TOLERANCE` (the same token choices) or the build stops.
 
     Raises:
         FidelityError: the fused build moved an output beyond the tolerance.
@@ -189,7 +192,7 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
 
     plain = replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "fused_ops"})
     with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
-        reference = runtimes.build_session(graph_form, Path(tmp), plain)
+        reference = compile_onnx(graph_form, Path(tmp), plain, sample, passes=[], calibration=calibration).open(plain)
         expected = reference(sample)
         reference.close()
     session = runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()})

@@ -39,7 +39,12 @@ def quantize(onnx_path: Path, out_dir: Path, cfg, calibration: Calibration | Non
 
     ov = require("openvino", 'pip install "vitfold[openvino]"')
     nncf = require("nncf", 'pip install "vitfold[openvino]"  (or: pip install nncf)')
-    model = ov.convert_model(str(onnx_path))
+    extension = None
+    if cfg.extra.get("fused_ops"):  # a --fused-ops graph: vitfold.ToMeMerge converts through the extension
+        from ..native import openvino_ops
+
+        extension = str(openvino_ops())
+    model = ov.convert_model(str(onnx_path), extension=extension) if extension else ov.convert_model(str(onnx_path))
     ignored = nncf.IgnoredScope(names=list(scope.nodes), validate=False)
     if cfg.precision == "int8":
         dataset = nncf.Dataset(calibration.batches)

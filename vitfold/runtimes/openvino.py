@@ -41,11 +41,16 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     ov = _ov()
     path = Path(onnx_path)
     files = {"backend": XML, "weights": BIN}
-    if cfg.extra.get("fused_ops") and path.suffix != ".xml":
-        from ..native import LIBRARY, TOME_OP, openvino_ops
+    if cfg.extra.get("fused_ops"):  # the ONNX graph, or the quantize stage's IR, may hold vitfold.ToMeMerge
+        from ..native import LIBRARY, TOME_OP, load_openvino_ops, openvino_ops
 
         library = openvino_ops()
-        model = ov.convert_model(str(path), extension=str(library))
+        if path.suffix == ".xml":
+            core = ov.Core()
+            load_openvino_ops(core, library)
+            model = core.read_model(str(path))
+        else:
+            model = ov.convert_model(str(path), extension=str(library))
         if any(op.get_type_name() == TOME_OP for op in model.get_ops()):  # the dense twin has no site
             shutil.copy2(library, out_dir / LIBRARY)
             files["extension"] = LIBRARY
