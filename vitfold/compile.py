@@ -198,8 +198,7 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
     session = runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()})
     got = session(sample)
     session.close()
-    expected, got = (list(o.values()) if isinstance(o, dict) else [o] for o in (expected, got))
-    change = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max()) for a, b in zip(expected, got))
+    change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
     if not change <= FUSED_TOLERANCE:
         raise FidelityError(f"the fused ToMe sites moved the outputs by {change:.3g} (max abs) against the graph form "
                             f"on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")

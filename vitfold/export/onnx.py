@@ -100,21 +100,17 @@ def export_onnx(
 _SITE_SCOPE = re.compile(r"^blocks\.(\d+)\.tome_site$")
 
 
-def tag_sites(proto: onnx.ModelProto) -> int:
+def tag_sites(proto: onnx.ModelProto) -> None:
     """Prefix the names of the nodes each :class:`~vitfold.reduce.tome.ToMeSite` call exported with
-    ``vitfold.tome_site.<block>/``, read from the exporter's name-scope metadata; returns the number of
-    sites. Node names survive the graph passes (metadata does not), so
+    ``vitfold.tome_site.<block>/``, read from the exporter's name-scope metadata. Node names survive the graph passes (metadata does not), so
     :func:`vitfold.passes.fuse_tome.fuse_tome_sites` finds each site's nodes after them."""
-    blocks = set()
     for node in proto.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
         for scope in re.findall(r"'([^']*)'", scopes):
             match = _SITE_SCOPE.match(scope)
             if match:
                 node.name = f"{SITE_PREFIX}{match.group(1)}/{node.name}"
-                blocks.add(match.group(1))
                 break
-    return len(blocks)
 
 
 def check_contract(path: Path, dynamic: bool = False) -> dict[str, int]:

@@ -44,7 +44,7 @@ def quantize(onnx_path: Path, out_dir: Path, cfg, calibration: Calibration | Non
         from ..native import openvino_ops
 
         extension = str(openvino_ops())
-    model = ov.convert_model(str(onnx_path), extension=extension) if extension else ov.convert_model(str(onnx_path))
+    model = ov.convert_model(str(onnx_path), extension=extension)
     ignored = nncf.IgnoredScope(names=list(scope.nodes), validate=False)
     if cfg.precision == "int8":
         dataset = nncf.Dataset(calibration.batches)

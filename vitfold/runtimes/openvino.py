@@ -117,9 +117,14 @@ class OpenVINOSession(Session):
 
 
 def load(directory: Path, manifest: dict) -> Session:
-    files = manifest["files"]
-    extension = Path(directory) / files["extension"] if "extension" in files else None
-    return OpenVINOSession(Path(directory) / files["backend"], BuildConfig.from_json(manifest["build"]), extension=extension)
+    return OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
+                           extension=_extension(directory, manifest))
+
+
+def _extension(directory: Path, manifest: dict) -> Optional[Path]:
+    """The build's OpenVINO extension (``--fused-ops``), or None."""
+    name = manifest["files"].get("extension")
+    return Path(directory) / name if name else None
 
 
 def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmup: int = 5, runs: int = 20) -> dict:
@@ -139,9 +144,8 @@ def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmu
     """
     import time
 
-    files = manifest["files"]
-    session = OpenVINOSession(Path(directory) / files["backend"], BuildConfig.from_json(manifest["build"]),
-                              perf_count=True, extension=Path(directory) / files["extension"] if "extension" in files else None)
+    session = OpenVINOSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
+                              perf_count=True, extension=_extension(directory, manifest))
     graph = {}
     for op in session._compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
