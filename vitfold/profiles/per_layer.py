@@ -36,6 +36,8 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from ..native import SITE_PREFIX
+
 CATEGORIES = ("attention", "mlp", "reduction", "other")
 EMBED, HEAD, UNKNOWN = "embed", "head", "?"
 #: Top-level timm VisionTransformer modules before / after the blocks.
@@ -220,6 +222,8 @@ def onnx_places(onnx_path: Path, source_path: Optional[Path] = None, depth: Opti
     category: list[Optional[str]] = []
     for i, node in enumerate(nodes):
         b, c = _scope_place(scopes.get(node.name), depth)
+        if node.name.startswith(SITE_PREFIX):  # a fused site (--fused-ops) has no module path of its own
+            b, c = node.name[len(SITE_PREFIX):].split("/", 1)[0], "reduction"
         if b is None:
             ranked = [block[p] for p in preds[i] if block[p] is not None]
             b = max(ranked, key=rank) if ranked else None
@@ -415,7 +419,8 @@ def profile_variant(directory: Path, sample: np.ndarray, options: LayerProfileOp
         raise SpecError(f"backend {backend!r} has no per-layer profiler; run `profile` without --per-layer")
     raw = runtimes.backend_module(backend).profile_layers(directory, manifest, sample, warmup=options.warmup, runs=options.runs)
     files = manifest["files"]
-    places = onnx_places(directory / files.get("optimized", files["onnx"]), directory / files["onnx"])
+    # The graph the backend built: the fused graph of a --fused-ops build, else the optimised one.
+    places = onnx_places(directory / files.get("fused", files.get("optimized", files["onnx"])), directory / files["onnx"])
     layers = raw["layers"] if "layers" in raw else mean_layers(raw["runs"])
     rows = attribute(layers, places)
     runs_ms = np.asarray(raw["run_ms"], dtype=float)
