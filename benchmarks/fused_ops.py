@@ -1,6 +1,6 @@
 """One ToMe reduction site: the graph form against the fused ``vitfold.ToMeMerge`` op, one interleaved run.
 
-    python benchmarks/fused_ops.py                    # N=197, C=384 (+1 size channel), r=13, batch 1 and 8
+    python benchmarks/fused_ops.py                    # N=197, C=384, r=13, batch 1 and 8
 
 The op is :mod:`vitfold.native`'s OpenVINO extension (compiled here once, cmake and a C++ compiler).
 Every output of both forms must equal the torch site's exactly (the same token choices, the same sums)
@@ -25,48 +25,63 @@ from vitfold.reduce.tome import ToMeSite
 
 
 class Site(torch.nn.Module):
-    """ToMe's matching and sum merge at fixed ``r``, exactly as the patched blocks' :class:`ToMeSite` runs it."""
+    """ToMe's matching and size-weighted merge at fixed ``r``, exactly as the patched blocks'
+    :class:`ToMeSite` runs it after the first merge (sizes given)."""
 
     def __init__(self, r: int, num_protected: int):
         super().__init__()
         self.site, self.r, self.num_protected = ToMeSite(), r, num_protected
 
-    def forward(self, x: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
-        return self.site(x, metric, self.r, self.num_protected)
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.site(x, keys, size, self.r, self.num_protected)
 
 
-def one_site(core, settings: dict, work: Path, batch: int, tokens: int = 197, channels: int = 385, r: int = 13):
+def one_site(core, settings: dict, work: Path, batch: int, tokens: int = 197, channels: int = 384, r: int = 13):
     """The graph form and the op on the same random inputs: ``(graph stats, fused stats)``."""
-    dim = 64
+    heads, dim = 6, 64
     site = Site(r, 1)
-    gen = torch.Generator().manual_seed(batch)
-    x, metric = torch.randn(batch, tokens, channels, generator=gen), torch.randn(batch, tokens, dim, generator=gen)
-    program = torch.onnx.export(site, (x, metric), dynamo=True, opset_version=18, input_names=["x", "metric"], output_names=["y"])
+
+    def inputs(seed: int) -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        return {"x": torch.randn(batch, tokens, channels, generator=gen),
+                "keys": torch.randn(batch, heads, tokens, dim, generator=gen),
+                "size": torch.randint(1, 5, (batch, tokens, 1), generator=gen).float()}  # sizes after earlier merges
+
+    names, diff = ["x", "keys", "size"], {}
+    program = torch.onnx.export(site, tuple(inputs(batch).values()), dynamo=True, opset_version=18, input_names=names,
+                                output_names=["y", "y_size"])
     program.save(str(work / f"site-graph-b{batch}.onnx"))
-    fused_onnx(work / f"site-fused-b{batch}.onnx", batch, tokens, channels, dim, r, 1)
+    fused_onnx(work / f"site-fused-b{batch}.onnx", batch, tokens, channels, heads, dim, r, 1)
     requests = {form: core.compile_model(core.read_model(str(work / f"site-{form}-b{batch}.onnx")), "CPU", settings)
                 .create_infer_request() for form in ("graph", "fused")}
-    for seed in range(5):  # identical outputs: the same token choices and the same sums
-        gen = torch.Generator().manual_seed(100 + seed)
-        feed = {"x": torch.randn(batch, tokens, channels, generator=gen).numpy(),
-                "metric": torch.randn(batch, tokens, dim, generator=gen).numpy()}
-        out = {form: q.infer(feed)[0].copy() for form, q in requests.items()}
-        expected = site(torch.from_numpy(feed["x"]), torch.from_numpy(feed["metric"])).numpy()
-        if not (np.array_equal(out["fused"], expected) and np.array_equal(out["graph"], expected)):
-            sys.exit(f"batch {batch}: the fused op differs from the graph form (max abs "
-                     f"{np.abs(out['fused'] - out['graph']).max():.3g}); not timing it")
-    feed = {"x": x.numpy(), "metric": metric.numpy()}
+    for seed in range(5):  # the same token choices: sizes exactly, tokens to float rounding
+        feed = inputs(100 + seed)
+        with torch.no_grad():
+            expected = [t.numpy() for t in site(*feed.values())]
+        feed = {k: v.numpy() for k, v in feed.items()}
+        for form, q in requests.items():
+            y, y_size = (q.infer(feed)[i].copy() for i in range(2))
+            if not (np.array_equal(y_size, expected[1]) and np.abs(y - expected[0]).max() <= 1e-5):
+                sys.exit(f"batch {batch}: the {form} form differs from the torch site (max abs "
+                         f"{np.abs(y - expected[0]).max():.3g}); not timing it")
+            diff[form] = max(diff.get(form, 0.0), float(np.abs(y - expected[0]).max()))
+    feed = {k: v.numpy() for k, v in inputs(batch).items()}
     stats = measure_interleaved({form: (lambda q=q: q.infer(feed)) for form, q in requests.items()}, batch,
                                 min_runs=500, min_seconds=10)
+    print(f"  batch {batch}: max abs vs torch: graph {diff['graph']:.2g}, fused {diff['fused']:.2g}")
     return stats["graph"], stats["fused"]
 
 
-def fused_onnx(path: Path, batch: int, tokens: int, channels: int, dim: int, r: int, num_protected: int) -> None:
-    node = helper.make_node(TOME_OP, ["x", "metric"], ["y"], domain=DOMAIN, r=r, num_protected=num_protected)
+def fused_onnx(path: Path, batch: int, tokens: int, channels: int, heads: int, dim: int, r: int, num_protected: int) -> None:
+    node = helper.make_node(TOME_OP, ["x", "keys", "size"], ["y", "y_size"], domain=DOMAIN, r=r,
+                            num_protected=num_protected)
+    value = helper.make_tensor_value_info
     graph = helper.make_graph([node], "fused_site",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, tokens, channels]),
-                               helper.make_tensor_value_info("metric", TensorProto.FLOAT, [batch, tokens, dim])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, tokens - r, channels])])
+                              [value("x", TensorProto.FLOAT, [batch, tokens, channels]),
+                               value("keys", TensorProto.FLOAT, [batch, heads, tokens, dim]),
+                               value("size", TensorProto.FLOAT, [batch, tokens, 1])],
+                              [value("y", TensorProto.FLOAT, [batch, tokens - r, channels]),
+                               value("y_size", TensorProto.FLOAT, [batch, tokens - r, 1])])
     opsets = [helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)]
     onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
 
@@ -84,7 +99,8 @@ def main() -> None:
         settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         for batch in [int(b) for b in args.batches.split(",")]:
             rows.append((batch, *one_site(core, settings, Path(tmp), batch)))
-    print("one ToMe site, N=197, C=384 (+1 size), r=13, OpenVINO f32, interleaved; outputs identical")
+    print("one ToMe site (matching + size-weighted merge), N=197, C=384, r=13, OpenVINO f32, interleaved; "
+          "outputs checked against torch")
     for batch, graph, fused in rows:
         print(f"  batch {batch}: graph {graph.median_ms * 1e3:.0f} us (p90 {graph.p90_ms * 1e3:.0f}), "
               f"fused {fused.median_ms * 1e3:.0f} us (p90 {fused.p90_ms * 1e3:.0f}): {graph.median_ms / fused.median_ms:.2f}x")

@@ -64,11 +64,18 @@ def test_export_tags_each_site_and_the_rewrite_fuses_it(tmp_path):
     assert len(fused.graph.node) < len(proto.graph.node) - 3 * 20  # ~30 graph nodes per site become one
     assert any(o.domain == DOMAIN and o.version == 1 for o in fused.opset_import)
     assert {p.key for p in proto.metadata_props} <= {p.key for p in fused.metadata_props}
-    first = ops[0]
-    x, metric = (next(v for v in onnx.shape_inference.infer_shapes(fused).graph.value_info if v.name == name)
-                 for name in first.input)
-    assert [d.dim_value for d in x.type.tensor_type.shape.dim] == [2, 17, 65]  # tokens | size channel
-    assert [d.dim_value for d in metric.type.tensor_type.shape.dim][:2] == [2, 17]
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in onnx.shape_inference.infer_shapes(fused).graph.value_info}
+    ones = {i.name: onnx.numpy_helper.to_array(i) for i in fused.graph.initializer}
+    for op, (n, m) in zip(ops, [(17, 15), (15, 12), (12, 11)]):  # tokens before and after each site
+        x, metric, size = op.input
+        assert inferred[x] == [2, n, 64] and len(op.output) == 2
+        assert len(inferred[metric]) == 4 and inferred[metric][0] == 2 and inferred[metric][2] == n  # [B, H, N, d] keys
+        assert [inferred.get(t) for t in op.output if t in inferred] in ([[2, m, 64], [2, m, 1]], [[2, m, 64]])
+        if op is ops[0]:  # the first merge: every token one patch, the graph form's ones as a constant
+            assert size in ones and ones[size].shape == (2, 17, 1) and (ones[size] == 1).all()
+        else:
+            assert size not in ones and inferred[size] == [2, n, 1]
 
 
 def test_the_rewrite_refuses_what_it_cannot_fuse(tmp_path):
@@ -85,7 +92,7 @@ def test_the_rewrite_refuses_what_it_cannot_fuse(tmp_path):
     proto = onnx.load(str(path))
     site = [n for n in proto.graph.node if n.name.startswith(SITE_PREFIX + "2/")]
     site[len(site) // 2].name = "untagged"  # a region with a hole is not closed: refused, not half-fused
-    with pytest.raises(PassError, match="block 2: the ToMe site has"):
+    with pytest.raises(PassError, match="block 2: the ToMe site is not a closed region"):
         fuse_tome_sites(proto)
 
 
@@ -138,6 +145,29 @@ def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension,
         np.testing.assert_allclose(b, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_every_vector_path_of_the_matching_gives_the_same_tokens(tmp_path, extension, isa):
+    """The kernel picks AVX-512, AVX2 or the generic vectors at run time; VITFOLD_NATIVE_ISA caps it, so each
+    path this CPU runs is checked against the widest (the same token choices: outputs within 1e-5)."""
+    import subprocess
+    import sys
+
+    path, _, _ = tiny_export(tmp_path, r=(3, 3, 2, 2))
+    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    np.save(tmp_path / "x.npy", np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    script = ("import sys, numpy as np, openvino as ov; core = ov.Core(); core.add_extension(sys.argv[1]); "
+              "m = core.compile_model(core.read_model(sys.argv[2]), 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'}); "
+              "np.save(sys.argv[4], m({0: np.load(sys.argv[3])})[0])")
+    outputs = {}
+    for cap in ("widest", isa):
+        env = {**__import__("os").environ, "VITFOLD_NATIVE_ISA": cap}
+        subprocess.run([sys.executable, "-c", script, str(extension), str(tmp_path / "fused.onnx"), str(tmp_path / "x.npy"),
+                        str(tmp_path / f"{cap}.npy")], env=env, check=True)
+        outputs[cap] = np.load(tmp_path / f"{cap}.npy")
+    assert np.abs(outputs["widest"] - outputs[isa]).max() <= 1e-5
+
+
 @pytest.mark.parametrize("precision", ["f32", "int8"])
 def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
     """A --fused-ops build: checked against the graph form (int8: quantized alike) and torch, carries its
@@ -169,6 +199,13 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
         choices = manifest["quantization"]["choices"]
         assert choices["sites"] == 4 and "graph form quantized alike" in choices["runner"]
         assert 0.0 <= choices["identical"] <= 1.0
+    if precision == "f32":  # the per-layer profile reads the fused graph: each op's time is the reduction's
+        from vitfold.profiles.per_layer import LayerProfileOptions, profile_variant
+
+        sample = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        rows, _ = profile_variant(directory, sample, LayerProfileOptions(warmup=1, runs=2))
+        sites = [r for r in rows if r.type == "Reference"]
+        assert len(sites) == 4 and {r.category for r in sites} == {"reduction"}
     session = load(directory)  # a device app: the manifest names the extension, load registers it
     x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
     assert session(x)["logits"].shape == (1, 10)
@@ -237,3 +274,17 @@ def test_compile_module_hands_the_schedule_to_the_fused_build(tmp_path, extensio
     assert compiled.files["extension"] == LIBRARY and [p.name for p in compiled.passes][-1] == "fuse-tome-sites"
     with pytest.raises(PassError, match="no vitfold schedule"):
         compile_module(method.apply(model, schedule), (1, 3, 32, 32), tmp_path / "without", cfg)
+
+
+def test_per_layer_profile_places_each_fused_site_in_its_block_as_reduction(tmp_path):
+    """The fused op has no module path of its own: the profile reads the fused graph the backend built and
+    places each op by its name, so its time counts as reduction, not as the MLP it feeds."""
+    from vitfold.profiles.per_layer import onnx_places
+
+    path, _, _ = tiny_export(tmp_path)
+    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    places = onnx_places(tmp_path / "fused.onnx", path)
+    ops = {n.name: places[n.name] for n in fused.graph.node if n.domain == DOMAIN}
+    assert {(p.block, p.category) for p in ops.values()} == {("0", "reduction"), ("2", "reduction"), ("3", "reduction")}
+    assert {p.category for name, p in places.items() if "mlp" in name} <= {"mlp"}

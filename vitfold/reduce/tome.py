@@ -51,14 +51,15 @@ class ToMeAttention(Attention):
     """timm ``Attention`` plus :meth:`forward_tome`. Its ``forward`` is timm's, unchanged."""
 
     def forward_tome(self, x: torch.Tensor, size: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention with proportional attention; also returns the matching metric.
+        """Attention with proportional attention; also returns the keys the matching metric is taken from.
 
         Args:
             x: ``[B, N, C]`` normalised tokens.
             size: ``[B, N, 1]`` token sizes, or None for plain attention.
 
         Returns:
-            ``([B, N, C] attention output, [B, N, head_dim] keys averaged over heads)``.
+            ``([B, N, C] attention output, [B, H, N, head_dim] keys)``; the metric is their mean over
+            heads (:class:`ToMeSite`), taken there so that a fused site reads the keys directly.
         """
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -76,20 +77,23 @@ class ToMeAttention(Attention):
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x)), k.mean(1)
+        return self.proj_drop(self.proj(x)), k
 
 
 class ToMeSite(nn.Module):
-    """One reduction site's bipartite matching and sum merge (Sec. 3), as a module of its own: the
-    exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
+    """One reduction site's bipartite matching and size-weighted merge (Sec. 3), as a module of its own:
+    the exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
     :func:`vitfold.passes.fuse_tome.fuse_tome_sites` can replace them with one fused op. No weights.
 
-    ``forward(x [B, N, C], metric [B, N, Cm], r, num_protected) -> [B, N - r, C]``.
+    ``forward(x [B, N, C], keys [B, H, N, d], size [B, N, 1] or None, r, num_protected)`` returns
+    ``([B, N - r, C] merged tokens, [B, N - r, 1] merged sizes)``; the metric is the keys' mean over
+    heads (as the reference), ``None`` sizes mean one patch each.
     """
 
-    def forward(self, x: torch.Tensor, metric: torch.Tensor, r: int, num_protected: int) -> torch.Tensor:
-        merge, _ = bipartite_soft_matching(metric, r, num_protected)
-        return merge(x, mode="sum")
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], r: int,
+                num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+        merge, _ = bipartite_soft_matching(keys.mean(1), r, num_protected)
+        return merge_wavg(merge, x, size)
 
 
 class ToMeBlock(Block):
@@ -102,13 +106,12 @@ class ToMeBlock(Block):
         prop_size = state.size if cfg.prop_attn else None
         if r == 0 and prop_size is None:
             return Block.forward(self, x)  # exactly timm's block
-        x_attn, metric = self.attn.forward_tome(self.norm1(x), prop_size)
+        x_attn, keys = self.attn.forward_tome(self.norm1(x), prop_size)
         x = x + self.drop_path1(self.ls1(x_attn))
         if r > 0 and cfg.mode == "merge" and not cfg.trace_source:  # the fusable site: one module call
-            site = lambda t, mode: self.tome_site(t, metric, r, cfg.num_protected)  # noqa: E731 (merge_wavg sums)
-            x, state.size = merge_wavg(site, x, state.size)
+            x, state.size = self.tome_site(x, keys, state.size, r, cfg.num_protected)
         elif r > 0:
-            merge, _ = bipartite_soft_matching(metric, r, cfg.num_protected)
+            merge, _ = bipartite_soft_matching(keys.mean(1), r, cfg.num_protected)
             if cfg.trace_source:
                 state.source = merge_source(merge, x, state.source)
             if cfg.mode == "prune":

@@ -1,19 +1,28 @@
-// ToMe's bipartite soft matching and sum merge as one OpenVINO operation (vitfold.native builds it;
-// build --fused-ops puts it in OpenVINO builds, benchmarks/fused_ops.py times it).
+// ToMe's bipartite soft matching and size-weighted merge as one OpenVINO operation (vitfold.native builds
+// it; build --fused-ops puts it in OpenVINO builds, benchmarks/fused_ops.py times it).
 //
-// ToMeMerge(x [B, N, C], metric [B, N, D]; r, num_protected) -> [B, N - r, C] computes what
+// ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D], size [B, N, 1]; r, num_protected)
+//     -> (x [B, N - r, C], size [B, N - r, 1])
+// computes what vitfold.reduce.tome.ToMeSite computes: metric = keys.mean(1), then
 // vitfold.reduce.matching.bipartite_soft_matching(metric, r, num_protected) followed by
-// merge(x, mode="sum") computes (Bolya et al., ICLR 2023, Sec. 3): A = even tokens, B = odd tokens,
-// each A token's best cosine partner in B, the r strongest edges merged (A summed into B), output
-// cat([unmerged A, B]) with the unmerged A tokens by position when there are prefix tokens, else by
-// falling edge score, and with two or more prefix tokens each prefix token back at its own position
+// merge_wavg(merge, x, size) (Bolya et al., ICLR 2023, Sec. 3): A = even tokens, B = odd tokens,
+// each A token's best cosine partner in B, the r strongest edges merged (A into B, weighted by size),
+// output cat([unmerged A, B]) with the unmerged A tokens by position when there are prefix tokens, else
+// by falling edge score, and with two or more prefix tokens each prefix token back at its own position
 // (matching._prefix_order). Ties keep the lower index, as the graph form's ONNX TopK / ArgMax do.
-// The scores are summed in another order than a MatMul kernel sums them, so an edge within float
-// rounding of the r-th can rank differently: the build compares this op with the graph form and
-// stops where they differ. The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it.
-// float32; images in parallel on OpenVINO's thread pool.
+// The merge does the graph form's arithmetic in its order (x * size, sums in edge order, / size), so
+// with the same token choices the outputs match it to float rounding. The scores are summed in another
+// order than a MatMul kernel sums them, so an edge within float rounding of the r-th can rank
+// differently: the build compares this op with the graph form and stops where they differ.
+// The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it.
+// float32. Images run in parallel on OpenVINO's thread pool, and a batch of one splits its image's
+// normalisation, matching and row copies across the threads instead; the kernels are vectorised for
+// the widest of AVX-512, AVX2 and the generic vectors (SSE, NEON) that the CPU runs, picked at run time.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <numeric>
 #include <vector>
 
@@ -26,42 +35,198 @@
 namespace {
 
 struct Dims {
-    size_t N, C, D, r, P;
+    size_t N, C, D, r, P, H;  // H: heads the metric is averaged over (1: the metric itself)
+    size_t Na() const { return (N + 1) / 2; }  // A tokens: 2i
+    size_t Nb() const { return N / 2; }        // B tokens: 2j + 1
 };
 
-// One image: cosine matching on its metric [N, D], merge of its tokens x [N, C] into out [N - r, C].
-void merge_image(const float* x, const float* metric, float* out, const Dims& s) {
-    const size_t Na = (s.N + 1) / 2, Nb = s.N / 2, Nu = Na - s.r, C = s.C, D = s.D;
-    std::vector<float> unit(s.N * D), best(Na);
-    std::vector<int64_t> partner(Na), order(Na);
-    for (size_t i = 0; i < s.N; ++i) {
-        float sq = 0.f;
-        for (size_t d = 0; d < D; ++d) sq += metric[i * D + d] * metric[i * D + d];
+// One output row of the merge: out[slot] = x[src] * size[src], then divided by that size unless a
+// merged A row is still to be added (weigh_only).
+struct Row {
+    size_t src, slot;
+    bool weigh_only;
+};
+
+typedef float f32x4 __attribute__((vector_size(16)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+constexpr size_t kPad = 64;  // bt's row stride: a multiple of every tile width below
+
+// w = 2^e with 1 <= w < 2^64: x * w / w is x exactly for every x for which x * w does not overflow.
+inline bool power_of_two(float w) {
+    int e = 0;
+    return w >= 1.f && w < 0x1p64f && std::frexp(w, &e) == 0.5f;
+}
+
+// The kernels below are templates over a GCC / Clang vector type V, so one source serves SSE, AVX2,
+// AVX-512 and NEON; each is instantiated per instruction set and Kernels::pick takes the widest this
+// CPU runs. Each works on a range of its items, so that one image can be split across threads.
+
+// Tokens [begin, end): the metric row (the mean over heads of keys [H, N, D]: the sum in head order,
+// divided by H, as the graph form's ReduceMean), divided by its L2 norm into unit [N, D]; B tokens'
+// rows also transposed into bt [D, Nbp].
+template <typename V>
+__attribute__((always_inline)) inline void normalize(const float* keys, float* unit, float* bt, size_t Nbp, const Dims& s,
+                                                     size_t begin, size_t end) {
+    constexpr size_t kLanes = sizeof(V) / sizeof(float);
+    const size_t D = s.D;
+    const float heads = static_cast<float>(s.H);
+    for (size_t i = begin; i < end; ++i) {
+        float* row = unit + i * D;
+        std::memcpy(row, keys + i * D, D * sizeof(float));
+        if (s.H > 1) {
+            for (size_t h = 1; h < s.H; ++h) {
+                const float* head = keys + (h * s.N + i) * D;
+                for (size_t d = 0; d < D; ++d) row[d] += head[d];
+            }
+            for (size_t d = 0; d < D; ++d) row[d] /= heads;
+        }
+        V acc = {};  // the sum of squares in kLanes partial sums (a MatMul kernel's order is no more sequential)
+        size_t d = 0;
+        for (; d + kLanes <= D; d += kLanes) {
+            V m;
+            std::memcpy(&m, row + d, sizeof m);
+            acc += m * m;
+        }
+        float lanes[kLanes], sq = 0.f;
+        std::memcpy(lanes, &acc, sizeof acc);
+        for (size_t l = 0; l < kLanes; ++l) sq += lanes[l];
+        for (; d < D; ++d) sq += row[d] * row[d];
         const float norm = std::sqrt(sq);  // divided, as the graph form's metric / norm
-        for (size_t d = 0; d < D; ++d) unit[i * D + d] = metric[i * D + d] / norm;
+        for (d = 0; d < D; ++d) row[d] /= norm;
+        if (i % 2)
+            for (d = 0; d < D; ++d) bt[d * Nbp + i / 2] = row[d];
     }
-    for (size_t i = 0; i < Na; ++i) {  // A token i sits at 2i, B token j at 2j + 1
-        float top = -INFINITY;
-        int64_t arg = 0;
-        if (2 * i >= s.P) {
-            const float* a = &unit[2 * i * D];
-            for (size_t j = s.P / 2; j < Nb; ++j) {  // 2j + 1 >= P from j = P / 2 on
-                const float* b = &unit[(2 * j + 1) * D];
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                size_t d = 0;
-                for (; d + 8 <= D; d += 8)
-                    for (int l = 0; l < 8; ++l) acc[l] += a[d + l] * b[d + l];
-                float dot = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-                for (; d < D; ++d) dot += a[d] * b[d];
-                if (dot > top) {
-                    top = dot;
-                    arg = static_cast<int64_t>(j);
+}
+
+// A tokens [begin, end) (from (P + 1) / 2 on: 2i >= P): each one's best B partner by cosine score,
+// from unit rows and the transposed B rows, in kRows x (kCols vectors) tiles of independent
+// accumulators, each score summed over d in order. Ties keep the lower j (strict >, j ascending);
+// protected B tokens (2j + 1 < P) are never chosen, as the graph form's -inf scores. best starts -inf.
+template <typename V, size_t kRows, size_t kCols>
+__attribute__((always_inline)) inline void match(const float* unit, const float* bt, size_t Nbp, const Dims& s,
+                                                 float* best, int64_t* partner, size_t begin, size_t end) {
+    constexpr size_t kTile = sizeof(V) / sizeof(float) * kCols;
+    const size_t Nb = s.Nb(), D = s.D, j0 = s.P / 2;  // 2j + 1 >= P from j = P / 2 on
+    for (size_t ib = begin; ib < end; ib += kRows) {
+        const size_t rows = std::min(kRows, end - ib);
+        const float* a[kRows];
+        for (size_t q = 0; q < kRows; ++q) a[q] = unit + 2 * (ib + std::min(q, rows - 1)) * D;
+        for (size_t jb = j0 / kTile * kTile; jb < Nb; jb += kTile) {
+            V acc[kRows][kCols] = {};
+            for (size_t d = 0; d < D; ++d) {
+                V row[kCols];
+                std::memcpy(row, bt + d * Nbp + jb, sizeof row);
+                for (size_t q = 0; q < kRows; ++q) {
+                    const float ad = a[q][d];
+                    for (size_t c = 0; c < kCols; ++c) acc[q][c] += ad * row[c];
                 }
             }
+            const size_t last = std::min(kTile, Nb - jb);
+            for (size_t q = 0; q < rows; ++q) {
+                float score[kTile];
+                std::memcpy(score, acc[q], sizeof score);
+                for (size_t l = jb < j0 ? j0 - jb : 0; l < last; ++l)
+                    if (score[l] > best[ib + q]) {
+                        best[ib + q] = score[l];
+                        partner[ib + q] = static_cast<int64_t>(jb + l);
+                    }
+            }
         }
-        best[i] = top;
-        partner[i] = arg;
     }
+}
+
+// Output rows [begin, end) of the merge: (x * s) / s, which is x itself where s is a power of two (1
+// before any merge; the product and quotient are then exact), else computed, since the product
+// rounds; a row that merged A rows are added to is only weighed here.
+__attribute__((always_inline)) inline void weigh(const Row* rows, const float* x, const float* size, float* out,
+                                                 float* out_size, size_t C, size_t begin, size_t end) {
+    for (size_t k = begin; k < end; ++k) {
+        const Row& row = rows[k];
+        const float w = size[row.src];
+        const float* in = x + row.src * C;
+        float* o = out + row.slot * C;
+        out_size[row.slot] = w;
+        if (row.weigh_only)
+            for (size_t c = 0; c < C; ++c) o[c] = in[c] * w;
+        else if (power_of_two(w))
+            std::memcpy(o, in, C * sizeof(float));
+        else
+            for (size_t c = 0; c < C; ++c) o[c] = in[c] * w / w;
+    }
+}
+
+// The three kernels of one instruction set (target: the functions' target attribute, or nothing).
+#define VITFOLD_KERNELS(name, target, V, kRows, kCols)                                                                \
+    target                                                                                                             \
+    void name##_normalize(const float* keys, float* unit, float* bt, size_t Nbp, const Dims& s, size_t b, size_t e) { \
+        normalize<V>(keys, unit, bt, Nbp, s, b, e);                                                                    \
+    }                                                                                                                  \
+    target                                                                                                             \
+    void name##_match(const float* unit, const float* bt, size_t Nbp, const Dims& s, float* best, int64_t* partner,   \
+                      size_t b, size_t e) {                                                                            \
+        match<V, kRows, kCols>(unit, bt, Nbp, s, best, partner, b, e);                                                 \
+    }                                                                                                                  \
+    target                                                                                                             \
+    void name##_weigh(const Row* rows, const float* x, const float* size, float* out, float* out_size, size_t C,       \
+                      size_t b, size_t e) {                                                                            \
+        weigh(rows, x, size, out, out_size, C, b, e);                                                                  \
+    }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+VITFOLD_KERNELS(avx512, __attribute__((target("avx512f"))), f32x16, 8, 1)
+VITFOLD_KERNELS(avx2, __attribute__((target("avx2,fma"))), f32x8, 6, 2)
+#endif
+VITFOLD_KERNELS(generic, , f32x4, 4, 2)
+
+struct Kernels {
+    void (*normalize)(const float*, float*, float*, size_t, const Dims&, size_t, size_t);
+    void (*match)(const float*, const float*, size_t, const Dims&, float*, int64_t*, size_t, size_t);
+    void (*weigh)(const Row*, const float*, const float*, float*, float*, size_t, size_t, size_t);
+    size_t rows;  // the match tile's A rows: thread ranges are cut at multiples of it
+
+    // The widest this CPU runs: AVX-512, AVX2 + FMA, else the generic vectors (SSE on x86, NEON on
+    // ARM). VITFOLD_NATIVE_ISA=avx2 or generic caps it (the tests run every path on one machine).
+    static Kernels pick() {
+        int isa = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+        isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
+        const char* cap = std::getenv("VITFOLD_NATIVE_ISA");
+        if (cap && std::strcmp(cap, "avx2") == 0) isa = std::min(isa, 1);
+        if (cap && std::strcmp(cap, "generic") == 0) isa = 0;
+        if (isa == 2) return {avx512_normalize, avx512_match, avx512_weigh, 8};
+        if (isa == 1) return {avx2_normalize, avx2_match, avx2_weigh, 6};
+#endif
+        return {generic_normalize, generic_match, generic_weigh, 4};
+    }
+};
+
+// Runs fn(begin, end) over [0, n) in chunks of `grain`: on OpenVINO's threads (TBB, as its CPU kernels)
+// when `threads` says so, else here.
+template <typename F>
+void split(size_t n, size_t grain, bool threads, const F& fn) {
+    if (!threads || n <= grain) return fn(size_t{0}, n);
+    const size_t chunks = (n + grain - 1) / grain;
+    ov::parallel_nt(0, [&](int ithr, int nthr) {
+        size_t first = 0, last = 0;
+        ov::splitter(chunks, static_cast<size_t>(nthr), static_cast<size_t>(ithr), first, last);
+        if (first < last) fn(first * grain, std::min(n, last * grain));
+    });
+}
+
+// One image: keys [H, N, D], tokens x [N, C], sizes size [N] -> out [N - r, C], out_size [N - r].
+// threads: split this image's work across OpenVINO's threads (one image in the batch), else run here.
+void merge_image(const Kernels& k, const float* x, const float* keys, const float* size, float* out, float* out_size,
+                 const Dims& s, bool threads) {
+    const size_t Na = s.Na(), Nb = s.Nb(), Nu = Na - s.r, C = s.C, D = s.D;
+    const size_t Nbp = (Nb + kPad - 1) / kPad * kPad;
+    std::vector<float> unit(s.N * D), bt(D * Nbp, 0.f), best(Na, -INFINITY);
+    std::vector<int64_t> partner(Na, 0), order(Na);
+    split(s.N, 16, threads, [&](size_t b, size_t e) { k.normalize(keys, unit.data(), bt.data(), Nbp, s, b, e); });
+    const size_t i0 = (s.P + 1) / 2;  // protected A tokens keep best -inf and partner 0
+    split(Na - i0, k.rows, threads, [&](size_t b, size_t e) {
+        k.match(unit.data(), bt.data(), Nbp, s, best.data(), partner.data(), i0 + b, i0 + e);
+    });
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return best[u] > best[v]; });
     std::vector<int64_t> unmerged(order.begin() + s.r, order.end());
@@ -71,12 +236,28 @@ void merge_image(const float* x, const float* metric, float* out, const Dims& s)
     const size_t in_a = (s.P + 1) / 2, in_b = s.P / 2;
     auto slot_a = [&](size_t k) { return k < in_a ? 2 * k : s.P + (k - in_a); };
     auto slot_b = [&](size_t j) { return j < in_b ? 2 * j + 1 : s.P + (Nu - in_a) + (j - in_b); };
-    for (size_t k = 0; k < Nu; ++k) std::copy_n(x + 2 * unmerged[k] * C, C, out + slot_a(k) * C);
-    for (size_t j = 0; j < Nb; ++j) std::copy_n(x + (2 * j + 1) * C, C, out + slot_b(j) * C);
-    for (size_t k = 0; k < s.r; ++k) {
-        const float* src = x + 2 * order[k] * C;
-        float* dst = out + slot_b(partner[order[k]]) * C;
-        for (size_t c = 0; c < C; ++c) dst[c] += src[c];
+    // The graph form's arithmetic, in its order: rows weighted x * size, each B row plus its merged A
+    // rows in edge order, then divided by the summed size.
+    std::vector<char> target(Nb, 0);
+    for (size_t e = 0; e < s.r; ++e) target[partner[order[e]]] = 1;
+    std::vector<Row> rows;
+    rows.reserve(Nu + Nb);
+    for (size_t u = 0; u < Nu; ++u) rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u), false});
+    for (size_t j = 0; j < Nb; ++j) rows.push_back({2 * j + 1, slot_b(j), target[j] != 0});
+    split(rows.size(), 16, threads, [&](size_t b, size_t e) { k.weigh(rows.data(), x, size, out, out_size, C, b, e); });
+    for (size_t e = 0; e < s.r; ++e) {  // r rows: here, in edge order
+        const size_t src = 2 * order[e], slot = slot_b(partner[order[e]]);
+        const float w = size[src];
+        const float* in = x + src * C;
+        float* o = out + slot * C;
+        for (size_t c = 0; c < C; ++c) o[c] += in[c] * w;
+        out_size[slot] += w;
+    }
+    for (size_t j = 0; j < Nb; ++j) {
+        if (!target[j]) continue;
+        float* o = out + slot_b(j) * C;
+        const float w = out_size[slot_b(j)];
+        for (size_t c = 0; c < C; ++c) o[c] /= w;
     }
 }
 
@@ -86,27 +267,36 @@ class ToMeMerge : public ov::op::Op {
 public:
     OPENVINO_OP("ToMeMerge");
     ToMeMerge() = default;
-    ToMeMerge(const ov::Output<ov::Node>& x, const ov::Output<ov::Node>& metric, int64_t r, int64_t num_protected)
-        : Op({x, metric}), m_r(r), m_p(num_protected) {
+    ToMeMerge(const ov::Output<ov::Node>& x, const ov::Output<ov::Node>& metric, const ov::Output<ov::Node>& size,
+              int64_t r, int64_t num_protected)
+        : Op({x, metric, size}), m_r(r), m_p(num_protected) {
         constructor_validate_and_infer_types();
     }
     void validate_and_infer_types() override {
-        const auto& metric = get_input_partial_shape(1);
+        NODE_VALIDATION_CHECK(this, get_input_size() == 3, "ToMeMerge takes tokens, metric and sizes");
+        for (size_t i = 0; i < 3; ++i) {
+            const auto& shape = get_input_partial_shape(i);
+            NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32 && shape.is_static() &&
+                                            shape.rank().get_length() == (i == 1 && shape.rank().get_length() == 4 ? 4 : 3),
+                                  "ToMeMerge takes static float32 [B, N, C] tokens, [B, H, N, D] keys or [B, N, D] "
+                                  "metric, and [B, N, 1] sizes");
+        }
         auto shape = get_input_partial_shape(0);
-        NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32 && get_input_element_type(1) == ov::element::f32,
-                              "ToMeMerge takes float32 tokens and metric");
-        NODE_VALIDATION_CHECK(this, shape.rank().is_static() && shape.rank().get_length() == 3 && shape.is_static() &&
-                                        metric.is_static() && metric.rank().get_length() == 3,
-                              "ToMeMerge takes static [B, N, C] tokens and [B, N, D] metric");
+        const auto &metric = get_input_partial_shape(1), &size = get_input_partial_shape(2);
         const int64_t n = shape[1].get_length();
-        NODE_VALIDATION_CHECK(this, metric[0] == shape[0] && metric[1] == shape[1], "tokens and metric differ in B or N");
+        const auto& metric_n = metric[metric.rank().get_length() - 2];
+        NODE_VALIDATION_CHECK(this, metric[0] == shape[0] && metric_n == shape[1] && size[0] == shape[0] &&
+                                        size[1] == shape[1] && size[2] == 1,
+                              "tokens, metric and sizes differ in B or N, or sizes are not [B, N, 1]");
         NODE_VALIDATION_CHECK(this, m_p >= 0 && m_r > 0 && m_r <= (n - m_p) / 2,
                               "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
         shape[1] = shape[1] - m_r;
-        set_output_type(0, get_input_element_type(0), shape);
+        set_output_type(0, ov::element::f32, shape);
+        shape[2] = 1;
+        set_output_type(1, ov::element::f32, shape);
     }
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<ToMeMerge>(args[0], args[1], m_r, m_p);
+        return std::make_shared<ToMeMerge>(args[0], args[1], args[2], m_r, m_p);
     }
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
         visitor.on_attribute("r", m_r);
@@ -116,14 +306,23 @@ public:
     bool has_evaluate() const override { return true; }
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
         const auto& shape = inputs[0].get_shape();
-        const Dims s{shape[1], shape[2], inputs[1].get_shape()[2], static_cast<size_t>(m_r), static_cast<size_t>(m_p)};
+        const auto& keys = inputs[1].get_shape();  // [B, H, N, D] or [B, N, D]
+        const size_t H = keys.size() == 4 ? keys[1] : 1;
+        const Dims s{shape[1], shape[2], keys.back(), static_cast<size_t>(m_r), static_cast<size_t>(m_p), H};
         const size_t B = shape[0];
-        outputs[0].set_shape({B, s.N - s.r, s.C});
+        const size_t M = s.N - s.r;
+        outputs[0].set_shape({B, M, s.C});
+        outputs[1].set_shape({B, M, 1});
         const float* x = inputs[0].data<const float>();
         const float* metric = inputs[1].data<const float>();
+        const float* size = inputs[2].data<const float>();
         float* out = outputs[0].data<float>();
-        ov::parallel_for(B, [&](size_t b) {  // OpenVINO's own thread pool (TBB), as its CPU kernels use
-            merge_image(x + b * s.N * s.C, metric + b * s.N * s.D, out + b * (s.N - s.r) * s.C, s);
+        float* out_size = outputs[1].data<float>();
+        static const Kernels kernels = Kernels::pick();
+        const bool one = B == 1;  // one image: split it across the threads; else one image per thread
+        ov::parallel_for(B, [&](size_t b) {
+            merge_image(kernels, x + b * s.N * s.C, metric + b * s.H * s.N * s.D, size + b * s.N, out + b * M * s.C,
+                        out_size + b * M, s, one);
         });
         return true;
     }
