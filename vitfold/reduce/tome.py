@@ -81,19 +81,17 @@ class ToMeAttention(Attention):
 
 
 class ToMeSite(nn.Module):
-    """One reduction site's bipartite matching and size-weighted merge (Sec. 3), as a module of its own:
-    the exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
+    """One reduction site's bipartite matching and sum merge (Sec. 3), as a module of its own: the
+    exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
     :func:`vitfold.passes.fuse_tome.fuse_tome_sites` can replace them with one fused op. No weights.
 
-    ``forward(x [B, N, C], keys [B, H, N, d], size [B, N, 1] or None, r, num_protected)`` returns
-    ``([B, N - r, C] merged tokens, [B, N - r, 1] merged sizes)``; the metric is the keys' mean over
-    heads (as the reference), ``None`` sizes mean one patch each.
+    ``forward(x [B, N, C], keys [B, H, N, d], r, num_protected) -> [B, N - r, C]``; the metric is the
+    keys' mean over heads, as the reference. The size weighting (:func:`merge_wavg`) stays outside.
     """
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, size: Optional[torch.Tensor], r: int,
-                num_protected: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, r: int, num_protected: int) -> torch.Tensor:
         merge, _ = bipartite_soft_matching(keys.mean(1), r, num_protected)
-        return merge_wavg(merge, x, size)
+        return merge(x, mode="sum")
 
 
 class ToMeBlock(Block):
@@ -109,7 +107,8 @@ class ToMeBlock(Block):
         x_attn, keys = self.attn.forward_tome(self.norm1(x), prop_size)
         x = x + self.drop_path1(self.ls1(x_attn))
         if r > 0 and cfg.mode == "merge" and not cfg.trace_source:  # the fusable site: one module call
-            x, state.size = self.tome_site(x, keys, state.size, r, cfg.num_protected)
+            site = lambda t, mode: self.tome_site(t, keys, r, cfg.num_protected)  # noqa: E731 (merge_wavg sums)
+            x, state.size = merge_wavg(site, x, state.size)
         elif r > 0:
             merge, _ = bipartite_soft_matching(keys.mean(1), r, cfg.num_protected)
             if cfg.trace_source:

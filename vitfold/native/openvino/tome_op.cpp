@@ -1,17 +1,18 @@
-// ToMe's bipartite soft matching and size-weighted merge as one OpenVINO operation (vitfold.native builds
-// it; build --fused-ops puts it in OpenVINO builds, benchmarks/fused_ops.py times it).
+// ToMe's bipartite soft matching and sum merge as one OpenVINO operation (vitfold.native builds it;
+// build --fused-ops puts it in OpenVINO builds, benchmarks/fused_ops.py times it).
 //
-// ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D], size [B, N, 1]; r, num_protected)
-//     -> (x [B, N - r, C], size [B, N - r, 1])
+// ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D]; r, num_protected) -> [B, N - r, C]
 // computes what vitfold.reduce.tome.ToMeSite computes: metric = keys.mean(1), then
 // vitfold.reduce.matching.bipartite_soft_matching(metric, r, num_protected) followed by
-// merge_wavg(merge, x, size) (Bolya et al., ICLR 2023, Sec. 3): A = even tokens, B = odd tokens,
-// each A token's best cosine partner in B, the r strongest edges merged (A into B, weighted by size),
+// merge(x, mode="sum") (Bolya et al., ICLR 2023, Sec. 3): A = even tokens, B = odd tokens,
+// each A token's best cosine partner in B, the r strongest edges merged (A summed into B),
 // output cat([unmerged A, B]) with the unmerged A tokens by position when there are prefix tokens, else
 // by falling edge score, and with two or more prefix tokens each prefix token back at its own position
 // (matching._prefix_order). Ties keep the lower index, as the graph form's ONNX TopK / ArgMax do.
-// The merge does the graph form's arithmetic in its order (x * size, sums in edge order, / size), so
-// with the same token choices the outputs match it to float rounding. The scores are summed in another
+// The merged rows are the graph form's sums in its order (each B row plus its A rows in edge order),
+// so with the same token choices the outputs are identical. The size weighting around it (x * size,
+// / size) stays in the graph: OpenVINO's own elementwise arithmetic is not IEEE-sequential, and under
+// INT8 a last-bit difference before a FakeQuantize flips a rounding. The scores are summed in another
 // order than a MatMul kernel sums them, so an edge within float rounding of the r-th can rank
 // differently: the build compares this op with the graph form and stops where they differ.
 // The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it.
@@ -40,23 +41,15 @@ struct Dims {
     size_t Nb() const { return N / 2; }        // B tokens: 2j + 1
 };
 
-// One output row of the merge: out[slot] = x[src] * size[src], then divided by that size unless a
-// merged A row is still to be added (weigh_only).
+// One output row of the merge: out[slot] = x[src].
 struct Row {
     size_t src, slot;
-    bool weigh_only;
 };
 
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef float f32x16 __attribute__((vector_size(64)));
 constexpr size_t kPad = 64;  // bt's row stride: a multiple of every tile width below
-
-// w = 2^e with 1 <= w < 2^64: x * w / w is x exactly for every x for which x * w does not overflow.
-inline bool power_of_two(float w) {
-    int e = 0;
-    return w >= 1.f && w < 0x1p64f && std::frexp(w, &e) == 0.5f;
-}
 
 // The kernels below are templates over a GCC / Clang vector type V, so one source serves SSE, AVX2,
 // AVX-512 and NEON; each is instantiated per instruction set and Kernels::pick takes the widest this
@@ -136,24 +129,10 @@ __attribute__((always_inline)) inline void match(const float* unit, const float*
     }
 }
 
-// Output rows [begin, end) of the merge: (x * s) / s, which is x itself where s is a power of two (1
-// before any merge; the product and quotient are then exact), else computed, since the product
-// rounds; a row that merged A rows are added to is only weighed here.
-__attribute__((always_inline)) inline void weigh(const Row* rows, const float* x, const float* size, float* out,
-                                                 float* out_size, size_t C, size_t begin, size_t end) {
-    for (size_t k = begin; k < end; ++k) {
-        const Row& row = rows[k];
-        const float w = size[row.src];
-        const float* in = x + row.src * C;
-        float* o = out + row.slot * C;
-        out_size[row.slot] = w;
-        if (row.weigh_only)
-            for (size_t c = 0; c < C; ++c) o[c] = in[c] * w;
-        else if (power_of_two(w))
-            std::memcpy(o, in, C * sizeof(float));
-        else
-            for (size_t c = 0; c < C; ++c) o[c] = in[c] * w / w;
-    }
+// Output rows [begin, end) of the merge: copies of their source rows.
+__attribute__((always_inline)) inline void copy_rows(const Row* rows, const float* x, float* out, size_t C, size_t begin,
+                                                     size_t end) {
+    for (size_t k = begin; k < end; ++k) std::memcpy(out + rows[k].slot * C, x + rows[k].src * C, C * sizeof(float));
 }
 
 // The three kernels of one instruction set (target: the functions' target attribute, or nothing).
@@ -168,9 +147,8 @@ __attribute__((always_inline)) inline void weigh(const Row* rows, const float* x
         match<V, kRows, kCols>(unit, bt, Nbp, s, best, partner, b, e);                                                 \
     }                                                                                                                  \
     target                                                                                                             \
-    void name##_weigh(const Row* rows, const float* x, const float* size, float* out, float* out_size, size_t C,       \
-                      size_t b, size_t e) {                                                                            \
-        weigh(rows, x, size, out, out_size, C, b, e);                                                                  \
+    void name##_copy(const Row* rows, const float* x, float* out, size_t C, size_t b, size_t e) {                      \
+        copy_rows(rows, x, out, C, b, e);                                                                              \
     }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -182,7 +160,7 @@ VITFOLD_KERNELS(generic, , f32x4, 4, 2)
 struct Kernels {
     void (*normalize)(const float*, float*, float*, size_t, const Dims&, size_t, size_t);
     void (*match)(const float*, const float*, size_t, const Dims&, float*, int64_t*, size_t, size_t);
-    void (*weigh)(const Row*, const float*, const float*, float*, float*, size_t, size_t, size_t);
+    void (*copy)(const Row*, const float*, float*, size_t, size_t, size_t);
     size_t rows;  // the match tile's A rows: thread ranges are cut at multiples of it
 
     // The widest this CPU runs: AVX-512, AVX2 + FMA, else the generic vectors (SSE on x86, NEON on
@@ -194,10 +172,10 @@ struct Kernels {
         const char* cap = std::getenv("VITFOLD_NATIVE_ISA");
         if (cap && std::strcmp(cap, "avx2") == 0) isa = std::min(isa, 1);
         if (cap && std::strcmp(cap, "generic") == 0) isa = 0;
-        if (isa == 2) return {avx512_normalize, avx512_match, avx512_weigh, 8};
-        if (isa == 1) return {avx2_normalize, avx2_match, avx2_weigh, 6};
+        if (isa == 2) return {avx512_normalize, avx512_match, avx512_copy, 8};
+        if (isa == 1) return {avx2_normalize, avx2_match, avx2_copy, 6};
 #endif
-        return {generic_normalize, generic_match, generic_weigh, 4};
+        return {generic_normalize, generic_match, generic_copy, 4};
     }
 };
 
@@ -214,10 +192,9 @@ void split(size_t n, size_t grain, bool threads, const F& fn) {
     });
 }
 
-// One image: keys [H, N, D], tokens x [N, C], sizes size [N] -> out [N - r, C], out_size [N - r].
+// One image: keys [H, N, D], tokens x [N, C] -> out [N - r, C].
 // threads: split this image's work across OpenVINO's threads (one image in the batch), else run here.
-void merge_image(const Kernels& k, const float* x, const float* keys, const float* size, float* out, float* out_size,
-                 const Dims& s, bool threads) {
+void merge_image(const Kernels& k, const float* x, const float* keys, float* out, const Dims& s, bool threads) {
     const size_t Na = s.Na(), Nb = s.Nb(), Nu = Na - s.r, C = s.C, D = s.D;
     const size_t Nbp = (Nb + kPad - 1) / kPad * kPad;
     std::vector<float> unit(s.N * D), bt(D * Nbp, 0.f), best(Na, -INFINITY);
@@ -236,28 +213,15 @@ void merge_image(const Kernels& k, const float* x, const float* keys, const floa
     const size_t in_a = (s.P + 1) / 2, in_b = s.P / 2;
     auto slot_a = [&](size_t k) { return k < in_a ? 2 * k : s.P + (k - in_a); };
     auto slot_b = [&](size_t j) { return j < in_b ? 2 * j + 1 : s.P + (Nu - in_a) + (j - in_b); };
-    // The graph form's arithmetic, in its order: rows weighted x * size, each B row plus its merged A
-    // rows in edge order, then divided by the summed size.
-    std::vector<char> target(Nb, 0);
-    for (size_t e = 0; e < s.r; ++e) target[partner[order[e]]] = 1;
     std::vector<Row> rows;
     rows.reserve(Nu + Nb);
-    for (size_t u = 0; u < Nu; ++u) rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u), false});
-    for (size_t j = 0; j < Nb; ++j) rows.push_back({2 * j + 1, slot_b(j), target[j] != 0});
-    split(rows.size(), 16, threads, [&](size_t b, size_t e) { k.weigh(rows.data(), x, size, out, out_size, C, b, e); });
-    for (size_t e = 0; e < s.r; ++e) {  // r rows: here, in edge order
-        const size_t src = 2 * order[e], slot = slot_b(partner[order[e]]);
-        const float w = size[src];
-        const float* in = x + src * C;
-        float* o = out + slot * C;
-        for (size_t c = 0; c < C; ++c) o[c] += in[c] * w;
-        out_size[slot] += w;
-    }
-    for (size_t j = 0; j < Nb; ++j) {
-        if (!target[j]) continue;
-        float* o = out + slot_b(j) * C;
-        const float w = out_size[slot_b(j)];
-        for (size_t c = 0; c < C; ++c) o[c] /= w;
+    for (size_t u = 0; u < Nu; ++u) rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u)});
+    for (size_t j = 0; j < Nb; ++j) rows.push_back({2 * j + 1, slot_b(j)});
+    split(rows.size(), 16, threads, [&](size_t b, size_t e) { k.copy(rows.data(), x, out, C, b, e); });
+    for (size_t e = 0; e < s.r; ++e) {  // r rows, here: each B row plus its A rows in edge order
+        const float* in = x + 2 * order[e] * C;
+        float* o = out + slot_b(partner[order[e]]) * C;
+        for (size_t c = 0; c < C; ++c) o[c] += in[c];
     }
 }
 
@@ -267,36 +231,28 @@ class ToMeMerge : public ov::op::Op {
 public:
     OPENVINO_OP("ToMeMerge");
     ToMeMerge() = default;
-    ToMeMerge(const ov::Output<ov::Node>& x, const ov::Output<ov::Node>& metric, const ov::Output<ov::Node>& size,
-              int64_t r, int64_t num_protected)
-        : Op({x, metric, size}), m_r(r), m_p(num_protected) {
+    ToMeMerge(const ov::Output<ov::Node>& x, const ov::Output<ov::Node>& keys, int64_t r, int64_t num_protected)
+        : Op({x, keys}), m_r(r), m_p(num_protected) {
         constructor_validate_and_infer_types();
     }
     void validate_and_infer_types() override {
-        NODE_VALIDATION_CHECK(this, get_input_size() == 3, "ToMeMerge takes tokens, metric and sizes");
-        for (size_t i = 0; i < 3; ++i) {
-            const auto& shape = get_input_partial_shape(i);
-            NODE_VALIDATION_CHECK(this, get_input_element_type(i) == ov::element::f32 && shape.is_static() &&
-                                            shape.rank().get_length() == (i == 1 && shape.rank().get_length() == 4 ? 4 : 3),
-                                  "ToMeMerge takes static float32 [B, N, C] tokens, [B, H, N, D] keys or [B, N, D] "
-                                  "metric, and [B, N, 1] sizes");
-        }
+        NODE_VALIDATION_CHECK(this, get_input_size() == 2, "ToMeMerge takes tokens and keys");
         auto shape = get_input_partial_shape(0);
-        const auto &metric = get_input_partial_shape(1), &size = get_input_partial_shape(2);
+        const auto& keys = get_input_partial_shape(1);
+        NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32 && get_input_element_type(1) == ov::element::f32 &&
+                                        shape.is_static() && shape.rank().get_length() == 3 && keys.is_static() &&
+                                        (keys.rank().get_length() == 3 || keys.rank().get_length() == 4),
+                              "ToMeMerge takes static float32 [B, N, C] tokens and [B, H, N, D] keys or a [B, N, D] metric");
         const int64_t n = shape[1].get_length();
-        const auto& metric_n = metric[metric.rank().get_length() - 2];
-        NODE_VALIDATION_CHECK(this, metric[0] == shape[0] && metric_n == shape[1] && size[0] == shape[0] &&
-                                        size[1] == shape[1] && size[2] == 1,
-                              "tokens, metric and sizes differ in B or N, or sizes are not [B, N, 1]");
+        NODE_VALIDATION_CHECK(this, keys[0] == shape[0] && keys[keys.rank().get_length() - 2] == shape[1],
+                              "tokens and keys differ in B or N");
         NODE_VALIDATION_CHECK(this, m_p >= 0 && m_r > 0 && m_r <= (n - m_p) / 2,
                               "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
         shape[1] = shape[1] - m_r;
         set_output_type(0, ov::element::f32, shape);
-        shape[2] = 1;
-        set_output_type(1, ov::element::f32, shape);
     }
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
-        return std::make_shared<ToMeMerge>(args[0], args[1], args[2], m_r, m_p);
+        return std::make_shared<ToMeMerge>(args[0], args[1], m_r, m_p);
     }
     bool visit_attributes(ov::AttributeVisitor& visitor) override {
         visitor.on_attribute("r", m_r);
@@ -312,17 +268,13 @@ public:
         const size_t B = shape[0];
         const size_t M = s.N - s.r;
         outputs[0].set_shape({B, M, s.C});
-        outputs[1].set_shape({B, M, 1});
         const float* x = inputs[0].data<const float>();
-        const float* metric = inputs[1].data<const float>();
-        const float* size = inputs[2].data<const float>();
+        const float* keys_data = inputs[1].data<const float>();
         float* out = outputs[0].data<float>();
-        float* out_size = outputs[1].data<float>();
         static const Kernels kernels = Kernels::pick();
         const bool one = B == 1;  // one image: split it across the threads; else one image per thread
         ov::parallel_for(B, [&](size_t b) {
-            merge_image(kernels, x + b * s.N * s.C, metric + b * s.H * s.N * s.D, size + b * s.N, out + b * M * s.C,
-                        out_size + b * M, s, one);
+            merge_image(kernels, x + b * s.N * s.C, keys_data + b * s.H * s.N * s.D, out + b * M * s.C, s, one);
         });
         return true;
     }
