@@ -1,8 +1,10 @@
 """Native kernels: vitfold's fused reduction ops as backend extensions, compiled on the user's machine.
 
-One today, for OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's bipartite
-matching and sum merge (about 30 ONNX nodes per reduction site in the graph form) as one operation,
-with the ONNX frontend mapping for nodes of domain ``vitfold``. It is compiled with CMake against the
+One today, for OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's metric (the
+keys' head mean), bipartite matching and sum merge (about 30 ONNX nodes per reduction site in the
+graph form) as one operation, with the ONNX frontend mapping for nodes of domain ``vitfold``. Its
+kernels are vectorised for AVX-512, AVX2 and generic vectors (SSE, NEON), picked at run time
+(``VITFOLD_NATIVE_ISA=avx2|generic`` caps the choice, for tests). It is compiled with CMake against the
 headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compiler; ninja when
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
 into a cache keyed by the OpenVINO version and the source's hash. Builds that use it carry a copy.
