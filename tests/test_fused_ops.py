@@ -271,8 +271,8 @@ def test_compile_module_hands_the_schedule_to_the_fused_build(tmp_path, extensio
 
 
 def test_per_layer_profile_places_each_fused_site_in_its_block_as_reduction(tmp_path):
-    """The fused op has no module path of its own: the profile reads the fused graph the backend built and
-    places each op by its name, so its time counts as reduction, not as the MLP it feeds."""
+    """The fused op has no module path of its own: read from the fused graph the backend built, the topology
+    rules place it in its block as reduction (between the block's attention and its MLP)."""
     from vitfold.profiles.per_layer import onnx_places
 
     path, _, _ = tiny_export(tmp_path)

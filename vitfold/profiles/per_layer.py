@@ -36,8 +36,6 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..native import SITE_PREFIX
-
 CATEGORIES = ("attention", "mlp", "reduction", "other")
 EMBED, HEAD, UNKNOWN = "embed", "head", "?"
 #: Top-level timm VisionTransformer modules before / after the blocks.
@@ -222,8 +220,6 @@ def onnx_places(onnx_path: Path, source_path: Optional[Path] = None, depth: Opti
     category: list[Optional[str]] = []
     for i, node in enumerate(nodes):
         b, c = _scope_place(scopes.get(node.name), depth)
-        if node.name.startswith(SITE_PREFIX):  # a fused site (--fused-ops) has no module path of its own
-            b, c = node.name[len(SITE_PREFIX):].split("/", 1)[0], "reduction"
         if b is None:
             ranked = [block[p] for p in preds[i] if block[p] is not None]
             b = max(ranked, key=rank) if ranked else None
