@@ -1,10 +1,12 @@
-"""ToMe speedup over dense, per backend and batch size, measured in one run (variants interleaved).
+"""Token reduction's speedup over dense (ToMe; EViT / Top-K with ``--method``), per backend and batch size,
+measured in one run (variants interleaved).
 
     python benchmarks/latency.py                       # DeiT-S, r 8/13/16, OpenVINO + ONNX Runtime, batch 1 and 8
     python benchmarks/latency.py --backends openvino --batches 1 --r 13
     python benchmarks/latency.py --backends openvino --ceiling --r 13,26/2,39/3   # 12, 6, 4 reduction sites
     python benchmarks/latency.py --backends openvino --ceiling --precision int8 --r 13  # within INT8
     python benchmarks/latency.py --backends openvino --ceiling --fused-ops --r 13,39/3  # + one fused op per site
+    python benchmarks/latency.py --backends openvino --ceiling --fused-ops --method evit --keep-rate 0.7
 
 Prints one table: median / p90 ms per variant, speedup = dense median / reduced median, the FLOP
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
@@ -28,7 +30,8 @@ precision (the reduction's own ops kept float: :mod:`vitfold.quantize`), calibra
 DIR`` or the check photos, so speedup, ceiling and reduction ms are all within INT8.
 
 ``--fused-ops`` (OpenVINO, f32 or int8) adds, per schedule, the build's ``--fused-ops`` form: each site one
-``vitfold.ToMeMerge`` op (:mod:`vitfold.native`, compiled here once), checked against the graph form.
+``vitfold.ToMeMerge`` / ``vitfold.EViTPrune`` op (:mod:`vitfold.native`, compiled here once), checked
+against the graph form.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def parse_sites(value: str, depth: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--method", default="tome", choices=("tome", "evit", "topk"))
+    parser.add_argument("--keep-rate", default="0.7", help="--method evit / topk: comma-separated keep rates (default locations)")
     parser.add_argument("--r", default="8,13,16",
                         help="comma-separated ToMe r values; R/K merges R at every K-th block only (blocks 0, K, 2K, ...): "
                              "13,26/2,39/3 compares 12, 6 and 4 reduction sites")
@@ -96,12 +101,15 @@ def main() -> None:
     layout = TokenLayout.of(model)
     dims = model_dims(model)
     variants = {"dense": create_method("tome", r=0)}
-    variants.update({f"r={v}": create_method("tome", r=parse_sites(v, layout.depth)) for v in args.r.split(",")})
+    if args.method == "tome":
+        variants.update({f"r={v}": create_method("tome", r=parse_sites(v, layout.depth)) for v in args.r.split(",")})
+    else:
+        variants.update({f"keep={v}": create_method(args.method, keep_rate=float(v)) for v in args.keep_rate.split(",")})
     schedules = {name: m.schedule(layout) for name, m in variants.items()}
     macs = {name: schedule_macs(dims, list(s.tokens))["total"] for name, s in schedules.items()}
     photos = load_images(list_images(), pre)
 
-    table = Table(title=f"{args.model}: ToMe vs dense, {args.precision}, interleaved in one run")
+    table = Table(title=f"{args.model}: {args.method} vs dense, {args.precision}, interleaved in one run")
     columns = ["backend", "batch", "variant", "median ms", "p90 ms", "CoV", "speedup", "FLOP ratio", "speedup / FLOP ratio"]
     if args.ceiling:
         columns += ["ceiling", "speedup / ceiling", "reduction ms", f"budget ms ({args.target:g}x FLOP ratio)"]

@@ -1,4 +1,5 @@
-"""``build --fused-ops``: ToMe's reduction sites as one ``vitfold.ToMeMerge`` op each (OpenVINO extension).
+"""``build --fused-ops``: each reduction site as one op (OpenVINO extension): ToMe's as ``vitfold.ToMeMerge``,
+EViT's and Top-K's as ``vitfold.EViTPrune``.
 
 The rewrite itself (tagging at export, fusing the tagged region) and the lint need no compiler. The
 extension's tests compile it (cmake and a C++ compiler, a few seconds) into a temporary cache and skip,
@@ -18,9 +19,10 @@ import torch
 from conftest import FLAVOURS, deploy, tiny_vit
 from vitfold.errors import PassError
 from vitfold.export.onnx import export_onnx
-from vitfold.native import DOMAIN, LIBRARY, SITE_PREFIX, TOME_OP, NativeUnavailable
-from vitfold.passes.fuse_tome import fuse_tome_sites
+from vitfold.native import DOMAIN, LIBRARY, PRUNE_OP, PRUNE_SITE_PREFIX, SITE_PREFIXES, TOME_OP, TOME_SITE_PREFIX, NativeUnavailable
+from vitfold.passes.fuse_sites import fuse_sites
 from vitfold.passes.lint import lint
+from vitfold.quantize.scope import reduction_scope
 from vitfold.reduce import TokenLayout, create_method
 
 TOOLCHAIN = shutil.which("cmake") is not None and (shutil.which("g++") or shutil.which("c++")) is not None
@@ -35,6 +37,18 @@ def tiny_export(tmp_path, r=(2, 0, 3, 1), metadata=True, flavour=None, **params)
     reduced = method.apply(model, schedule)
     path = tmp_path / "model.onnx"
     export_onnx(reduced, path, (2, 3, 32, 32), metadata={"schedule": schedule.to_json()} if metadata else None)
+    return path, reduced, schedule
+
+
+def tiny_prune_export(tmp_path, method="evit", flavour=None, **params):
+    """A tiny EViT / Top-K model (sites at blocks 1 and 2), exported the way a build exports it:
+    ``(path, torch model, schedule)``."""
+    model = tiny_vit(**(flavour or {}))
+    method = create_method(method, **{"keep_rate": 0.7, "locations": [1, 2], **params})
+    schedule = method.schedule(TokenLayout.of(model))
+    reduced = method.apply(model, schedule)
+    path = tmp_path / "model.onnx"
+    export_onnx(reduced, path, (2, 3, 32, 32), metadata={"schedule": schedule.to_json()})
     return path, reduced, schedule
 
 
@@ -53,14 +67,14 @@ def extension(tmp_path_factory):
 def test_export_tags_each_site_and_the_rewrite_fuses_it(tmp_path):
     path, _, schedule = tiny_export(tmp_path)
     proto = onnx.load(str(path))
-    tagged = {n.name[len(SITE_PREFIX):].split("/")[0] for n in proto.graph.node if n.name.startswith(SITE_PREFIX)}
+    tagged = {n.name[len(TOME_SITE_PREFIX):].split("/")[0] for n in proto.graph.node if n.name.startswith(TOME_SITE_PREFIX)}
     assert tagged == {"0", "2", "3"}  # the blocks with r > 0; block 1 merges nothing
-    fused, sites = fuse_tome_sites(proto)
+    fused, sites = fuse_sites(proto)
     ops = [n for n in fused.graph.node if n.domain == DOMAIN]
-    assert sites == 3 and [n.op_type for n in ops] == [TOME_OP] * 3
+    assert sites == {TOME_OP: 3} and [n.op_type for n in ops] == [TOME_OP] * 3
     attrs = [{a.name: a.i for a in n.attribute} for n in ops]
     assert [a["r"] for a in attrs] == [2, 3, 1] and {a["num_protected"] for a in attrs} == {1}
-    assert not any(n.name.startswith(SITE_PREFIX) and n.domain != DOMAIN for n in fused.graph.node)
+    assert not any(n.name.startswith(TOME_SITE_PREFIX) and n.domain != DOMAIN for n in fused.graph.node)
     assert len(fused.graph.node) < len(proto.graph.node) - 3 * 20  # ~30 graph nodes per site become one
     assert any(o.domain == DOMAIN and o.version == 1 for o in fused.opset_import)
     assert {p.key for p in proto.metadata_props} <= {p.key for p in fused.metadata_props}
@@ -76,18 +90,54 @@ def test_the_rewrite_refuses_what_it_cannot_fuse(tmp_path):
     (tmp_path / "a").mkdir()
     path, _, _ = tiny_export(tmp_path / "a", metadata=False)
     with pytest.raises(PassError, match="no vitfold schedule"):
-        fuse_tome_sites(onnx.load(str(path)))
+        fuse_sites(onnx.load(str(path)))
     (tmp_path / "b").mkdir()
     path, _, _ = tiny_export(tmp_path / "b", mode="prune")  # prune mode drops tokens: no merge site
-    with pytest.raises(PassError, match="no ToMe merge site to fuse"):
-        fuse_tome_sites(onnx.load(str(path)))
+    with pytest.raises(PassError, match="no reduction site to fuse"):
+        fuse_sites(onnx.load(str(path)))
     (tmp_path / "c").mkdir()
     path, _, _ = tiny_export(tmp_path / "c")
     proto = onnx.load(str(path))
-    site = [n for n in proto.graph.node if n.name.startswith(SITE_PREFIX + "2/")]
+    site = [n for n in proto.graph.node if n.name.startswith(TOME_SITE_PREFIX + "2/")]
     site[len(site) // 2].name = "untagged"  # a region with a hole is not closed: refused, not half-fused
-    with pytest.raises(PassError, match="block 2: the ToMe site is not a closed region"):
-        fuse_tome_sites(proto)
+    with pytest.raises(PassError, match="block 2: the ToMe site .* is not a closed region"):
+        fuse_sites(proto)
+
+
+@pytest.mark.parametrize("method, fuse", [("evit", 1), ("topk", 0)])
+def test_the_rewrite_fuses_each_pruning_site(tmp_path, method, fuse):
+    path, _, schedule = tiny_prune_export(tmp_path, method)
+    proto = onnx.load(str(path))
+    tagged = {n.name[len(PRUNE_SITE_PREFIX):].split("/")[0] for n in proto.graph.node if n.name.startswith(PRUNE_SITE_PREFIX)}
+    assert tagged == {"1", "2"}
+    fused, sites = fuse_sites(proto)
+    ops = [n for n in fused.graph.node if n.domain == DOMAIN]
+    assert sites == {PRUNE_OP: 2} and [n.op_type for n in ops] == [PRUNE_OP] * 2
+    assert not any(n.name.startswith(SITE_PREFIXES) and n.domain != DOMAIN for n in fused.graph.node)
+    attrs = [{a.name: a.i for a in n.attribute} for n in ops]
+    tokens = schedule.tokens  # 17 at the input; each site keeps ceil(0.7 * (N - 1)) (+1 fused token)
+    keeps = [tokens[2] - 1 - fuse, tokens[3] - 1 - fuse]
+    assert attrs == [{"keep": k, "num_protected": 1, "fuse": fuse} for k in keeps]
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in onnx.shape_inference.infer_shapes(fused).graph.value_info}
+    for op, n, m in zip(ops, tokens[1:3], tokens[2:4]):
+        x, attn = op.input
+        assert inferred[x][:2] == [2, n] and inferred[attn] == [2, n] and inferred[op.output[0]][:2] == [2, m]
+
+
+@pytest.mark.parametrize("method", ["tome", "evit", "topk"])
+def test_a_fused_graph_keeps_the_graph_forms_quantization_scope(tmp_path, method):
+    """INT8 keeps the reduction float by the scope :func:`reduction_scope` derives. A fused site makes its
+    choices inside one op, so the scope must come out the same as the graph form's less the fused nodes:
+    else the fused build quantizes other layers (EViT's class-attention MatMul) than the graph form."""
+    path = tiny_export(tmp_path)[0] if method == "tome" else tiny_prune_export(tmp_path, method)[0]
+    graph_form = onnx.load(str(path))
+    fused, _ = fuse_sites(graph_form)
+    expected = {n for n in reduction_scope(graph_form).nodes if not n.startswith(SITE_PREFIXES)}
+    assert set(reduction_scope(fused).nodes) == expected
+    if method != "tome":
+        ops = {n.name: n.op_type for n in fused.graph.node}
+        assert "MatMul" in {ops[n] for n in expected}  # the class attention stays float
 
 
 def test_tome_site_module_keeps_the_function_and_remove_drops_it():
@@ -105,7 +155,7 @@ def test_tome_site_module_keeps_the_function_and_remove_drops_it():
 
 def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
     path, _, _ = tiny_export(tmp_path)
-    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     findings = {target: [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "fused-op"]
                 for target in ("openvino-cpu", "onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5")}
@@ -123,7 +173,7 @@ def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension,
 
     settings = FLAVOURS.get(flavour, {"reg_tokens": 1})  # class + one more prefix token, as DeiT's distillation token
     path, reduced, _ = tiny_export(tmp_path, flavour=settings)
-    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     core = ov.Core()
     core.add_extension(str(extension))
@@ -139,6 +189,30 @@ def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension,
         np.testing.assert_allclose(b, reference, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["evit", "topk"])
+@pytest.mark.parametrize("flavour", ["plain", "registers"])
+def test_fused_pruning_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension, method, flavour):
+    """EViTPrune: the same kept tokens in the same order and the fused token's sum term for term (max abs 0),
+    with one and five protected prefix tokens (class token and registers)."""
+    import openvino as ov
+
+    path, reduced, _ = tiny_prune_export(tmp_path, method, flavour=FLAVOURS[flavour])
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    core = ov.Core()
+    core.add_extension(str(extension))
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    graph = core.compile_model(core.read_model(str(path)), "CPU", config)
+    one_op = core.compile_model(core.read_model(str(tmp_path / "fused.onnx")), "CPU", config)
+    for seed in range(4):
+        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        a, b = graph({0: x})[0], one_op({0: x})[0]
+        with torch.no_grad():
+            reference = reduced(torch.from_numpy(x)).numpy()
+        assert np.abs(a - b).max() == 0.0
+        np.testing.assert_allclose(b, reference, atol=1e-4)
+
+
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_every_vector_path_of_the_matching_gives_the_same_tokens(tmp_path, extension, isa):
     """The kernel picks AVX-512, AVX2 or the generic vectors at run time; VITFOLD_NATIVE_ISA caps it, so each
@@ -147,7 +221,7 @@ def test_every_vector_path_of_the_matching_gives_the_same_tokens(tmp_path, exten
     import sys
 
     path, _, _ = tiny_export(tmp_path, r=(3, 3, 2, 2))
-    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     np.save(tmp_path / "x.npy", np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32))
     script = ("import sys, numpy as np, openvino as ov; core = ov.Core(); core.add_extension(sys.argv[1]); "
@@ -162,8 +236,10 @@ def test_every_vector_path_of_the_matching_gives_the_same_tokens(tmp_path, exten
     assert np.abs(outputs["widest"] - outputs[isa]).max() <= 1e-5
 
 
-@pytest.mark.parametrize("precision", ["f32", "int8"])
-def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
+@pytest.mark.parametrize("method, params, sites, precision", [
+    ("tome", {"r": 2}, 4, "f32"), ("tome", {"r": 2}, 4, "int8"),
+    ("evit", {"locations": [1, 2]}, 2, "f32"), ("topk", {"locations": [1, 2]}, 2, "int8")])
+def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, method, params, sites, precision):
     """A --fused-ops build: checked against the graph form (int8: quantized alike) and torch, carries its
     extension, loads by itself; int8 reads its token choices off the graph form quantized alike."""
     from vitfold import build as build_module
@@ -176,7 +252,7 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
     pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
     cfg = BuildConfig("openvino", precision, extra={"fused_ops": True})
-    request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, cfg, out=tmp_path / "b",
+    request = BuildRequest(ModelSpec("tiny_vit"), method, params, cfg, out=tmp_path / "b",
                            latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0),
                            tolerance={"min_cosine": 0.5, "min_top1": 0.0} if precision == "int8" else None)
     assert "-fused-" in request.name()
@@ -185,21 +261,21 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, precision):
     assert manifest["files"]["extension"] == LIBRARY and (directory / LIBRARY).is_file()
     dense = json.loads((directory / "dense" / "manifest.json").read_text())
     assert "extension" not in dense["files"]  # the dense twin has no site: the graph form, no extension
-    fused = [p for p in manifest["passes"] if p["name"] == "fuse-tome-sites"]
+    fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
     if precision == "f32":
         assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4  # the fused build against torch
     else:
         choices = manifest["quantization"]["choices"]
-        assert choices["sites"] == 4 and "graph form quantized alike" in choices["runner"]
+        assert choices["sites"] == sites and "graph form quantized alike" in choices["runner"]
         assert 0.0 <= choices["identical"] <= 1.0
     if precision == "f32":  # the per-layer profile reads the fused graph: each op's time is the reduction's
         from vitfold.profiles.per_layer import LayerProfileOptions, profile_variant
 
         sample = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
         rows, _ = profile_variant(directory, sample, LayerProfileOptions(warmup=1, runs=2))
-        sites = [r for r in rows if r.type == "Reference"]
-        assert len(sites) == 4 and {r.category for r in sites} == {"reduction"}
+        ops = [r for r in rows if r.type == "Reference"]
+        assert len(ops) == sites and {r.category for r in ops} == {"reduction"}
     session = load(directory)  # a device app: the manifest names the extension, load registers it
     x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
     assert session(x)["logits"].shape == (1, 10)
@@ -223,9 +299,9 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
     (["--backend", "onnxruntime"], "--fused-ops runs on OpenVINO at f32"),
     (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
-    (["--method", "evit"], "--fused-ops fuses ToMe's merge sites"),
-    (["--mode", "prune"], "--fused-ops fuses ToMe's merge sites"),
-    (["--task", "features"], "--fused-ops fuses ToMe's merge sites"),
+    (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
+    (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
+    (["--task", "features"], "--fused-ops fuses the reduction sites of"),
     (["--export-only"], "drop --export-only"),
 ])
 def test_cli_refuses_fused_ops_where_it_cannot_run(tmp_path, args, message):
@@ -244,7 +320,7 @@ def test_a_reduced_model_without_sites_is_refused_not_built_unfused(tmp_path):
     cfg = BuildConfig("openvino", extra={"fused_ops": True})
     (tmp_path / "prune").mkdir()
     path, _, _ = tiny_export(tmp_path / "prune", mode="prune")
-    with pytest.raises(PassError, match="no ToMe merge site to fuse"):
+    with pytest.raises(PassError, match="no reduction site to fuse"):
         _fuse_sites(path, tmp_path / "prune", cfg, log=lambda m: None)
     (tmp_path / "dense").mkdir()
     path, _, _ = tiny_export(tmp_path / "dense", r=(0, 0, 0, 0))
@@ -265,7 +341,7 @@ def test_compile_module_hands_the_schedule_to_the_fused_build(tmp_path, extensio
     cfg = BuildConfig("openvino", extra={"fused_ops": True})
     compiled = compile_module(method.apply(model, schedule), (1, 3, 32, 32), tmp_path / "with", cfg,
                               metadata={"schedule": schedule.to_json()})
-    assert compiled.files["extension"] == LIBRARY and [p.name for p in compiled.passes][-1] == "fuse-tome-sites"
+    assert compiled.files["extension"] == LIBRARY and [p.name for p in compiled.passes][-1] == "fuse-sites"
     with pytest.raises(PassError, match="no vitfold schedule"):
         compile_module(method.apply(model, schedule), (1, 3, 32, 32), tmp_path / "without", cfg)
 
@@ -276,7 +352,7 @@ def test_per_layer_profile_places_each_fused_site_in_its_block_as_reduction(tmp_
     from vitfold.profiles.per_layer import onnx_places
 
     path, _, _ = tiny_export(tmp_path)
-    fused, _ = fuse_tome_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     places = onnx_places(tmp_path / "fused.onnx", path)
     ops = {n.name: places[n.name] for n in fused.graph.node if n.domain == DOMAIN}
@@ -284,10 +360,12 @@ def test_per_layer_profile_places_each_fused_site_in_its_block_as_reduction(tmp_
     assert {p.category for name, p in places.items() if "mlp" in name} <= {"mlp"}
 
 
-def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extension, monkeypatch, dinov2_path):
-    """DINOv2, ToMe r=13, INT8: the fused build must equal the graph form quantized alike (the build's own
-    check, 1e-5, raises otherwise). A fused op that did the size weighting itself passed on the tiny random
-    model and failed here by 0.08: a last-bit difference before a FakeQuantize flips its rounding."""
+@pytest.mark.parametrize("method, params", [("tome", {"r": 13}), ("evit", {"keep_rate": 0.7}), ("topk", {"keep_rate": 0.7})])
+def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extension, monkeypatch, dinov2_path, method, params):
+    """DINOv2, ToMe r=13 and EViT / Top-K keep 0.7, INT8: the fused build must equal the graph form quantized
+    alike (the build's own check, 1e-5, raises otherwise). A fused ToMe op that did the size weighting itself
+    passed on the tiny random model and failed here by 0.08: a last-bit difference before a FakeQuantize flips
+    its rounding."""
     from vitfold.compile import compile_onnx
     from vitfold.export.models import create_model
     from vitfold.images import list_images, load_images
@@ -297,7 +375,7 @@ def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extens
 
     monkeypatch.setenv("VITFOLD_CACHE", str(extension.parent.parent.parent))
     model, pre = create_model(ModelSpec("vit_small_patch14_dinov2", checkpoint=str(dinov2_path), img_size=224))
-    method = create_method("tome", r=13)
+    method = create_method(method, **params)
     schedule = method.schedule(TokenLayout.of(model))
     path = tmp_path / "model.onnx"
     export_onnx(method.apply(model, schedule), path, (1, 3, 224, 224), metadata={"schedule": schedule.to_json()})
@@ -305,5 +383,5 @@ def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extens
     cfg = BuildConfig("openvino", "int8", extra={"fused_ops": True})
     calibration = load_calibration(None, pre, 1, warn=lambda message: None)
     compiled = compile_onnx(path, tmp_path, cfg, sample, calibration=calibration)
-    check = [p for p in compiled.passes if p.name == "fuse-tome-sites"]
+    check = [p for p in compiled.passes if p.name == "fuse-sites"]
     assert len(check) == 1 and check[0].max_abs_change == 0.0

@@ -257,9 +257,9 @@ def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log:
     (:mod:`vitfold.quantize.choices`): the f32 graph (``model.opt.onnx``) on ONNX Runtime against the
     quantized model on its backend. TensorRT's engine cannot add outputs after the build: there the
     Q/DQ graph runs on ONNX Runtime instead (said in the record). A ``--fused-ops`` build makes its
-    choices inside ``vitfold.ToMeMerge``, where no output can read them: the graph form is quantized
+    choices inside its ``vitfold`` ops, where no output can read them: the graph form is quantized
     again with the same ``calibration`` and read instead; the build has already checked that the fused
-    build gives its outputs (``fuse-tome-sites``, said in the record)."""
+    build gives its outputs (``fuse-sites``, said in the record)."""
     import onnx
 
     from .quantize import choices

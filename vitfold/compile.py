@@ -136,15 +136,16 @@ FUSED_PRECISIONS = ("f32", "int8")
 @dataclass(frozen=True)
 class _Fused:
     path: Path
-    sites: int
+    sites: str  # "3 sites into vitfold.EViTPrune"
     nodes_before: int
     nodes_after: int
     ms: float
 
 
 def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callable[[str], None]) -> Optional[_Fused]:
-    """``--fused-ops``: each ToMe site of ``optimized`` as one ``vitfold.ToMeMerge`` node in
-    ``model.fused.onnx`` (:mod:`vitfold.passes.fuse_tome`); None when the model has no site (the dense twin).
+    """``--fused-ops``: each reduction site of ``optimized`` as one ``vitfold`` node (``ToMeMerge``,
+    ``EViTPrune``) in ``model.fused.onnx`` (:mod:`vitfold.passes.fuse_sites`); None when the model has no
+    site (the dense twin).
 
     Raises:
         PassError: a site could not be fused; SpecError: a backend or precision the fused op does not run on.
@@ -155,25 +156,26 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     import onnx
 
     from .errors import SpecError
-    from .native import SITE_PREFIX
-    from .passes.fuse_tome import fuse_tome_sites
+    from .native import SITE_PREFIXES
+    from .passes.fuse_sites import fuse_sites
 
     if cfg.backend != "openvino" or cfg.weights is not None or cfg.precision not in FUSED_PRECISIONS:
         raise SpecError(f"--fused-ops builds for OpenVINO at {' or '.join(FUSED_PRECISIONS)} (the extension's kernel is "
                         f"float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
     proto = onnx.load(str(optimized))
-    if not any(node.name.startswith(SITE_PREFIX) for node in proto.graph.node):
+    if not any(node.name.startswith(SITE_PREFIXES) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)
         tokens = schedule["tokens"] if schedule else []
         if not any(b < a for a, b in zip(tokens, tokens[1:])):
             return None  # nothing reduced (the dense twin): the graph form, no extension
-        fuse_tome_sites(proto)  # reduced but untagged: raises, naming what cannot be fused
+        fuse_sites(proto)  # reduced but untagged: raises, naming what cannot be fused
     start = time.perf_counter()
-    result, sites = fuse_tome_sites(proto)
+    result, counts = fuse_sites(proto)
     ms = (time.perf_counter() - start) * 1e3
     path = directory / "model.fused.onnx"
     onnx.save(result, str(path))
-    log(f"fused {sites} ToMe sites into vitfold.ToMeMerge ({len(proto.graph.node)} -> {len(result.graph.node)} nodes)")
+    sites = ", ".join(f"{n} sites into vitfold.{op}" for op, n in counts.items())
+    log(f"fused {sites} ({len(proto.graph.node)} -> {len(result.graph.node)} nodes)")
     return _Fused(path, sites, len(proto.graph.node), len(result.graph.node), ms)
 
 
@@ -200,11 +202,11 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
     session.close()
     change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
     if not change <= FUSED_TOLERANCE:
-        raise FidelityError(f"the fused ToMe sites moved the outputs by {change:.3g} (max abs) against the graph form "
+        raise FidelityError(f"the fused sites moved the outputs by {change:.3g} (max abs) against the graph form "
                             f"on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
     log(f"fused sites match the graph form on {cfg.backend}: max abs {change:.2g}")
-    return PassReport("fuse-tome-sites", fused.nodes_before, fused.nodes_after, fused.ms, change,
-                      (f"{fused.sites} sites as vitfold.ToMeMerge, checked on {cfg.backend} against the graph form",))
+    return PassReport("fuse-sites", fused.nodes_before, fused.nodes_after, fused.ms, change,
+                      (f"fused {fused.sites}, checked on {cfg.backend} against the graph form",))
 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,

@@ -26,7 +26,7 @@ import onnx
 import torch
 
 from ..errors import ExportError
-from ..native import SITE_PREFIX
+from ..native import PRUNE_SITE_PREFIX, TOME_SITE_PREFIX
 from ..metrics import Comparison, compare
 from ..runtimes.backends import get_backend
 from ..runtimes.ort import MAX_IR_VERSION, run_onnx
@@ -97,19 +97,22 @@ def export_onnx(
     return Path(path)
 
 
-_SITE_SCOPE = re.compile(r"^blocks\.(\d+)\.tome_site$")
+_SITE_SCOPE = re.compile(r"^blocks\.(\d+)\.(tome_site|prune_site)$")
+_SITE_PREFIX = {"tome_site": TOME_SITE_PREFIX, "prune_site": PRUNE_SITE_PREFIX}
 
 
 def tag_sites(proto: onnx.ModelProto) -> None:
-    """Prefix the names of the nodes each :class:`~vitfold.reduce.tome.ToMeSite` call exported with
-    ``vitfold.tome_site.<block>/``, read from the exporter's name-scope metadata. Node names survive the graph passes (metadata does not), so
-    :func:`vitfold.passes.fuse_tome.fuse_tome_sites` finds each site's nodes after them."""
+    """Prefix the names of the nodes each site module call exported (:class:`~vitfold.reduce.tome.ToMeSite`,
+    :class:`~vitfold.reduce.evit.PruneSite`) with ``vitfold.tome_site.<block>/`` or
+    ``vitfold.prune_site.<block>/``, read from the exporter's name-scope metadata. Node names survive
+    the graph passes (metadata does not), so :func:`vitfold.passes.fuse_sites.fuse_sites` finds each
+    site's nodes after them."""
     for node in proto.graph.node:
         scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
         for scope in re.findall(r"'([^']*)'", scopes):
             match = _SITE_SCOPE.match(scope)
             if match:
-                node.name = f"{SITE_PREFIX}{match.group(1)}/{node.name}"
+                node.name = f"{_SITE_PREFIX[match.group(2)]}{match.group(1)}/{node.name}"
                 break
 
 

@@ -1,9 +1,10 @@
 """Native kernels: vitfold's fused reduction ops as backend extensions, compiled on the user's machine.
 
-One today, for OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's metric (the
-keys' head mean), bipartite matching and sum merge (about 30 ONNX nodes per reduction site in the
-graph form) as one operation, with the ONNX frontend mapping for nodes of domain ``vitfold``. Its
-kernels are vectorised for AVX-512, AVX2 and generic vectors (SSE, NEON), picked at run time
+For OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's metric (the keys' head
+mean), bipartite matching and sum merge (about 30 ONNX nodes per reduction site in the graph form) as
+one operation; ``openvino/prune_op.cpp`` defines ``vitfold.EViTPrune``, EViT's and Top-K's top-k of
+the class attention, row gather and inattentive-token fusion (about 15 nodes); both with the ONNX
+frontend mapping for nodes of domain ``vitfold``. ToMe's kernels are vectorised for AVX-512, AVX2 and generic vectors (SSE, NEON), picked at run time
 (``VITFOLD_NATIVE_ISA=avx2|generic`` caps the choice, for tests). It is compiled with CMake against the
 headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compiler; ninja when
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
@@ -29,10 +30,12 @@ from ..errors import BackendUnavailable
 SOURCE = Path(__file__).resolve().parent / "openvino"
 #: The file name of the built OpenVINO extension (in the cache and in a build folder).
 LIBRARY = "libvitfold_ov_ops.so"
-#: ONNX domain and op type of the fused ToMe site (:func:`vitfold.passes.fuse_tome.fuse_tome_sites`).
-DOMAIN, TOME_OP = "vitfold", "ToMeMerge"
-#: Node-name prefix of a ToMe site's nodes in an export, ``vitfold.tome_site.<block>/`` (:func:`vitfold.export.onnx.tag_sites`).
-SITE_PREFIX = "vitfold.tome_site."
+#: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
+#: matching and merge, EViT's / Top-K's top-k and fusion.
+DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
+#: Node-name prefixes of a site's nodes in an export, ``vitfold.<kind>.<block>/`` (:func:`vitfold.export.onnx.tag_sites`).
+TOME_SITE_PREFIX, PRUNE_SITE_PREFIX = "vitfold.tome_site.", "vitfold.prune_site."
+SITE_PREFIXES = (TOME_SITE_PREFIX, PRUNE_SITE_PREFIX)
 
 
 class NativeUnavailable(BackendUnavailable):

@@ -402,7 +402,7 @@ _SCATTERND_REDUCTION = Rule(
 _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with supported ops (or a plugin)"
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
-_FUSED_FIX = ("vitfold's fused ToMe site (build --fused-ops), which only OpenVINO runs, with the extension "
+_FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which only OpenVINO runs, with the extension "
               "`python -m vitfold.native` compiles; build for this backend without --fused-ops (the graph form)")
 _FUSED_ELSEWHERE = Rule(
     "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
@@ -645,7 +645,7 @@ OPENVINO_RULES = (
     Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "warning",
          "runs only where vitfold's OpenVINO extension is loaded (`python -m vitfold.native` compiles it; "
          "builds made with --fused-ops carry and load it); without it, build without --fused-ops",
-         "vitfold/native/openvino/tome_op.cpp (OpenVINO OpExtension + ONNX frontend OpExtension)"),
+         "vitfold/native/openvino/ (OpenVINO OpExtension + ONNX frontend OpExtension per op)"),
 )
 
 #: Rules per target. TensorRT targets: 8.5 (JetPack 5), 8.6 (x86 8.6.1, JetPack 6.0 DP), 9, 10 (JetPack 6

@@ -46,6 +46,7 @@ SUBMODULE_CATEGORY = {
     "norm1": "attention", "attn": "attention", "ls1": "attention", "drop_path1": "attention",
     "norm2": "mlp", "mlp": "mlp", "ls2": "mlp", "drop_path2": "mlp",
     "tome_site": "reduction",  # ToMe's matching and merge (vitfold.reduce.tome.ToMeSite)
+    "prune_site": "reduction",  # EViT's / Top-K's top-k and fusion (vitfold.reduce.evit.PruneSite)
 }
 #: ONNX ops that carry a fused backend layer's time (a fused FC + bias is the FC's, not the Add's).
 HEAVY_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "FusedMatMul", "Einsum"}

@@ -19,7 +19,7 @@ closures over the graph:
 2. forward: a node belongs to the scope when every input it reads that is not a constant comes from
    the scope (index arithmetic);
 
-and one walk back from each decision's scores and from each Log (proportional attention's log of the
+and one walk back from each decision's scores (a fused site's, :data:`FUSED_SCORE_INPUT`) and from each Log (proportional attention's log of the
 token sizes) through the ops that compute scores from activations (:data:`SCORE_OPS`: an
 activation x activation MatMul, Softmax, reductions, slices, reshapes, scaling by a constant), up to
 the first op outside that list (a Linear, a LayerNorm, a residual Add). That adds the computations
@@ -47,6 +47,14 @@ DECISION_OPS = frozenset({"TopK", "ArgMax", "ArgMin", "NonZero"})
 #: Ops the walk back from a decision's scores passes through (with no weight: see :func:`_is_score_op`).
 SCORE_OPS = frozenset({"MatMul", "Softmax", "Slice", "Gather", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
                        "Flatten", "ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2", "Mul", "Div", "Where", "Log"})
+
+#: vitfold's fused sites (``build --fused-ops``, :mod:`vitfold.passes.fuse_sites`) make their choices
+#: inside: ``(domain, op type) -> the input they rank by``, walked back like a decision's scores, so that
+#: a fused graph's scope is its graph form's less the fused nodes, and both quantize alike. EViTPrune:
+#: the class attention (its MatMul stays float, as in the graph form). ToMeMerge needs no walk: in its
+#: graph form the walk stops at the Where that masks the protected tokens (it reads a constant mask),
+#: so the scope is the site's own nodes, all inside the fused op.
+FUSED_SCORE_INPUT = {("vitfold", "EViTPrune"): 1}
 
 
 @dataclass(frozen=True)
@@ -121,12 +129,14 @@ def reduction_scope(model: onnx.ModelProto) -> ReductionScope:
                 changed = True
     exclusive = set(scope)
     for n in nodes:  # the scores decisions share with the main path, and the size channel's log
-        if n.op_type in DECISION_OPS or n.op_type == "Log":
-            stack = [n.input[0]]
-            while stack:
+        fused = FUSED_SCORE_INPUT.get((n.domain, n.op_type))
+        if n.op_type in DECISION_OPS or n.op_type == "Log" or fused is not None:
+            stack, seen = [n.input[0 if fused is None else fused]], set()
+            while stack:  # through the scope's own nodes too: a fused site has none, its graph form has
                 source = producer.get(stack.pop())
-                if source is None or source in scope or not _is_score_op(by_name[source], constants, initializers):
+                if source is None or source in seen or not _is_score_op(by_name[source], constants, initializers):
                     continue
+                seen.add(source)
                 scope.add(source)
                 stack.extend(by_name[source].input)
         if n.op_type == "Log":

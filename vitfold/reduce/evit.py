@@ -99,8 +99,48 @@ def keep_count(num_tokens: int, num_prefix: int, keep_rate: float) -> int:
     return math.ceil(keep_rate * (num_tokens - num_prefix))
 
 
+def _prune(x: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_protected: int, fuse: bool,
+           trace=None) -> torch.Tensor:
+    """One reduction site: the prefix tokens, then the ``keep`` most attended others in falling
+    attention order, then (``fuse``) their complement's attention-weighted sum.
+
+    Args:
+        x: ``[B, N, C]`` tokens; ``cls_attn``: ``[B, N]`` class-token attention (prefix positions included).
+        trace: called with the kept indices ``[B, keep]`` and the dropped mask ``[B, N - P]`` (1 = not kept).
+
+    Returns:
+        ``[B, P + keep (+1 when fusing), C]``.
+    """
+    B, _, C = x.shape
+    P = num_protected
+    scores = cls_attn[:, P:]  # [B, N - P]
+    rest = x[:, P:]
+    _, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)  # [B, keep]
+    parts = [x[:, :P], rest.gather(1, idx[..., None].expand(B, keep, C))]
+    dropped = torch.ones_like(scores).scatter(1, idx, 0.0)  # [B, N - P] 1 = not kept
+    if fuse:
+        parts.append((rest * (scores * dropped)[..., None]).sum(dim=1, keepdim=True))
+    if trace is not None:
+        trace(idx, dropped)
+    return torch.cat(parts, dim=1)
+
+
+class PruneSite(nn.Module):
+    """One reduction site's top-k and fusion (Sec. 3) as a module of its own: the exporter then names
+    the site's nodes after it (``blocks.L.prune_site``), so that
+    :func:`vitfold.passes.fuse_sites.fuse_sites` can replace them with one fused op. No weights.
+
+    ``forward(x [B, N, C], cls_attn [B, N], keep, num_protected, fuse) -> [B, P + keep (+1), C]``.
+    """
+
+    def forward(self, x: torch.Tensor, cls_attn: torch.Tensor, keep: int, num_protected: int, fuse: bool) -> torch.Tensor:
+        return _prune(x, cls_attn, keep, num_protected, fuse)
+
+
 class PruneBlock(Block):
     """timm ``Block`` plus :meth:`forward_prune`: keep ``k`` tokens between attention and MLP."""
+
+    prune_site: PruneSite
 
     def forward_prune(self, x: torch.Tensor, keep: int, cfg: "PruneBlocks", state: PruneState) -> torch.Tensor:
         """Args: ``x`` ``[B, N, C]``; ``keep`` non-prefix tokens to keep (``N - P`` = no pruning).
@@ -112,17 +152,10 @@ class PruneBlock(Block):
             return Block.forward(self, x)  # exactly timm's block
         x_attn, cls_attn = self.attn.forward_scored(self.norm1(x))
         x = x + self.drop_path1(self.ls1(x_attn))
-        B, _, C = x.shape
-        scores = cls_attn[:, P:]  # [B, N - P]
-        rest = x[:, P:]
-        _, idx = torch.topk(scores, keep, dim=1, largest=True, sorted=True)  # [B, keep]
-        parts = [x[:, :P], rest.gather(1, idx[..., None].expand(B, keep, C))]
-        dropped = torch.ones_like(scores).scatter(1, idx, 0.0)  # [B, N - P] 1 = not kept
-        if cfg.fuse:
-            parts.append((rest * (scores * dropped)[..., None]).sum(dim=1, keepdim=True))
         if cfg.trace_source:
-            _trace(state, x, idx, dropped, cfg)
-        x = torch.cat(parts, dim=1)
+            x = _prune(x, cls_attn, keep, P, cfg.fuse, lambda idx, dropped: _trace(state, x, idx, dropped, cfg))
+        else:  # the fusable site: one module call
+            x = self.prune_site(x, cls_attn, keep, P, cfg.fuse)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward_restore(self, x: torch.Tensor, cfg: "PruneBlocks", state: PruneState) -> torch.Tensor:
@@ -453,9 +486,12 @@ class EViT:
             return patch.apply_prune(model, schedule, self.keeps(schedule), self.fuse, self.trace_source, self.name,
                                      **self._fill_attrs())
         patched = patchable_copy(model, schedule, self.name)
-        return swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
-                            num_protected=model.num_prefix_tokens, trace_source=self.trace_source,
-                            final_norm=[patched.norm], restore_at=schedule.restored_at, **self._fill_attrs())  # a list: a reference, not a second registered submodule
+        patched = swap_classes(patched, PruneBlocks, PruneBlock, ScoredAttention, keep=self.keeps(schedule), fuse=self.fuse,
+                               num_protected=model.num_prefix_tokens, trace_source=self.trace_source,
+                               final_norm=[patched.norm], restore_at=schedule.restored_at, **self._fill_attrs())  # a list: a reference, not a second registered submodule
+        for block in patched.blocks:
+            block.prune_site = PruneSite()
+        return patched
 
 
 def prune_max_removed(locations: Sequence[int], num_prefix_tokens: int, fuse: bool,

@@ -83,7 +83,7 @@ class ToMeAttention(Attention):
 class ToMeSite(nn.Module):
     """One reduction site's bipartite matching and sum merge (Sec. 3), as a module of its own: the
     exporter then names the site's nodes after it (``blocks.L.tome_site``), so that
-    :func:`vitfold.passes.fuse_tome.fuse_tome_sites` can replace them with one fused op. No weights.
+    :func:`vitfold.passes.fuse_sites.fuse_sites` can replace them with one fused op. No weights.
 
     ``forward(x [B, N, C], keys [B, H, N, d], r, num_protected) -> [B, N - r, C]``; the metric is the
     keys' mean over heads, as the reference. The size weighting (:func:`merge_wavg`) stays outside.

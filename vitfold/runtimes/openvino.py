@@ -5,8 +5,8 @@ Build: ``convert_model`` from the ONNX file, ``save_model`` to IR with weights k
 explicit performance hint, thread count and ``INFERENCE_PRECISION_HINT`` (f32 unless bf16/fp16 is
 asked for: CPUs with avx512_bf16 / AMX otherwise run bf16 and differ from torch by 1e-2).
 
-``--fused-ops`` builds (``cfg.extra["fused_ops"]``): the ONNX file holds ``vitfold.ToMeMerge`` nodes,
-which convert through :mod:`vitfold.native`'s extension; the build copies the extension library next to
+``--fused-ops`` builds (``cfg.extra["fused_ops"]``): the ONNX file holds ``vitfold.ToMeMerge`` /
+``vitfold.EViTPrune`` nodes, which convert through :mod:`vitfold.native`'s extension; the build copies the extension library next to
 the IR (``files["extension"]``) and loading registers it before reading the IR.
 """
 
@@ -41,8 +41,8 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     ov = _ov()
     path = Path(onnx_path)
     files = {"backend": XML, "weights": BIN}
-    if cfg.extra.get("fused_ops"):  # the ONNX graph, or the quantize stage's IR, may hold vitfold.ToMeMerge
-        from ..native import LIBRARY, TOME_OP, load_openvino_ops, openvino_ops
+    if cfg.extra.get("fused_ops"):  # the ONNX graph, or the quantize stage's IR, may hold vitfold's ops
+        from ..native import LIBRARY, PRUNE_OP, TOME_OP, load_openvino_ops, openvino_ops
 
         library = openvino_ops()
         if path.suffix == ".xml":
@@ -51,7 +51,7 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
             model = core.read_model(str(path))
         else:
             model = ov.convert_model(str(path), extension=str(library))
-        if any(op.get_type_name() == TOME_OP for op in model.get_ops()):  # the dense twin has no site
+        if any(op.get_type_name() in (TOME_OP, PRUNE_OP) for op in model.get_ops()):  # the dense twin has no site
             shutil.copy2(library, out_dir / LIBRARY)
             files["extension"] = LIBRARY
     else:

@@ -15,7 +15,7 @@
 // INT8 a last-bit difference before a FakeQuantize flips a rounding. The scores are summed in another
 // order than a MatMul kernel sums them, so an edge within float rounding of the r-th can rank
 // differently: the build compares this op with the graph form and stops where they differ.
-// The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it.
+// The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it (extension.cpp registers both).
 // float32. Images run in parallel on OpenVINO's thread pool, and a batch of one splits its image's
 // normalisation, matching and row copies across the threads instead; the kernels are vectorised for
 // the widest of AVX-512, AVX2 and the generic vectors (SSE, NEON) that the CPU runs, picked at run time.
@@ -32,6 +32,8 @@
 #include <openvino/core/parallel.hpp>
 #include <openvino/frontend/onnx/extension/op.hpp>
 #include <openvino/op/op.hpp>
+
+#include "extension.hpp"
 
 namespace {
 
@@ -283,7 +285,8 @@ private:
     int64_t m_r = 0, m_p = 0;
 };
 
-OPENVINO_CREATE_EXTENSIONS(std::vector<ov::Extension::Ptr>(
-    {std::make_shared<ov::OpExtension<ToMeMerge>>(),
-     std::make_shared<ov::frontend::onnx::OpExtension<ToMeMerge>>(
-         "ToMeMerge", "vitfold", std::map<std::string, std::string>{{"r", "r"}, {"num_protected", "num_protected"}})}));
+std::vector<ov::Extension::Ptr> tome_extensions() {
+    return {std::make_shared<ov::OpExtension<ToMeMerge>>(),
+            std::make_shared<ov::frontend::onnx::OpExtension<ToMeMerge>>(
+                "ToMeMerge", "vitfold", std::map<std::string, std::string>{{"r", "r"}, {"num_protected", "num_protected"}})};
+}
