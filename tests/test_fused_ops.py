@@ -160,10 +160,19 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
     findings = {target: [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "fused-op"]
                 for target in ("openvino-cpu", "onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5")}
     assert {f.severity for f in findings["openvino-cpu"]} == {"warning"} and len(findings["openvino-cpu"]) == 3
-    for target in ("onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5"):
+    # TensorRT 10+ parses ToMeMerge with vitfold's plugin; 8.5 (no IPluginV3) and ONNX Runtime cannot
+    assert {f.severity for f in findings["tensorrt-10"]} == {"warning"} and "vitfold.native tensorrt" in findings["tensorrt-10"][0].message
+    for target in ("onnxruntime-cpu", "tensorrt-8.5"):
         assert {f.severity for f in findings[target]} == {"error"} and "without --fused-ops" in findings[target][0].message
     for target in ("onnxruntime-cpu", "tensorrt-10"):  # one finding per node, the one that names the fix
         assert not [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "custom-domain"]
+        assert len(findings[target]) == 3
+    path, _, _ = tiny_prune_export(tmp_path)  # EViTPrune: OpenVINO only
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "pruned.onnx"))
+    assert {(f.rule, f.severity) for f in lint(tmp_path / "pruned.onnx", "tensorrt-10") if "fused" in f.rule} == {
+        ("fused-op-no-plugin", "error")}
+    assert {f.severity for f in lint(tmp_path / "pruned.onnx", "openvino-cpu") if f.rule == "fused-op"} == {"warning"}
 
 
 @pytest.mark.parametrize("flavour", ["plain", "registers", "no_class_token", "class_and_distillation"])
@@ -299,6 +308,8 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
     (["--backend", "onnxruntime"], "--fused-ops runs on OpenVINO at f32"),
     (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
+    (["--backend", "tensorrt", "--precision", "fp16"], "and on TensorRT 10+ at f32"),
+    (["--backend", "tensorrt", "--method", "evit"], "--fused-ops on TensorRT fuses ToMe's merge sites only"),
     (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
     (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
     (["--task", "features"], "--fused-ops fuses the reduction sites of"),
@@ -385,3 +396,52 @@ def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extens
     compiled = compile_onnx(path, tmp_path, cfg, sample, calibration=calibration)
     check = [p for p in compiled.passes if p.name == "fuse-sites"]
     assert len(check) == 1 and check[0].max_abs_change == 0.0
+
+
+def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, monkeypatch):
+    """The GPU-free side of --fused-ops on TensorRT: the build asks for the plugin only when its graph holds
+    vitfold ops, refuses EViTPrune (no plugin), and the fuse stage refuses pruning sites for TensorRT."""
+    from vitfold import native
+    from vitfold.compile import _fuse_sites
+    from vitfold.errors import SpecError
+    from vitfold.runtimes import BuildConfig
+    from vitfold.runtimes import tensorrt as trt_backend
+
+    asked = []
+    monkeypatch.setattr(native, "tensorrt_plugin", lambda **kw: asked.append(kw) or tmp_path / native.TENSORRT_LIBRARY)
+    cfg = BuildConfig("tensorrt", extra={"fused_ops": True})
+    (tmp_path / "tome").mkdir()
+    path, _, _ = tiny_export(tmp_path / "tome")
+    assert trt_backend._fused_plugin(path, cfg) is None and not asked  # the graph form: no plugin
+    fused = _fuse_sites(path, tmp_path / "tome", cfg, log=lambda m: None)
+    assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 1
+    assert trt_backend._fused_plugin(fused.path, BuildConfig("tensorrt")) is None  # not a --fused-ops build
+    with_plugin = trt_backend._with_plugin(BuildConfig("tensorrt", extra={"plugins": ["a.so"]}), tmp_path / "b.so")
+    assert with_plugin.extra["plugins"] == ["a.so", str(tmp_path / "b.so")]
+    (tmp_path / "evit").mkdir()
+    path, _, _ = tiny_prune_export(tmp_path / "evit")
+    with pytest.raises(SpecError, match="no vitfold plugin for EViTPrune"):
+        _fuse_sites(path, tmp_path / "evit", cfg, log=lambda m: None)
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "evit" / "fused.onnx"))
+    with pytest.raises(SpecError, match="no vitfold plugin for EViTPrune"):
+        trt_backend._fused_plugin(tmp_path / "evit" / "fused.onnx", cfg)
+
+
+def test_tensorrt_plugin_build_says_what_is_missing(tmp_path, monkeypatch):
+    """``python -m vitfold.native tensorrt`` without TensorRT (or nvcc): one line, exit 2, nothing cached."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here: the missing-TensorRT message cannot be shown")
+    except ImportError:
+        pass
+    env = {**__import__("os").environ, "VITFOLD_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "vitfold.native", "tensorrt"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "build without --fused-ops" in done.stderr, done.stderr
+    assert not (tmp_path / "cache").exists()
+    done = subprocess.run([sys.executable, "-m", "vitfold.native", "cuda"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "usage: python -m vitfold.native [openvino|tensorrt]" in done.stderr

@@ -988,18 +988,22 @@ def test_plugin_libraries_with_get_creators_go_through_the_registry(monkeypatch,
     import ctypes
 
     calls = []
-    old, new = tmp_path / "libold.so", tmp_path / "libnew.so"
+    old, new, copy, other = (tmp_path / f"lib{name}.so" for name in ("old", "new", "copy", "other"))
     old.write_bytes(b"x")
     new.write_bytes(b"y")
-    libraries = {str(old): SimpleNamespace(), str(new): SimpleNamespace(getCreators=lambda: None)}
+    copy.write_bytes(b"y")  # a build folder's copy of the cached plugin: the same bytes
+    other.write_bytes(b"z")
+    libraries = {str(old): SimpleNamespace(), **{str(p): SimpleNamespace(getCreators=lambda: None) for p in (new, copy, other)}}
     monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: libraries[path])
+    monkeypatch.setattr(trt_backend, "_LOADED_PLUGINS", {})
     registry = SimpleNamespace(load_library=lambda path: calls.append(path) or object())
     trt = SimpleNamespace(get_plugin_registry=lambda: registry)
     loaded = trt_backend.load_plugins([str(old), str(new)], trt)
     assert [p["loaded_by"] for p in loaded] == ["dlopen", "plugin registry"] and calls == [str(new)]
-    registry.load_library = lambda path: None
+    registry.load_library = lambda path: None  # TensorRT refuses a library whose plugins are registered already
+    assert trt_backend.load_plugins([str(copy)], trt)[0]["loaded_by"] == "plugin registry"  # not loaded twice
     with pytest.raises(SpecError, match="registry refused"):
-        trt_backend.load_plugins([str(new)], trt)
+        trt_backend.load_plugins([str(other)], trt)
 
 
 def test_stream_handle_and_pycuda_context_release():

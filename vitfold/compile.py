@@ -131,6 +131,8 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
 FUSED_TOLERANCE = 1e-5
 #: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
 FUSED_PRECISIONS = ("f32", "int8")
+#: Backend -> the precisions its fused ops build at (TensorRT: vitfold's plugin, float32, ToMeMerge only).
+FUSED_TARGETS = {"openvino": FUSED_PRECISIONS, "tensorrt": ("f32",)}
 
 
 @dataclass(frozen=True)
@@ -156,12 +158,13 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     import onnx
 
     from .errors import SpecError
-    from .native import SITE_PREFIXES
+    from .native import SITE_PREFIXES, TENSORRT_OPS
     from .passes.fuse_sites import fuse_sites
 
-    if cfg.backend != "openvino" or cfg.weights is not None or cfg.precision not in FUSED_PRECISIONS:
-        raise SpecError(f"--fused-ops builds for OpenVINO at {' or '.join(FUSED_PRECISIONS)} (the extension's kernel is "
-                        f"float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
+    if cfg.weights is not None or cfg.precision not in FUSED_TARGETS.get(cfg.backend, ()):
+        raise SpecError(f"--fused-ops builds for OpenVINO at {' or '.join(FUSED_PRECISIONS)} and TensorRT at f32 (the "
+                        f"kernels are float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: "
+                        f"drop --fused-ops")
     proto = onnx.load(str(optimized))
     if not any(node.name.startswith(SITE_PREFIXES) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)
@@ -171,6 +174,9 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
         fuse_sites(proto)  # reduced but untagged: raises, naming what cannot be fused
     start = time.perf_counter()
     result, counts = fuse_sites(proto)
+    if cfg.backend == "tensorrt" and not set(counts) <= set(TENSORRT_OPS):
+        raise SpecError(f"TensorRT has no vitfold plugin for {', '.join(sorted(set(counts) - set(TENSORRT_OPS)))} (only "
+                        f"{', '.join(TENSORRT_OPS)}: --method tome); build for TensorRT without --fused-ops")
     ms = (time.perf_counter() - start) * 1e3
     path = directory / "model.fused.onnx"
     onnx.save(result, str(path))

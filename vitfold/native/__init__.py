@@ -10,6 +10,12 @@ headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compi
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
 into a cache keyed by the OpenVINO version and the source's hash. Builds that use it carry a copy.
 
+For TensorRT 10+: ``tensorrt/`` holds ``ToMeMerge`` as an IPluginV3 plugin (CUDA kernel, creator,
+the library entry point ``getCreators``) whose GPU-free core (``tome_plugin_core.h``: attributes,
+serialisation, shape inference, workspace, the merge steps the kernel runs) is tested on any machine.
+:func:`tensorrt_plugin` compiles it on the GPU machine (nvcc and the TensorRT headers). It has not run
+on a GPU in this project yet; a build that uses it checks it against the graph form like the OpenVINO op.
+
 Nothing else depends on it: without a compiler every build exports and runs the graph form.
 Torch-free (the device side may build it too).
 """
@@ -28,8 +34,13 @@ from typing import Callable
 from ..errors import BackendUnavailable
 
 SOURCE = Path(__file__).resolve().parent / "openvino"
+TENSORRT_SOURCE = Path(__file__).resolve().parent / "tensorrt"
 #: The file name of the built OpenVINO extension (in the cache and in a build folder).
 LIBRARY = "libvitfold_ov_ops.so"
+#: The file name of the built TensorRT plugin library (in the cache and in a build folder).
+TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
+#: The fused ops the TensorRT plugin implements (EViTPrune has no plugin yet).
+TENSORRT_OPS = ("ToMeMerge",)
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
@@ -42,9 +53,9 @@ class NativeUnavailable(BackendUnavailable):
     """The native extension cannot be built or loaded here; the message says what is missing and the fix."""
 
 
-def _source_hash() -> str:
+def _source_hash(source: Path = SOURCE) -> str:
     digest = hashlib.sha256()
-    for path in sorted(SOURCE.iterdir()):
+    for path in sorted(source.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -88,32 +99,81 @@ def openvino_ops(*, build: bool = True, log: Callable[[str], None] = lambda msg:
         raise NativeUnavailable(f"--fused-ops compiles an OpenVINO extension and needs {' and '.join(missing)} on PATH; "
                                 f"install them, or build without --fused-ops (the graph form)")
     config = Path(openvino.__file__).parent / "cmake"
-    target.parent.mkdir(parents=True, exist_ok=True)
     log(f"native: compiling the OpenVINO extension into {target} (once per OpenVINO version)")
+    return _cmake_build(SOURCE, target, LIBRARY, "libvitfold_ov_ops*.so", [f"-DOpenVINO_DIR={config}"],
+                        "the OpenVINO extension", "build without --fused-ops, or fix the toolchain and run: python -m vitfold.native")
+
+
+def _cmake_build(source: Path, target: Path, name: str, pattern: str, defines: list[str], what: str, fix: str) -> Path:
+    """Configure and build ``source`` with CMake in a temporary folder beside ``target`` and rename the
+    library matching ``pattern`` into ``target / name``: a failed or concurrent build never leaves a
+    half-written library.
+
+    Raises:
+        NativeUnavailable: a CMake step failed (its last lines and ``fix`` in the message) or built nothing.
+    """
+    library = target / name
+    target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=target.name + ".", dir=target.parent) as tmp:
         work = Path(tmp)
         generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        steps = (["cmake", "-S", str(SOURCE), "-B", str(work / "build"), *generator, f"-DOpenVINO_DIR={config}",
-                  "-DCMAKE_BUILD_TYPE=Release"],
+        steps = (["cmake", "-S", str(source), "-B", str(work / "build"), *generator, *defines, "-DCMAKE_BUILD_TYPE=Release"],
                  ["cmake", "--build", str(work / "build"), "--parallel"])
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-                raise NativeUnavailable(f"compiling the OpenVINO extension failed ({' | '.join(tail)}); "
-                                        f"build without --fused-ops, or fix the toolchain and run: python -m vitfold.native")
-        built = next((work / "build").glob("libvitfold_ov_ops*.so"), None)
+                tail = " ".join((done.stderr or done.stdout).split())[-600:]
+                raise NativeUnavailable(f"compiling {what} failed ({tail}); {fix}")
+        built = next((work / "build").glob(pattern), None)
         if built is None:
-            raise NativeUnavailable("compiling the OpenVINO extension produced no library; build without --fused-ops")
+            raise NativeUnavailable(f"compiling {what} produced no library; {fix}")
         staged = work / "out"
         staged.mkdir()
-        shutil.copy2(built, staged / LIBRARY)
+        shutil.copy2(built, staged / name)
         try:
             staged.rename(target)
         except OSError:  # another process finished first: keep its copy
             if not library.is_file():
                 raise
     return library
+
+
+def tensorrt_plugin(*, build: bool = True, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The TensorRT plugin library (``ToMeMerge``, IPluginV3), compiled into the cache if it is not there
+    yet: ``$VITFOLD_CACHE/native/tensorrt-<version>-<source hash>``. It is built on the machine that runs
+    it (a Jetson, a GPU workstation) for its GPU, with nvcc and the TensorRT 10+ headers (JetPack's, or
+    ``TensorRT_ROOT`` naming an install or a github.com/NVIDIA/TensorRT checkout; the pip wheels ship none).
+
+    Raises:
+        NativeUnavailable: not Linux, tensorrt missing or older than 10, no cmake / nvcc, headers not
+            found (the CMake message says where it looked), or ``build`` is False and nothing is cached.
+    """
+    if not sys.platform.startswith("linux"):
+        raise NativeUnavailable(f"the TensorRT plugin is built for Linux only (this is {sys.platform}); build without --fused-ops")
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise NativeUnavailable(f"the fused ops' TensorRT plugin is built against the installed TensorRT, which is missing "
+                                f"({exc}); build without --fused-ops") from exc
+    version = tensorrt.__version__
+    if int(version.split(".")[0]) < 10:
+        raise NativeUnavailable(f"the fused ops' TensorRT plugin implements IPluginV3 (TensorRT 10+); this is TensorRT "
+                                f"{version}: build without --fused-ops")
+    root = Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold")
+    target = root / "native" / f"tensorrt-{version}-{_source_hash(TENSORRT_SOURCE)}"
+    library = target / TENSORRT_LIBRARY
+    if library.is_file():
+        return library
+    if not build:
+        raise NativeUnavailable(f"the TensorRT plugin is not built ({library} missing); run: python -m vitfold.native tensorrt")
+    missing = [tool for tool in ("cmake", "nvcc") if shutil.which(tool) is None]
+    if missing:
+        raise NativeUnavailable(f"--fused-ops on TensorRT compiles vitfold's plugin and needs {' and '.join(missing)} on PATH "
+                                f"(the CUDA toolkit); install them, or build without --fused-ops (the graph form)")
+    defines = [f"-DTensorRT_ROOT={os.environ['TensorRT_ROOT']}"] if os.environ.get("TensorRT_ROOT") else []
+    log(f"native: compiling the TensorRT plugin into {target} (once per TensorRT version)")
+    return _cmake_build(TENSORRT_SOURCE, target, TENSORRT_LIBRARY, "libvitfold_trt_plugin*.so", defines,
+                        "the TensorRT plugin", "set TensorRT_ROOT to the TensorRT headers, or build without --fused-ops")
 
 
 def load_openvino_ops(core, library: Path) -> None:

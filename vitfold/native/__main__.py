@@ -1,15 +1,22 @@
-"""``python -m vitfold.native``: compile the OpenVINO extension ahead of ``build --fused-ops``; prints its path."""
+"""``python -m vitfold.native [openvino|tensorrt]``: compile the OpenVINO extension (the default) or the
+TensorRT plugin ahead of ``build --fused-ops``; prints the library's path (exit 2 with the reason if it cannot)."""
 
 from __future__ import annotations
 
 import sys
 
-from . import NativeUnavailable, openvino_ops
+from . import NativeUnavailable, openvino_ops, tensorrt_plugin
+
+BUILDERS = {"openvino": openvino_ops, "tensorrt": tensorrt_plugin}
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    target = argv[0] if argv else "openvino"
+    if target not in BUILDERS or len(argv) > 1:
+        print(f"error: usage: python -m vitfold.native [{'|'.join(BUILDERS)}] (got {' '.join(argv)})", file=sys.stderr)
+        return 2
     try:
-        print(openvino_ops(log=lambda msg: print(msg, file=sys.stderr)))
+        print(BUILDERS[target](log=lambda msg: print(msg, file=sys.stderr)))
     except NativeUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -17,4 +24,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

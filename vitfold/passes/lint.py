@@ -193,8 +193,9 @@ def _domain_not_in(view: GraphView, node, domains) -> Optional[str]:
     return None
 
 
-def _domain_in(view: GraphView, node, domains) -> Optional[str]:
-    return f"{node.domain}::{node.op_type}" if node.domain in domains else None
+def _domain_in(view: GraphView, node, domains, ops=None) -> Optional[str]:
+    """A node of one of ``domains`` (and, given ``ops``, of one of those op types)."""
+    return f"{node.domain}::{node.op_type}" if node.domain in domains and (ops is None or node.op_type in ops) else None
 
 
 def _attr_not_in(view: GraphView, node, attr, allowed, default) -> Optional[str]:
@@ -402,11 +403,13 @@ _SCATTERND_REDUCTION = Rule(
 _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with supported ops (or a plugin)"
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
-_FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which only OpenVINO runs, with the extension "
-              "`python -m vitfold.native` compiles; build for this backend without --fused-ops (the graph form)")
+_FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which runs on OpenVINO (the extension "
+              "`python -m vitfold.native` compiles) and, ToMeMerge only, on TensorRT 10+ (its plugin); build for this "
+              "backend without --fused-ops (the graph form)")
 _FUSED_ELSEWHERE = Rule(
     "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
-    "vitfold/native: an OpenVINO extension only (no ONNX Runtime custom-op library, no TensorRT plugin yet)")
+    "vitfold/native: an OpenVINO extension; a TensorRT plugin for ToMeMerge needs TensorRT 10+ (IPluginV3); "
+    "no ONNX Runtime custom-op library")
 _CUSTOM_DOMAIN = Rule(
     "custom-domain", ("*",), (check("domain_not_in", domains=(_FUSED_DOMAIN,)),), "warning",
     "TensorRT imports ops outside the ONNX domain only as plugins registered under the same name",
@@ -496,6 +499,17 @@ _TRT10_TOPK_K_RUNTIME = Rule(
     "topk-k-constant", ("TopK",), (check("input_not_constant", index=1),), "warning",
     "K computed at run time builds (TensorRT >= 8.6), but K < 3840 cannot be checked before it runs; fold it "
     "(fold-schedule) when the schedule is static", "Changelog 8.6 EA (dynamic K); operators.md 10.x (K < 3840)")
+#: TensorRT 10+: vitfold's IPluginV3 plugin (vitfold/native/tensorrt) implements ToMeMerge, not EViTPrune.
+_TRT10_FUSED = (
+    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("ToMeMerge",)),), "warning",
+         "parses only where vitfold's TensorRT plugin is loaded (`python -m vitfold.native tensorrt` compiles it on "
+         "the GPU machine, with nvcc and the TensorRT headers; builds made with --fused-ops carry and load it); "
+         "without it, build without --fused-ops",
+         "vitfold/native/tensorrt (IPluginV3; onnx-tensorrt FallbackPluginImporter: plugin name = op_type, version 1)"),
+    Rule("fused-op-no-plugin", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("EViTPrune",)),), "error",
+         "vitfold's fused pruning site has no TensorRT plugin yet (only ToMeMerge has); build without --fused-ops",
+         "vitfold/native/tensorrt: ToMeMerge only"),
+)
 _TRT10_COMMON = (
     Rule("topk-sorted", ("TopK",), (check("attr_not_in", attr="sorted", allowed=(1,), default=1),), "error",
          "TensorRT's parser refuses TopK with sorted=0: set sorted=1 (TensorRT returns sorted results anyway)",
@@ -508,7 +522,8 @@ _TRT10_COMMON = (
     Rule("squeeze-axes-constant", ("Squeeze", "Unsqueeze"), (check("input_not_constant", index=1),), "warning",
          "axes must be resolvable to a constant at build time: fold them (fold-schedule)",
          "operators.md 10.x (Squeeze/Unsqueeze: axes must be resolvable to a constant)"),
-    *_TRT_COMMON,
+    *_TRT10_FUSED,
+    *(rule for rule in _TRT_COMMON if rule is not _FUSED_ELSEWHERE),
 )
 TRT10_RULES = (
     Rule("unsupported-op", ("*",), (check("op_not_in", ops=TRT10_OPS),), "error", _UNSUPPORTED,

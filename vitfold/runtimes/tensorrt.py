@@ -30,6 +30,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -152,6 +153,10 @@ def load_plugins(paths: Sequence[str], trt=None) -> list[dict]:
     for path in map(Path, paths):
         if not path.is_file():
             raise SpecError(f"TensorRT plugin library {path} does not exist")
+        digest = file_sha256(path)
+        if digest in _LOADED_PLUGINS:  # registered once per process: TensorRT refuses a second registration
+            loaded.append({"name": path.name, "sha256": digest, "loaded_by": _LOADED_PLUGINS[digest]})
+            continue
         try:
             library = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
         except OSError as exc:
@@ -163,8 +168,13 @@ def load_plugins(paths: Sequence[str], trt=None) -> list[dict]:
                 if registry.load_library(str(path)) is None:
                     raise SpecError(f"TensorRT's plugin registry refused {path} (see the TensorRT log)")
                 how = "plugin registry"
-        loaded.append({"name": path.name, "sha256": file_sha256(path), "loaded_by": how})
+        _LOADED_PLUGINS[digest] = how
+        loaded.append({"name": path.name, "sha256": digest, "loaded_by": how})
     return loaded
+
+
+#: sha256 -> how each plugin library was loaded in this process (build copies of one library share it).
+_LOADED_PLUGINS: dict[str, str] = {}
 
 
 def _onnx_nodes(path: Path) -> list[tuple[str, str]]:
@@ -257,6 +267,12 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
         ExportError / SpecError: see :func:`obtain_engine`.
     """
     trt = _trt()
+    files = {"backend": ENGINE, "engine_record": RECORD}
+    plugin = _fused_plugin(Path(onnx_path), cfg)
+    if plugin is not None:  # a --fused-ops graph: vitfold's plugin parses its ToMeMerge nodes; the build carries it
+        shutil.copy2(plugin, Path(out_dir) / plugin.name)
+        files["plugin"] = plugin.name
+        cfg = _with_plugin(cfg, Path(out_dir) / plugin.name)
     device = cudamem.open_device(int(cfg.extra.get("device", 0)))
     try:
         plan = translate_config(cfg, trt.__version__)
@@ -266,8 +282,37 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     (out_dir / ENGINE).write_bytes(result.plan)
     record = {**fields, "source": result.source, "cache_note": result.reason, "builder": plan.to_json()}
     (out_dir / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return {"files": {"backend": ENGINE, "engine_record": RECORD},
-            "versions": {"tensorrt": trt.__version__, "cuda_bindings": device.api}}
+    return {"files": files, "versions": {"tensorrt": trt.__version__, "cuda_bindings": device.api}}
+
+
+def _fused_plugin(onnx_path: Path, cfg: BuildConfig) -> Optional[Path]:
+    """``--fused-ops`` builds whose graph holds vitfold ops: the plugin library (compiled here once,
+    :func:`vitfold.native.tensorrt_plugin`); else None (the graph form, a dense twin).
+
+    Raises:
+        SpecError: a vitfold op the plugin does not implement (EViTPrune).
+        NativeUnavailable: the plugin cannot be built here (the reason and the fix).
+    """
+    if not cfg.extra.get("fused_ops"):
+        return None
+    import onnx
+
+    from ..native import DOMAIN, TENSORRT_OPS, tensorrt_plugin
+
+    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.domain == DOMAIN}
+    if not ops:
+        return None
+    if not ops <= set(TENSORRT_OPS):
+        raise SpecError(f"TensorRT has no vitfold plugin for {', '.join(sorted(ops - set(TENSORRT_OPS)))} (only "
+                        f"{', '.join(TENSORRT_OPS)}); build this method for TensorRT without --fused-ops")
+    return tensorrt_plugin(log=log.info)
+
+
+def _with_plugin(cfg: BuildConfig, library: Path) -> BuildConfig:
+    """``cfg`` with ``library`` appended to the plugin libraries loaded before parsing."""
+    from dataclasses import replace
+
+    return replace(cfg, extra={**cfg.extra, "plugins": [*cfg.extra.get("plugins", ()), str(library)]})
 
 
 def load(directory: Path, manifest: dict) -> "TensorRTSession":
@@ -286,10 +331,13 @@ def load(directory: Path, manifest: dict) -> "TensorRTSession":
     if "engine_record" not in files:
         raise ArtifactError(f"{directory} has no TensorRT engine record; rebuild it with `deploy.py build --backend tensorrt`")
     trt = _trt()
+    if "plugin" in files:  # a --fused-ops build: its plugin must be registered before the engine deserializes
+        cfg = _with_plugin(cfg, directory / files["plugin"])
     device = cudamem.open_device(int(cfg.extra.get("device", 0)))
     try:
         identity = device_identity(trt, device)
         record = json.loads((directory / files["engine_record"]).read_text())
+        load_plugins(cfg.extra.get("plugins", ()), trt)
         runtime = trt.Runtime(_logger(trt))
         reasons = engine_mismatch(record, identity)
         engine = None
@@ -303,7 +351,8 @@ def load(directory: Path, manifest: dict) -> "TensorRTSession":
         if engine is None:
             log.warning("rebuilding the TensorRT engine of %s: %s", directory, "; ".join(reasons))
             plan = translate_config(cfg, trt.__version__)
-            result, _, runtime = obtain_engine(trt, directory / files["optimized"], cfg, plan, identity)
+            source_graph = directory / files.get("fused", files["optimized"])  # the graph the engine was built from
+            result, _, runtime = obtain_engine(trt, source_graph, cfg, plan, identity)
             engine, source = result.engine, f"rebuilt ({result.source}): " + "; ".join(reasons)
         return TensorRTSession(trt, engine, runtime, device, cfg, {**identity, "engine_source": source})
     except BaseException:
