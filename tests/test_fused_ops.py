@@ -313,7 +313,6 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
     (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
     (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
     (["--task", "features"], "--fused-ops fuses the reduction sites of"),
-    (["--export-only"], "drop --export-only"),
 ])
 def test_cli_refuses_fused_ops_where_it_cannot_run(tmp_path, args, message):
     result = deploy("build", "--fused-ops", "--out", str(tmp_path / "x"), *args)
@@ -445,3 +444,31 @@ def test_tensorrt_plugin_build_says_what_is_missing(tmp_path, monkeypatch):
     assert not (tmp_path / "cache").exists()
     done = subprocess.run([sys.executable, "-m", "vitfold.native", "cuda"], capture_output=True, text=True, env=env)
     assert done.returncode == 2 and "usage: python -m vitfold.native [openvino|tensorrt]" in done.stderr
+
+
+def test_exported_fused_build_is_built_and_checked_on_the_device(tmp_path, extension, monkeypatch):
+    """The Jetson flow with --fused-ops: the workstation exports the fused graph (--export-only), the device
+    side (no torch) builds it with the native library compiled there, checks it against the graph form built
+    beside it (max abs 0 on OpenVINO) and against the workstation's torch reference."""
+    from vitfold import build as build_module
+    from vitfold import device
+    from vitfold.build import BuildRequest
+    from vitfold.runtimes import BuildConfig, load
+    from vitfold.spec import ModelSpec, Preprocess
+
+    monkeypatch.setenv("VITFOLD_CACHE", str(extension.parent.parent.parent))
+    pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
+    cfg = BuildConfig("openvino", extra={"fused_ops": True})
+    request = BuildRequest(ModelSpec("tiny_vit"), "evit", {"locations": [1, 2]}, cfg, out=tmp_path / "b", export_only=True)
+    directory, _ = build_module.build(request, log=lambda message: None)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["stage"] == "exported" and "fused" in manifest["files"] and "backend" not in manifest["files"]
+    device.build(directory, profile=False, log=lambda message: None)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["stage"] == "built on the device" and manifest["files"]["extension"] == LIBRARY
+    assert manifest["checks"]["fused_vs_graph_form"]["max_abs"] == 0.0
+    assert manifest["checks"]["backend_vs_torch"]["max_abs"] <= 1e-4
+    with load(directory) as session:
+        x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
+        assert session(x)["logits"].shape == (1, 10)

@@ -196,8 +196,6 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         if method not in ("tome", "evit", "topk") or params.get("mode", "merge") != "merge" or task != "classify":
             raise click.BadParameter("--fused-ops fuses the reduction sites of --method tome (merge mode), evit and topk "
                                      "with --task classify (features builds trace sources); drop --fused-ops")
-        if export_only:
-            raise click.BadParameter("--fused-ops compiles its extension / plugin where the model is built; drop --export-only")
     extra = {**({"tensorrt_version": tensorrt_version} if tensorrt_version else {}), **({"fused_ops": True} if fused_ops else {})}
     cfg = _run(BuildConfig, backend=backend, precision=precision, weights=weights, threads=threads, extra=extra)
     overrides = {k: v for k, v in (("min_cosine", min_cosine), ("min_top1", min_top1),

@@ -22,6 +22,7 @@ from .export.onnx import export_onnx
 from .passes import TENSORRT_8_5_PASSES
 from .passes.lint import Finding, require_clean, target_for
 from .passes.pipeline import PassReport, run_pipeline
+from .native import FUSED_TOLERANCE
 from .runtimes import BuildConfig, Session, get_backend
 
 
@@ -126,9 +127,6 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
 
 
-#: Largest output change the fused sites may cause against the graph form on the same backend and
-#: precision: the same token choices give the same sums in another order.
-FUSED_TOLERANCE = 1e-5
 #: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
 FUSED_PRECISIONS = ("f32", "int8")
 #: Backend -> the precisions its fused ops build at (TensorRT: vitfold's plugin, float32, ToMeMerge only).

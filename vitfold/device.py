@@ -57,20 +57,22 @@ def build_variant(directory: Path, *, images: Optional[Path] = None, force: bool
     verify_files(directory, manifest)
     cfg = BuildConfig.from_json(manifest["build"])
     files = manifest["files"]
-    if force or "backend" not in files:
-        source = directory / files.get("quantized", files["optimized"])
-        log(f"{directory.name}: build {cfg.backend} ({cfg.label}) from {source.name}")
-        built = runtimes.build(source, directory, cfg)
-        manifest["files"] = {**files, **built["files"]}
-        manifest["versions"] = {**manifest.get("versions", {}), **built["versions"]}
-        manifest["stage"] = "built on the device"
-        write_manifest(directory, manifest)
     pre = Preprocess.from_json(manifest["preprocess"])
     paths = list_images(images)
     if [p.name for p in paths] != manifest["checks"]["images"]:
         raise SpecError(f"{directory}: reference.npy was computed on {manifest['checks']['images']}, the photos here are "
                         f"{[p.name for p in paths]}; pass the workstation's --images folder (copied here) with --images")
     check = batches(load_images(paths, pre), manifest["input"]["shape"][0])
+    if force or "backend" not in files:
+        source = directory / (files.get("quantized") or files.get("fused") or files["optimized"])
+        log(f"{directory.name}: build {cfg.backend} ({cfg.label}) from {source.name}")
+        built = runtimes.build(source, directory, cfg)
+        manifest["files"] = files = {**files, **built["files"]}
+        manifest["versions"] = {**manifest.get("versions", {}), **built["versions"]}
+        if "fused" in files and "quantized" not in files:  # --fused-ops: the same outputs as the graph form, here too
+            manifest["checks"]["fused_vs_graph_form"] = check_fused(directory, manifest, check[0], log)
+        manifest["stage"] = "built on the device"
+        write_manifest(directory, manifest)
     reference = np.load(directory / files["reference"])
     with runtimes.load(directory, verify=False) as session:
         outputs = np.concatenate([next(iter(session(b).values())) for b in check])
@@ -82,6 +84,40 @@ def build_variant(directory: Path, *, images: Optional[Path] = None, force: bool
     write_manifest(directory, manifest)
     log(f"{directory.name}: parity max abs {parity.max_abs:.2e}, min cosine {parity.min_cosine:.6f}")
     return parity.to_json()
+
+
+def check_fused(directory: Path, manifest: dict, sample: np.ndarray, log: Callable[[str], None] = print) -> dict:
+    """A ``--fused-ops`` build, built here: build its graph form (``model.opt.onnx``) beside it, in a
+    temporary folder, and run both on ``sample`` ``[B, 3, H, W]``; their outputs must agree within
+    :data:`vitfold.native.FUSED_TOLERANCE` (the same token choices), as the workstation's build checks.
+
+    Returns ``{"max_abs": float, "tolerance": float}``.
+
+    Raises:
+        FidelityError: the fused build moved an output beyond the tolerance.
+    """
+    import tempfile
+
+    from .errors import FidelityError
+    from .native import FUSED_TOLERANCE
+
+    cfg = BuildConfig.from_json(manifest["build"])
+    plain = BuildConfig.from_json({**manifest["build"], "extra": {k: v for k, v in cfg.extra.items() if k != "fused_ops"}})
+    module = runtimes.backend_module(cfg.backend)
+    with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
+        built = runtimes.build(Path(directory) / manifest["files"]["optimized"], Path(tmp), plain)
+        files = {k: v for k, v in manifest["files"].items() if k not in ("extension", "plugin", "fused")}
+        with module.load(Path(tmp), {"files": {**files, **built["files"]}, "build": plain.to_json()}) as graph_form:
+            expected = graph_form(sample)
+    with module.load(Path(directory), manifest) as fused:
+        got = fused(sample)
+    change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
+    if not change <= FUSED_TOLERANCE:
+        raise FidelityError(f"{Path(directory).name}: the fused sites moved the outputs by {change:.3g} (max abs) against "
+                            f"the graph form on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; "
+                            f"rebuild without --fused-ops")
+    log(f"{Path(directory).name}: fused sites match the graph form: max abs {change:.2g}")
+    return {"max_abs": change, "tolerance": FUSED_TOLERANCE}
 
 
 def build(directory: Path, *, images: Optional[Path] = None, force: bool = False, profile: bool = True,

@@ -39,6 +39,9 @@ TENSORRT_SOURCE = Path(__file__).resolve().parent / "tensorrt"
 LIBRARY = "libvitfold_ov_ops.so"
 #: The file name of the built TensorRT plugin library (in the cache and in a build folder).
 TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
+#: Largest output change fused sites may cause against the graph form on the same backend and precision
+#: (the same token choices give the same sums; OpenVINO's ops measure 0). Checked at every build.
+FUSED_TOLERANCE = 1e-5
 #: The fused ops the TensorRT plugin implements (EViTPrune has no plugin yet).
 TENSORRT_OPS = ("ToMeMerge",)
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
