@@ -265,7 +265,18 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, method, params
                            latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0),
                            tolerance={"min_cosine": 0.5, "min_top1": 0.0} if precision == "int8" else None)
     assert "-fused-" in request.name()
+    import vitfold.compile as compile_module_
+
+    graph_forms = []  # the graph form is compiled once per fused variant: the check's, kept for the token choices
+    real_compile = compile_module_.compile_onnx
+    def counting(*args, **kwargs):
+        if kwargs.get("passes") == []:  # a graph form (the fused build's own compile runs the pipeline)
+            graph_forms.append(args[1])
+        return real_compile(*args, **kwargs)
+
+    monkeypatch.setattr(compile_module_, "compile_onnx", counting)
     directory, report = build_module.build(request, log=lambda message: None)
+    assert len(graph_forms) == 1 and not (directory / build_module.GRAPH_FORM).exists()
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["files"]["extension"] == LIBRARY and (directory / LIBRARY).is_file()
     dense = json.loads((directory / "dense" / "manifest.json").read_text())

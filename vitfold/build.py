@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -207,8 +208,11 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
+    # A fused INT8 build reads its token choices off its graph form: keep the one its check builds.
+    keep_graph_form = directory / GRAPH_FORM if cfg.extra.get("fused_ops") and cfg.quantized and not schedule.is_dense else None
     compiled = compile_onnx(directory / "model.onnx", directory, cfg, check[0], calibration=calibration,
-                            build_backend=not request.export_only, log=lambda msg: log(f"[{what}] {msg}"))
+                            build_backend=not request.export_only, graph_form_dir=keep_graph_form,
+                            log=lambda msg: log(f"[{what}] {msg}"))
     manifest = {
         **common,
         "method": method,
@@ -239,7 +243,9 @@ def build_variant(
     manifest["checks"]["backend_vs_torch"] = parity.to_json()
     if compiled.quantization is not None and not schedule.is_dense:
         manifest["quantization"]["choices"] = token_choices(directory, manifest, check, log=lambda m: log(f"[{what}] {m}"),
-                                                            calibration=calibration)
+                                                            calibration=calibration, graph_form=compiled.graph_form)
+    if keep_graph_form is not None:
+        shutil.rmtree(keep_graph_form, ignore_errors=True)  # inside the staged build: not part of it
     what_failed = f"{what}: {key} vs torch"
     if cfg.quantized:
         what_failed = (f"{what}: {key} vs its f32 torch model (the quantization fidelity gate; override with --min-cosine / "
@@ -251,14 +257,19 @@ def build_variant(
     return manifest
 
 
+#: Where a fused INT8 build keeps its graph form between its check and its token-choice record (removed after).
+GRAPH_FORM = "graph-form.tmp"
+
+
 def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log: Callable[[str], None],
-                  calibration=None) -> dict:
+                  calibration=None, graph_form=None) -> dict:
     """Token-choice agreement of a quantized build with its f32 graph on the check photos
     (:mod:`vitfold.quantize.choices`): the f32 graph (``model.opt.onnx``) on ONNX Runtime against the
     quantized model on its backend. TensorRT's engine cannot add outputs after the build: there the
     Q/DQ graph runs on ONNX Runtime instead (said in the record). A ``--fused-ops`` build makes its
     choices inside its ``vitfold`` ops, where no output can read them: the graph form is quantized
-    again with the same ``calibration`` and read instead; the build has already checked that the fused
+    again with the same ``calibration`` and read instead (``graph_form``: the :class:`~vitfold.compile.Compiled`
+    graph form the build's check kept, else built here); the build has already checked that the fused
     build gives its outputs (``fuse-sites``, said in the record)."""
     import onnx
 
@@ -279,9 +290,12 @@ def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log:
 
         plain = BuildConfig.from_json({**manifest["build"], "extra": {k: v for k, v in cfg.extra.items() if k != "fused_ops"}})
         with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
-            graph_form = compile_onnx(directory / files["optimized"], Path(tmp), plain, check[0], passes=[], calibration=calibration)
-            candidate = choices.run_openvino(Path(tmp) / graph_form.files["backend"], found, check, compile_config(cfg))
-        runner = "openvino (the graph form quantized alike: the fused build's choices are inside vitfold.ToMeMerge)"
+            if graph_form is None:
+                graph_form = compile_onnx(directory / files["optimized"], Path(tmp), plain, check[0], passes=[],
+                                          calibration=calibration)
+            backend = Path(graph_form.directory) / graph_form.files["backend"]
+            candidate = choices.run_openvino(backend, found, check, compile_config(cfg))
+        runner = "openvino (the graph form quantized alike: the fused build's choices are inside its vitfold ops)"
     elif cfg.backend == "openvino":
         candidate, runner = choices.run_openvino(directory / files["backend"], found, check, compile_config(cfg)), "openvino"
     else:

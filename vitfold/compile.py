@@ -38,6 +38,7 @@ class Compiled:
     lint_target: str
     lint_warnings: list[Finding]
     quantization: Optional[dict] = None
+    graph_form: Optional["Compiled"] = None  # a --fused-ops build's graph form, when kept (``graph_form_dir``)
 
     def open(self, cfg: BuildConfig) -> Session:
         """Load the built artifact (no manifest needed): a ready :class:`~vitfold.runtimes.Session`."""
@@ -78,7 +79,7 @@ def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
 
 def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.ndarray, *,
                  passes: Optional[Sequence] = None, calibration=None, build_backend: bool = True,
-                 log: Callable[[str], None] = lambda msg: None) -> Compiled:
+                 graph_form_dir: Optional[Path] = None, log: Callable[[str], None] = lambda msg: None) -> Compiled:
     """Passes -> lint -> backend build for an exported ONNX file, into ``directory``.
 
     Args:
@@ -88,6 +89,9 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         calibration: a :class:`vitfold.quantize.Calibration`, needed for ``--precision int8``.
         build_backend: False stops before the backend build (``--export-only``: the device builds
             from the files written here, :mod:`vitfold.device`).
+        graph_form_dir: ``--fused-ops``: build the graph form the fused build is checked against here
+            and keep it (``Compiled.graph_form``; the caller removes it) instead of in a temporary folder,
+            for a later step that reads it (an INT8 build's token choices).
 
     Raises:
         PassError: a pass failed or moved the outputs beyond its tolerance, or lint found an error.
@@ -121,10 +125,13 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         return Compiled(directory, files, {}, reports, lint_target, warnings, record)
     log(f"build {cfg.backend} ({cfg.label})")
     built = runtimes.build(source, directory, cfg)
+    graph_form = None
     if fused is not None:
-        reports = reports + [_check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample,
-                                          calibration, log)]
-    return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record)
+        report, graph_form = _check_fused(fused, optimized, directory, {**files, **built["files"]}, cfg, sample,
+                                          calibration, graph_form_dir, log)
+        reports = reports + [report]
+    return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record,
+                    graph_form)
 
 
 #: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
@@ -184,9 +191,11 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
 
 
 def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, cfg: BuildConfig,
-                 sample: np.ndarray, calibration, log: Callable[[str], None]) -> PassReport:
+                 sample: np.ndarray, calibration, keep_in: Optional[Path],
+                 log: Callable[[str], None]) -> tuple[PassReport, Optional[Compiled]]:
     """Build the graph form beside the fused build (int8: quantized with the same ``calibration``) and run
     both on ``sample``: outputs within :data:`FUSED_TOLERANCE` (the same token choices) or the build stops.
+    The graph form is built in ``keep_in`` and returned when given, else in a temporary folder (None).
 
     Raises:
         FidelityError: the fused build moved an output beyond the tolerance.
@@ -197,10 +206,15 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
     from .errors import FidelityError
 
     plain = replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "fused_ops"})
+    kept = None
     with tempfile.TemporaryDirectory(prefix="vitfold-graph-form-") as tmp:
-        reference = compile_onnx(graph_form, Path(tmp), plain, sample, passes=[], calibration=calibration).open(plain)
-        expected = reference(sample)
-        reference.close()
+        where = Path(tmp) if keep_in is None else Path(keep_in)
+        where.mkdir(parents=True, exist_ok=True)
+        compiled = compile_onnx(graph_form, where, plain, sample, passes=[], calibration=calibration)
+        with compiled.open(plain) as reference:
+            expected = reference(sample)
+        if keep_in is not None:
+            kept = compiled
     session = runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()})
     got = session(sample)
     session.close()
@@ -210,7 +224,7 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
                             f"on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
     log(f"fused sites match the graph form on {cfg.backend}: max abs {change:.2g}")
     return PassReport("fuse-sites", fused.nodes_before, fused.nodes_after, fused.ms, change,
-                      (f"fused {fused.sites}, checked on {cfg.backend} against the graph form",))
+                      (f"fused {fused.sites}, checked on {cfg.backend} against the graph form",)), kept
 
 
 def compile_module(module, input_shape: Sequence[int], directory: Path, cfg: BuildConfig, *,
