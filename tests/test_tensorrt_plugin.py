@@ -1,10 +1,15 @@
-"""vitfold's TensorRT plugin ``ToMeMerge`` (``vitfold/native/tensorrt``), without TensorRT or a GPU.
+"""vitfold's TensorRT plugins ``ToMeMerge`` and ``EViTPrune`` (``vitfold/native/tensorrt``), without
+TensorRT or a GPU.
 
-The plugin computes ToMe's bipartite soft matching with a sum merge (Bolya et al., ICLR 2023, Sec. 3)
+``ToMeMerge`` computes ToMe's bipartite soft matching with a sum merge (Bolya et al., ICLR 2023, Sec. 3)
 as ``vitfold/native/openvino/tome_op.cpp`` does. Its GPU-free core (``tome_plugin_core.h``: attributes,
 validation, shape inference, serialisation, workspace size, and the merge steps the CUDA kernel runs)
 is compiled here with g++ into a small C-ABI library and driven through ctypes: shapes, refusals, the
 byte format, and the host reference of the merge against numpy and ``vitfold.reduce.matching``.
+``EViTPrune`` (EViT's top-k of the class attention and inattentive-token fusion, Liang et al., ICLR 2022,
+Sec. 3; Top-K with ``fuse = 0``), as ``vitfold/native/openvino/prune_op.cpp``: the same for its core
+(``prune_plugin_core.h``, the ``vitfold_trt_prune_*`` functions of the same library), against numpy and
+``vitfold.reduce.evit._prune``.
 
 Where the TensorRT headers are there (``VITFOLD_TRT_INCLUDE``: a TensorRT ``include/`` folder, e.g. a
 checkout of github.com/NVIDIA/TensorRT), the real plugin is also syntax-checked, and with nvcc it is
@@ -33,7 +38,8 @@ needs_cxx = pytest.mark.skipif(CXX is None, reason="compiling the TensorRT plugi
 
 # tome_plugin_core.h's Status values.
 (OK, NEGATIVE_R, NEGATIVE_PROTECTED, R_TOO_LARGE, BAD_X_RANK, BAD_KEYS_RANK, BATCH_MISMATCH, TOKEN_MISMATCH, BAD_DIM,
- NULL_ARGUMENT, BUFFER_TOO_SMALL, TRUNCATED, BAD_MAGIC, BAD_VERSION, BAD_PAYLOAD_SIZE, OVERFLOW) = range(16)
+ NULL_ARGUMENT, BUFFER_TOO_SMALL, TRUNCATED, BAD_MAGIC, BAD_VERSION, BAD_PAYLOAD_SIZE, OVERFLOW,
+ BAD_KEEP, BAD_FUSE, BAD_ATTN_RANK) = range(19)
 RECORD = "<4sIIii"  # the serialised attributes, format version 1: magic, version, payload bytes, r, num_protected
 
 I64P = ctypes.POINTER(ctypes.c_int64)
@@ -45,7 +51,8 @@ U8P = ctypes.POINTER(ctypes.c_uint8)
 def compile_core(out_dir: Path) -> Path:
     """Compile ``tome_plugin_core_capi.cpp`` into ``out_dir/libvitfold_trt_core.so`` with g++ (C++17)."""
     library = out_dir / "libvitfold_trt_core.so"
-    cmd = [CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-fvisibility=hidden",
+    cmd = [CXX, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off", "-shared", "-fPIC",
+           "-fvisibility=hidden",
            str(SOURCE / "tome_plugin_core_capi.cpp"), "-o", str(library)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -71,6 +78,19 @@ def load_core(library: Path) -> ctypes.CDLL:
         "vitfold_trt_core_workspace_size": (ctypes.c_int64, [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]),
         "vitfold_trt_core_reference": (ctypes.c_int32, [ctypes.c_int32, ctypes.c_int32, I64P, ctypes.c_int32, I64P,
                                                         ctypes.c_int32, F32P, F32P, F32P]),
+        "vitfold_trt_prune_plugin_name": (ctypes.c_char_p, []),
+        "vitfold_trt_prune_plugin_version": (ctypes.c_char_p, []),
+        "vitfold_trt_prune_validate": (ctypes.c_int32, [ctypes.c_int32] * 3 + [I64P, ctypes.c_int32, I64P,
+                                                                               ctypes.c_int32]),
+        "vitfold_trt_prune_output_dims": (ctypes.c_int32, [ctypes.c_int32] * 3 + [I64P, ctypes.c_int32, I64P,
+                                                                                  ctypes.c_int32, I64P, ctypes.c_int32,
+                                                                                  I32P]),
+        "vitfold_trt_prune_serialized_size": (ctypes.c_int64, []),
+        "vitfold_trt_prune_serialize": (ctypes.c_int32, [ctypes.c_int32] * 3 + [U8P, ctypes.c_int64, I64P]),
+        "vitfold_trt_prune_deserialize": (ctypes.c_int32, [U8P, ctypes.c_int64, I32P, I32P, I32P]),
+        "vitfold_trt_prune_workspace_size": (ctypes.c_int64, [ctypes.c_int64] * 3),
+        "vitfold_trt_prune_reference": (ctypes.c_int32, [ctypes.c_int32] * 3 + [I64P, ctypes.c_int32, I64P,
+                                                                                ctypes.c_int32, F32P, F32P, F32P]),
     }
     for name, (restype, argtypes) in signatures.items():
         function = getattr(lib, name)
@@ -341,6 +361,283 @@ def test_output_dims_agree_with_onnx_shape_inference_of_the_graph_form(core):
     assert shape == numpy_merge(x, keys, 4, 2).shape
 
 
+# ------------------------------------------------------------------------------------ EViTPrune core
+# prune_plugin_core.h through the vitfold_trt_prune_* functions of the same library: EViT's attentive-token
+# selection and inattentive-token fusion (Liang et al., ICLR 2022, Sec. 3; Top-K is fuse = 0).
+
+PRUNE_RECORD = "<4sIIiii"  # format version 1: magic "VEVP", version, payload bytes (12), keep, num_protected, fuse
+
+
+def prune_output_dims(core, keep: int, protected: int, fuse: int, x: tuple, attn: tuple) -> tuple[int, tuple]:
+    """``(status, output dims)`` of EViTPrune's shape inference for tokens ``x`` and attention ``attn`` dims."""
+    out, rank = int64s([0] * 8), ctypes.c_int32(0)
+    status = core.vitfold_trt_prune_output_dims(keep, protected, fuse, int64s(x), len(x), int64s(attn), len(attn), out,
+                                                8, ctypes.byref(rank))
+    return status, tuple(out[: rank.value])
+
+
+def prune_validate(core, keep: int, protected: int, fuse: int, x: tuple, attn: tuple) -> int:
+    return core.vitfold_trt_prune_validate(keep, protected, fuse, int64s(x), len(x), int64s(attn), len(attn))
+
+
+def prune_serialize(core, keep: int, protected: int, fuse: int, capacity: int = 64) -> tuple[int, bytes]:
+    buffer, written = (ctypes.c_uint8 * capacity)(), ctypes.c_int64(0)
+    status = core.vitfold_trt_prune_serialize(keep, protected, fuse, buffer, capacity, ctypes.byref(written))
+    return status, bytes(buffer[: written.value]) if status == OK else b""
+
+
+def prune_deserialize(core, record: bytes) -> tuple[int, int, int, int]:
+    """``(status, keep, num_protected, fuse)`` read back from ``record`` (-7 each when refused)."""
+    buffer = (ctypes.c_uint8 * max(1, len(record))).from_buffer_copy(record or b"\0")
+    values = [ctypes.c_int32(-7) for _ in range(3)]
+    status = core.vitfold_trt_prune_deserialize(buffer, len(record), *(ctypes.byref(v) for v in values))
+    return (status, *(v.value for v in values))
+
+
+def prune_reference(core, x: np.ndarray, attn: np.ndarray, keep: int, protected: int, fuse: int) -> np.ndarray:
+    """The core's host reference (the CUDA kernel's steps, in its order): ``[B, P + keep + fuse, C]``."""
+    x, attn = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(attn, np.float32)
+    out = np.full((x.shape[0], protected + keep + fuse, x.shape[2]), np.nan, np.float32)
+    status = core.vitfold_trt_prune_reference(keep, protected, fuse, int64s(x.shape), x.ndim, int64s(attn.shape),
+                                              attn.ndim, *(a.ctypes.data_as(F32P) for a in (x, attn, out)))
+    assert status == OK, core.vitfold_trt_core_status_message(status)
+    return out
+
+
+def numpy_prune(x: np.ndarray, attn: np.ndarray, keep: int, protected: int, fuse: int) -> np.ndarray:
+    """EViTPrune written out in numpy from its definition (float32 throughout).
+
+    s = attn[:, P:]; the prefix rows; then the keep largest s in falling order, equal scores in rising index
+    (a stable sort of -s); then with fuse the not-kept rows in rising index, each x * s rounded to float32
+    and added to a float32 sum that starts from 0.
+    """
+    batch, tokens, channels = x.shape
+    P = protected
+    out = np.empty((batch, P + keep + fuse, channels), np.float32)
+    for b in range(batch):
+        s = attn[b, P:]
+        idx = np.argsort(-s, kind="stable")[:keep]
+        out[b, :P] = x[b, :P]
+        out[b, P:P + keep] = x[b, P + idx]
+        if fuse:
+            kept = np.zeros(tokens - P, bool)
+            kept[idx] = True
+            acc = np.zeros(channels, np.float32)
+            for j in np.flatnonzero(~kept):
+                acc = acc + x[b, P + j] * s[j]  # float32 product, rounded; then a float32 add
+            out[b, P + keep] = acc
+    return out
+
+
+def prune_sample(batch: int, tokens: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random float32 tokens ``[B, N, C]`` and class attention ``[B, N]`` (a softmax, as the model's)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, tokens, channels)).astype(np.float32)
+    logits = 3 * rng.standard_normal((batch, tokens))
+    attn = np.exp(logits - logits.max(1, keepdims=True))
+    return x, (attn / attn.sum(1, keepdims=True)).astype(np.float32)
+
+
+def torch_prune(x: np.ndarray, attn: np.ndarray, keep: int, protected: int, fuse: int) -> np.ndarray:
+    """``vitfold.reduce.evit._prune`` (what PruneSite computes) on float32 numpy inputs."""
+    torch = pytest.importorskip("torch")
+    from vitfold.reduce.evit import _prune
+
+    with torch.no_grad():
+        return _prune(torch.from_numpy(x), torch.from_numpy(attn), keep, protected, bool(fuse)).numpy()
+
+
+def test_prune_plugin_identity(core):
+    assert core.vitfold_trt_prune_plugin_name() == b"EViTPrune"  # vitfold.native.PRUNE_OP, the node's op_type
+    assert core.vitfold_trt_prune_plugin_version() == b"1"
+
+
+@pytest.mark.parametrize("batch, tokens, channels, keep, protected, fuse", [
+    (2, 197, 384, 138, 1, 1),   # DeiT-S, keep rate 0.7, EViT
+    (2, 197, 384, 138, 1, 0),   # Top-K
+    (1, 201, 16, 100, 5, 1),    # class token + 4 registers
+    (3, 7, 4, 5, 1, 1),         # keep at its largest, N - P - 1: one token fused
+    (1, 3, 2, 1, 0, 0),         # the smallest: no prefix, keep one of three
+])
+def test_prune_output_dims(core, batch, tokens, channels, keep, protected, fuse):
+    out = (batch, protected + keep + fuse, channels)
+    assert prune_output_dims(core, keep, protected, fuse, (batch, tokens, channels), (batch, tokens)) == (OK, out)
+
+
+def test_prune_output_tokens_do_not_depend_on_n(core):
+    # dynamic N: the output token count P + keep + fuse is still known; keep is checked once N is known
+    assert prune_output_dims(core, 138, 1, 1, (-1, -1, 384), (-1, -1)) == (OK, (-1, 140, 384))
+    assert prune_output_dims(core, 138, 1, 0, (-1, 197, 384), (2, -1)) == (OK, (2, 139, 384))  # B from attn
+    assert prune_output_dims(core, 10, 1, 1, (-1, -1, 8), (-1, 11))[0] == BAD_KEEP  # N known from attn: 10 > 11 - 2
+
+
+@pytest.mark.parametrize("keep, protected, fuse, x, attn, status", [
+    (0, 1, 1, (2, 17, 8), (2, 17), BAD_KEEP),
+    (-3, 1, 1, (2, 17, 8), (2, 17), BAD_KEEP),
+    (16, 1, 1, (2, 17, 8), (2, 17), BAD_KEEP),          # keep = N - P: nothing left to prune
+    (12, 5, 0, (2, 17, 8), (2, 17), BAD_KEEP),          # N - P - 1 = 11
+    (1, 17, 0, (2, 17, 8), (2, 17), BAD_KEEP),          # every token protected
+    (15, 1, 1, (2, 17, 8), (2, 17), OK),                # keep = N - P - 1
+    (3, -1, 1, (2, 17, 8), (2, 17), NEGATIVE_PROTECTED),
+    (3, 1, 2, (2, 17, 8), (2, 17), BAD_FUSE),
+    (3, 1, -1, (2, 17, 8), (2, 17), BAD_FUSE),
+    (3, 1, 1, (17, 8), (2, 17), BAD_X_RANK),
+    (3, 1, 1, (1, 2, 17, 8), (2, 17), BAD_X_RANK),
+    (3, 1, 1, (2, 17, 8), (2, 1, 17), BAD_ATTN_RANK),  # attention per head: not averaged
+    (3, 1, 1, (2, 17, 8), (17,), BAD_ATTN_RANK),
+    (3, 1, 1, (2, 17, 8), (3, 17), BATCH_MISMATCH),
+    (3, 1, 1, (2, 17, 8), (2, 16), TOKEN_MISMATCH),
+    (3, 1, 1, (2, -2, 8), (2, 17), BAD_DIM),
+    (3, 1, 1, (2, 17, 8), (-5, 17), BAD_DIM),
+])
+def test_prune_validation_refuses(core, keep, protected, fuse, x, attn, status):
+    assert prune_validate(core, keep, protected, fuse, x, attn) == status
+    assert prune_output_dims(core, keep, protected, fuse, x, attn)[0] == status
+    assert core.vitfold_trt_core_status_message(status)
+
+
+@pytest.mark.parametrize("keep, protected, fuse", [(1, 0, 0), (138, 1, 1), (100, 5, 0), (2**31 - 1, 2**31 - 1, 1)])
+def test_prune_serialise_round_trip_and_byte_format(core, keep, protected, fuse):
+    status, record = prune_serialize(core, keep, protected, fuse)
+    assert status == OK and len(record) == core.vitfold_trt_prune_serialized_size() == 24
+    assert record == struct.pack(PRUNE_RECORD, b"VEVP", 1, 12, keep, protected, fuse)
+    assert prune_deserialize(core, record) == (OK, keep, protected, fuse)
+
+
+def test_prune_serialise_refuses_a_small_buffer_and_bad_attributes(core):
+    assert prune_serialize(core, 3, 1, 1, capacity=23)[0] == BUFFER_TOO_SMALL
+    assert prune_serialize(core, 0, 1, 1)[0] == BAD_KEEP
+    assert prune_serialize(core, 3, -1, 1)[0] == NEGATIVE_PROTECTED
+    assert prune_serialize(core, 3, 1, 2)[0] == BAD_FUSE
+
+
+def test_prune_deserialise_refuses_truncated_foreign_and_other_version_records(core):
+    record = struct.pack(PRUNE_RECORD, b"VEVP", 1, 12, 138, 1, 1)
+    for size in range(len(record)):
+        assert prune_deserialize(core, record[:size]) == (TRUNCATED, -7, -7, -7), size
+    assert prune_deserialize(core, struct.pack(RECORD, b"VTMM", 1, 8, 13, 1))[0] == BAD_MAGIC  # a ToMeMerge record
+    assert deserialize(core, record)[0] == BAD_MAGIC  # and the other way round
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 2, 12, 138, 1, 1))[0] == BAD_VERSION
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 0, 12, 138, 1, 1))[0] == BAD_VERSION
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 1, 16, 138, 1, 1) + b"\0" * 4)[0] == \
+        BAD_PAYLOAD_SIZE
+    assert prune_deserialize(core, struct.pack(RECORD, b"VEVP", 1, 8, 138, 1))[0] == BAD_PAYLOAD_SIZE
+    assert prune_deserialize(core, record + b"\0")[0] == BAD_PAYLOAD_SIZE
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 1, 12, 0, 1, 1))[0] == BAD_KEEP
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 1, 12, 5, -1, 1))[0] == NEGATIVE_PROTECTED
+    assert prune_deserialize(core, struct.pack(PRUNE_RECORD, b"VEVP", 1, 12, 5, 1, 3))[0] == BAD_FUSE
+
+
+def test_prune_workspace_size(core):
+    size = core.vitfold_trt_prune_workspace_size
+    # one image of 197 tokens, 1 protected: rank and order, 196 int32 each (784 bytes, padded to 1024)
+    assert size(1, 197, 1) == 2 * 1024
+    assert size(3, 197, 1) == 3 * size(1, 197, 1)
+    assert size(0, 197, 1) == 0
+    for batch, tokens, protected in [(1, 3, 0), (2, 201, 5), (4, 577, 1)]:
+        assert size(batch, tokens, protected) >= batch * (tokens - protected) * 8
+        assert size(batch, tokens + 1, protected) >= size(batch, tokens, protected)
+        assert size(batch + 1, tokens, protected) >= size(batch, tokens, protected)
+    assert size(-1, 197, 1) == size(1, -1, 1) == size(1, 197, -1) == -1
+    assert size(2**62, 2**20, 0) == -1  # overflows int64
+
+
+PRUNE_CASES = [  # batch, tokens, channels, keep, protected
+    (2, 17, 8, 5, 1),
+    (2, 197, 384, 138, 1),   # DeiT-S at keep rate 0.7
+    (3, 30, 12, 24, 5),      # class + 4 registers, keep near its largest
+    (2, 7, 3, 5, 1),         # keep = N - P - 1: one token left out
+    (1, 205, 64, 100, 5),
+]
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+@pytest.mark.parametrize("batch, tokens, channels, keep, protected", PRUNE_CASES)
+def test_prune_host_reference_equals_numpy(core, batch, tokens, channels, keep, protected, fuse):
+    x, attn = prune_sample(batch, tokens, channels, seed=tokens + keep + fuse)
+    got = prune_reference(core, x, attn, keep, protected, fuse)
+    assert got.shape == prune_output_dims(core, keep, protected, fuse, x.shape, attn.shape)[1]
+    assert np.array_equal(got, numpy_prune(x, attn, keep, protected, fuse))  # bit for bit, fused row included
+    if fuse:  # the graph form: every candidate weighted, the kept ones by exactly 0, summed in rising order
+        s = attn[:, protected:]
+        idx = np.argsort(-s, axis=1, kind="stable")[:, :keep]
+        dropped = np.ones_like(s)
+        np.put_along_axis(dropped, idx, 0.0, axis=1)
+        acc = np.zeros((batch, channels), np.float32)
+        for j in range(tokens - protected):
+            acc = acc + x[:, protected + j] * (s[:, j] * dropped[:, j])[:, None]
+        assert np.array_equal(got[:, -1], acc)
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+@pytest.mark.parametrize("batch, tokens, channels, keep, protected", PRUNE_CASES)
+def test_prune_host_reference_against_evit_prune(core, batch, tokens, channels, keep, protected, fuse):
+    """Against ``evit._prune`` on random float32 inputs: the prefix and kept rows (row copies: the same
+    tokens in the same order) are exactly equal, and so is the whole output without fusion. The fused row
+    is the same sum in another order: torch's CPU sum adds rows in blocks (cascade summation), this op one
+    row at a time as the ONNX graph form does, so it differs from torch in the last bits; it is held to the
+    error bound of two summation orders here and to numpy's rising-order sum exactly above."""
+    x, attn = prune_sample(batch, tokens, channels, seed=tokens + keep + fuse)
+    got = prune_reference(core, x, attn, keep, protected, fuse)
+    expected = torch_prune(x, attn, keep, protected, fuse)
+    assert got.shape == expected.shape
+    assert np.array_equal(got[:, :protected + keep], expected[:, :protected + keep])
+    if fuse:
+        terms = np.abs(x[:, protected:] * attn[:, protected:, None]).sum(1)
+        bound = (tokens - protected) * np.finfo(np.float32).eps * terms
+        assert np.all(np.abs(got[:, -1] - expected[:, -1]) <= bound)
+    else:
+        assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+@pytest.mark.parametrize("protected", [1, 5])
+def test_prune_host_reference_equals_evit_prune_exactly_when_every_sum_is_exact(core, protected, fuse):
+    """With values whose products and sums float32 holds exactly (small integers, distinct dyadic scores)
+    every summation order gives the same sum, so the whole output, fused row included, equals
+    ``evit._prune`` bit for bit: the same kept tokens, order, weights and fused tokens."""
+    rng = np.random.default_rng(protected + fuse)
+    batch, tokens, channels = 3, 197, 48
+    x = rng.integers(-8, 9, (batch, tokens, channels)).astype(np.float32)
+    attn = np.stack([rng.permutation(tokens) + 1 for _ in range(batch)]).astype(np.float32) / 1024
+    keep = 120
+    got = prune_reference(core, x, attn, keep, protected, fuse)
+    assert np.array_equal(got, torch_prune(x, attn, keep, protected, fuse))
+    assert np.array_equal(got, numpy_prune(x, attn, keep, protected, fuse))
+
+
+@pytest.mark.parametrize("fuse", [0, 1])
+@pytest.mark.parametrize("protected", [1, 5])
+def test_prune_ties_keep_the_lower_index_first(core, protected, fuse):
+    """Equal scores rank by rising index (a stable descending sort; ONNX TopK's rule, which the graph form
+    follows). torch.topk on the CPU does not promise that order for ties, so this is checked against numpy."""
+    rng = np.random.default_rng(11 + protected)
+    batch, tokens, channels, keep = 4, 40, 6, 17
+    x = rng.standard_normal((batch, tokens, channels)).astype(np.float32)
+    attn = (rng.integers(0, 4, (batch, tokens)) / 8).astype(np.float32)  # four levels: many ties, also at the cut
+    attn[0] = 0.25  # all equal: the first keep candidates, in order
+    got = prune_reference(core, x, attn, keep, protected, fuse)
+    assert np.array_equal(got, numpy_prune(x, attn, keep, protected, fuse))
+    assert np.array_equal(got[0, protected:protected + keep], x[0, protected:protected + keep])
+
+
+def test_prune_nan_scores_rank_first_and_every_row_is_written(core):
+    """NaN scores (which softmax attention never gives) rank above every number, in rising index, as torch.topk
+    ranks NaN highest: the ranks stay a permutation, so each output row is one candidate's row."""
+    x, attn = prune_sample(1, 12, 4, seed=3)
+    attn[0, [4, 9]] = np.nan
+    got = prune_reference(core, x, attn, 4, 1, 1)
+    s = attn[0, 1:]
+    finite = np.flatnonzero(~np.isnan(s))
+    order = np.concatenate([np.flatnonzero(np.isnan(s)), finite[np.argsort(-s[finite], kind="stable")]])
+    assert np.array_equal(got[0, 1:5], x[0, 1 + order[:4]])
+    assert not np.isnan(got[0, :5]).any()
+    acc = np.zeros(4, np.float32)
+    for j in np.sort(order[4:]):
+        acc = acc + x[0, 1 + j] * s[j]
+    assert np.array_equal(got[0, 5], acc)
+
+
 # -------------------------------------------------------------------------------------- build files
 
 
@@ -353,7 +650,9 @@ def test_cmake_builds_the_core_alone(tmp_path):
     assert configure.returncode == 0, configure.stderr
     done = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert load_core(build / "libvitfold_trt_core.so").vitfold_trt_core_abi_version() == 1
+    built = load_core(build / "libvitfold_trt_core.so")
+    assert built.vitfold_trt_core_abi_version() == 1
+    assert built.vitfold_trt_prune_plugin_name() == b"EViTPrune"
     assert not list(build.glob("libvitfold_trt_plugin*"))
 
 
@@ -403,10 +702,11 @@ def header_flags(cuda: Path | None) -> list[str]:
 
 
 @needs_cxx
-def test_plugin_compiles_against_the_tensorrt_headers():
+@pytest.mark.parametrize("source", ["tome_plugin.cpp", "prune_plugin.cpp"])
+def test_plugin_compiles_against_the_tensorrt_headers(source):
     flags = header_flags(None)
     done = subprocess.run([CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *flags,
-                           str(SOURCE / "tome_plugin.cpp")], capture_output=True, text=True, check=False, timeout=120)
+                           str(SOURCE / source)], capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
@@ -414,19 +714,22 @@ def test_plugin_compiles_against_the_tensorrt_headers():
 @pytest.mark.skipif(NVCC is None, reason="building the plugin library needs nvcc (CUDA toolkit)")
 def test_plugin_library_through_tensorrts_interfaces(tmp_path):
     """Builds libvitfold_trt_plugin.so (nvcc + g++, static CUDA runtime) and runs plugin_host_check.cpp on
-    it: creator lookup as the ONNX parser does it, fields, shapes, formats, serialisation round trip."""
+    it: both creators (ToMeMerge, EViTPrune) looked up as the ONNX parser does it, fields, shapes, formats,
+    serialisation round trip."""
     cuda = cuda_include()
     flags = header_flags(cuda)
     cudart = next((p for p in (cuda.parent / "lib64", cuda.parent / "lib") if (p / "libcudart_static.a").is_file()),
                   None)
     if cudart is None:
         pytest.skip(f"no libcudart_static.a next to {cuda}")
+    objects = [str(tmp_path / f"{name}.o") for name in ("tome_kernel", "prune_kernel", "tome_plugin", "prune_plugin")]
     steps = [
-        [NVCC, "-std=c++17", "-O2", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--fmad=false", "-c",
-         str(SOURCE / "tome_kernel.cu"), "-o", str(tmp_path / "kernel.o")],
-        [CXX, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra", "-Werror", *flags, "-c",
-         str(SOURCE / "tome_plugin.cpp"), "-o", str(tmp_path / "plugin.o")],
-        [CXX, "-shared", str(tmp_path / "plugin.o"), str(tmp_path / "kernel.o"), f"-L{cudart}", "-lcudart_static",
+        *([NVCC, "-std=c++17", "-O2", "-Xcompiler", "-fPIC,-fvisibility=hidden", "--fmad=false", "-c",
+           str(SOURCE / f"{name}.cu"), "-o", str(tmp_path / f"{name}.o")] for name in ("tome_kernel", "prune_kernel")),
+        *([CXX, "-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+           *flags, "-c", str(SOURCE / f"{name}.cpp"), "-o", str(tmp_path / f"{name}.o")]
+          for name in ("tome_plugin", "prune_plugin")),
+        [CXX, "-shared", *objects, f"-L{cudart}", "-lcudart_static",
          "-ldl", "-lpthread", "-lrt", "-o", str(tmp_path / "libvitfold_trt_plugin.so")],
         [CXX, "-std=c++17", "-O1", f"-I{SOURCE}", *flags, str(SOURCE / "plugin_host_check.cpp"), "-ldl",
          "-o", str(tmp_path / "check")],

@@ -1,7 +1,8 @@
-// Host-side check of the built ToMeMerge plugin library (libvitfold_trt_plugin.so) without TensorRT's
-// library and without a GPU: it dlopens the plugin, calls getCreators / setLoggerFinder as
+// Host-side check of the built plugin library (libvitfold_trt_plugin.so: ToMeMerge and EViTPrune) without
+// TensorRT's library and without a GPU: it dlopens the plugin, calls getCreators / setLoggerFinder as
 // IPluginRegistry::loadLibrary would, creates plugins from the fields the ONNX parser builds (kINT32 r,
-// num_protected; TensorRTPhase::kBUILD), and drives the build and runtime interfaces with fake
+// num_protected; keep, num_protected, fuse; TensorRTPhase::kBUILD), and drives the build and runtime
+// interfaces with fake
 // dimension expressions. Nothing here launches a kernel (enqueue is only called with null tensors,
 // which the plugin must refuse). tests/test_tensorrt_plugin.py compiles and runs it when nvcc and the
 // TensorRT headers are there:
@@ -10,8 +11,10 @@
 //     ./check /path/to/libvitfold_trt_plugin.so      # prints "ok ..." lines, exits 1 on any failure
 //
 // The fake IExprBuilder subclasses TensorRT's expression classes (which applications must not do);
-// it is a test double for this check only. Part of vitfold's TensorRT ToMeMerge plugin (ToMe, Bolya
-// et al., ICLR 2023, Sec. 3; mirrors ../openvino/tome_op.cpp).
+// it is a test double for this check only. Part of vitfold's TensorRT plugins ToMeMerge (ToMe, Bolya
+// et al., ICLR 2023, Sec. 3; mirrors ../openvino/tome_op.cpp) and EViTPrune (EViT, Liang et al., ICLR
+// 2022, Sec. 3; mirrors ../openvino/prune_op.cpp).
+#include "prune_plugin_core.h"
 #include "tome_plugin_core.h"
 
 #include <NvInferRuntime.h>
@@ -167,6 +170,176 @@ int32_t fieldInt(PluginFieldCollection const* fc, char const* name) {
     return -12345;
 }
 
+// ------------------------------------------------------------------------------------------- EViTPrune
+// The second creator of the library: fields keep / num_protected / fuse, output [B, P + keep + fuse, C]
+// (a constant token count, also for a symbolic N), refusals, formats, workspace, serialisation.
+void checkPrune(IPluginCreatorV3One* creator, std::vector<std::string> const& messages) {
+    namespace prune = vitfold::trt::prune;
+    check(std::strcmp(creator->getPluginName(), "EViTPrune") == 0 &&
+              std::strcmp(creator->getPluginVersion(), "1") == 0 && std::strcmp(creator->getPluginNamespace(), "") == 0,
+          "EViTPrune: creator name EViTPrune, version 1, namespace empty");
+    PluginFieldCollection const* names = creator->getFieldNames();
+    bool namesOk = names && names->nbFields == 3;
+    char const* expected[3] = {"keep", "num_protected", "fuse"};
+    for (int32_t i = 0; namesOk && i < 3; ++i)
+        namesOk = std::strcmp(names->fields[i].name, expected[i]) == 0 &&
+            names->fields[i].type == PluginFieldType::kINT32;
+    check(namesOk, "EViTPrune: field names keep, num_protected, fuse (kINT32)");
+
+    Fields parser({{"keep", 5}, {"num_protected", 1}, {"fuse", 1}});
+    std::unique_ptr<IPluginV3> plugin(creator->createPlugin("blocks.3/EViTPrune", &parser.fc, TensorRTPhase::kBUILD));
+    check(plugin != nullptr, "EViTPrune: createPlugin(kBUILD) from parser fields");
+    if (!plugin) return;
+    for (auto bad : {std::vector<std::pair<char const*, int32_t>>{{"keep", 5}, {"num_protected", 1}},
+                     std::vector<std::pair<char const*, int32_t>>{{"keep", 0}, {"num_protected", 1}, {"fuse", 1}},
+                     std::vector<std::pair<char const*, int32_t>>{{"keep", 5}, {"num_protected", -1}, {"fuse", 0}},
+                     std::vector<std::pair<char const*, int32_t>>{{"keep", 5}, {"num_protected", 1}, {"fuse", 2}}}) {
+        Fields f(bad);
+        size_t const before = messages.size();
+        IPluginV3* p = creator->createPlugin("bad", &f.fc, TensorRTPhase::kBUILD);
+        check(p == nullptr && messages.size() > before,
+              "EViTPrune: createPlugin refuses missing fuse, keep 0, negative num_protected, fuse 2; logs why",
+              messages.empty() ? "" : messages.back());
+        delete p;
+    }
+    {
+        int64_t k64 = 4, p64 = 5, f64 = 0;
+        PluginField fields[3] = {PluginField("keep", &k64, PluginFieldType::kINT64, 1),
+                                 PluginField("num_protected", &p64, PluginFieldType::kINT64, 1),
+                                 PluginField("fuse", &f64, PluginFieldType::kINT64, 1)};
+        PluginFieldCollection fc{3, fields};
+        std::unique_ptr<IPluginV3> p(creator->createPlugin("int64", &fc, TensorRTPhase::kBUILD));
+        check(p != nullptr, "EViTPrune: createPlugin takes kINT64 fields too");
+    }
+
+    auto* coreCap = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
+    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
+    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+    check(coreCap && build && runtime, "EViTPrune: core, build and runtime capabilities");
+    if (!coreCap || !build || !runtime) return;
+    check(std::strcmp(coreCap->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0 &&
+              std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0 &&
+              std::strcmp(runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
+          "EViTPrune: capability kinds");
+    check(std::strcmp(coreCap->getPluginName(), "EViTPrune") == 0 && std::strcmp(coreCap->getPluginVersion(), "1") == 0,
+          "EViTPrune: plugin name and version match the creator");
+
+    check(build->getNbOutputs() == 1, "EViTPrune: one output");
+    DataType in2[2] = {DataType::kFLOAT, DataType::kFLOAT}, outType = DataType::kHALF;
+    check(build->getOutputDataTypes(&outType, 1, in2, 2) == 0 && outType == DataType::kFLOAT,
+          "EViTPrune: float32 output");
+    DataType half2[2] = {DataType::kFLOAT, DataType::kHALF};
+    check(build->getOutputDataTypes(&outType, 1, half2, 2) != 0, "EViTPrune: refuses float16 attention");
+    {
+        FakeBuilder eb;
+        DimsExprs out{};
+        DimsExprs ins[2] = {dimsExprs(eb, {"B", "17", "8"}), dimsExprs(eb, {"B", "17"})};
+        check(build->getOutputShapes(ins, 2, nullptr, 0, &out, 1, eb) == 0 && out.nbDims == 3 &&
+                  out.d[0] == ins[0].d[0] && text(out.d[1]) == "7" && out.d[2] == ins[0].d[2],
+              "EViTPrune: output shape [B, 1 + 5 + 1, C]",
+              text(out.d[0]) + "," + text(out.d[1]) + "," + text(out.d[2]));
+        DimsExprs sym[2] = {dimsExprs(eb, {"2", "N", "8"}), dimsExprs(eb, {"2", "N"})};
+        check(build->getOutputShapes(sym, 2, nullptr, 0, &out, 1, eb) == 0 && text(out.d[1]) == "7" &&
+                  out.d[1]->isConstant(),
+              "EViTPrune: output N is the constant P + keep + fuse, also for a symbolic N", text(out.d[1]));
+        DimsExprs least[2] = {dimsExprs(eb, {"2", "7", "8"}), dimsExprs(eb, {"2", "7"})};
+        check(build->getOutputShapes(least, 2, nullptr, 0, &out, 1, eb) == 0,
+              "EViTPrune: accepts keep 5 = 7 - 1 - 1 (one token left out)");
+        DimsExprs small[2] = {dimsExprs(eb, {"2", "6", "8"}), dimsExprs(eb, {"2", "6"})};
+        check(build->getOutputShapes(small, 2, nullptr, 0, &out, 1, eb) != 0,
+              "EViTPrune: refuses keep 5 > 6 - 1 - 1 with constant N");
+        DimsExprs otherN[2] = {dimsExprs(eb, {"2", "7", "8"}), dimsExprs(eb, {"2", "8"})};
+        check(build->getOutputShapes(otherN, 2, nullptr, 0, &out, 1, eb) != 0,
+              "EViTPrune: refuses tokens and attention of other N");
+        DimsExprs rank3[2] = {dimsExprs(eb, {"2", "17", "8"}), dimsExprs(eb, {"2", "1", "17"})};
+        check(build->getOutputShapes(rank3, 2, nullptr, 0, &out, 1, eb) != 0, "EViTPrune: refuses rank-3 attention");
+        DimsExprs batch[2] = {dimsExprs(eb, {"2", "17", "8"}), dimsExprs(eb, {"3", "17"})};
+        check(build->getOutputShapes(batch, 2, nullptr, 0, &out, 1, eb) != 0,
+              "EViTPrune: refuses tokens and attention of other B");
+    }
+    {
+        DynamicPluginTensorDesc io[3] = {dynamicDesc({-1, 17, 8}, {1, 17, 8}, {4, 17, 8}),
+                                         dynamicDesc({-1, 17}, {1, 17}, {4, 17}),
+                                         dynamicDesc({-1, 7, 8}, {1, 7, 8}, {4, 7, 8})};
+        bool all = true;
+        for (int32_t pos = 0; pos < 3; ++pos) all = all && build->supportsFormatCombination(pos, io, 2, 1);
+        check(all, "EViTPrune: float32 linear supported at every position");
+        DynamicPluginTensorDesc halfIo[3] = {io[0], io[1], io[2]};
+        halfIo[1].desc.type = DataType::kHALF;
+        halfIo[2].desc.format = TensorFormat::kCHW32;
+        check(!build->supportsFormatCombination(1, halfIo, 2, 1) && !build->supportsFormatCombination(2, halfIo, 2, 1),
+              "EViTPrune: float16 and non-linear formats refused");
+        check(build->configurePlugin(io, 2, io + 2, 1) == 0, "EViTPrune: configurePlugin accepts a valid profile");
+        DynamicPluginTensorDesc tight[3] = {dynamicDesc({2, -1, 8}, {2, 6, 8}, {2, 17, 8}),
+                                            dynamicDesc({2, -1}, {2, 6}, {2, 17}), io[2]};
+        check(build->configurePlugin(tight, 2, tight + 2, 1) != 0,
+              "EViTPrune: configurePlugin refuses a profile whose min N leaves no token out");
+        size_t const ws = build->getWorkspaceSize(io, 2, io + 2, 1);
+        check(ws == static_cast<size_t>(prune::workspaceBytes(4, 17, 1)) && ws > 0,
+              "EViTPrune: workspace for the profile's max dims", std::to_string(ws));
+    }
+    {
+        PluginTensorDesc in[2] = {desc({2, 17, 8}), desc({2, 17})}, out[1] = {desc({2, 7, 8})};
+        check(runtime->onShapeChange(in, 2, out, 1) == 0, "EViTPrune: onShapeChange accepts [2, 17, 8] -> [2, 7, 8]");
+        PluginTensorDesc wrong[1] = {desc({2, 6, 8})};
+        check(runtime->onShapeChange(in, 2, wrong, 1) != 0, "EViTPrune: onShapeChange refuses a wrong output shape");
+        void const* nullIn[2] = {nullptr, nullptr};
+        void* nullOut[1] = {nullptr};
+        check(runtime->enqueue(in, out, nullIn, nullOut, nullptr, nullptr) != 0,
+              "EViTPrune: enqueue refuses null tensors");
+    }
+
+    PluginFieldCollection const* saved = runtime->getFieldsToSerialize();
+    check(saved && saved->nbFields == 4 && fieldInt(saved, "keep") == 5 && fieldInt(saved, "num_protected") == 1 &&
+              fieldInt(saved, "fuse") == 1,
+          "EViTPrune: serialises keep, num_protected and fuse as kINT32 fields");
+    std::vector<uint8_t> state;
+    for (int32_t i = 0; saved && i < saved->nbFields; ++i)
+        if (std::strcmp(saved->fields[i].name, "vitfold_state") == 0) {
+            auto const* bytes = static_cast<uint8_t const*>(saved->fields[i].data);
+            state.assign(bytes, bytes + saved->fields[i].length);
+        }
+    prune::Attrs decoded;
+    check(saved && prune::deserialize(state.data(), state.size(), &decoded) == vitfold::trt::kOK &&
+              decoded.keep == 5 && decoded.numProtected == 1 && decoded.fuse == 1 &&
+              std::memcmp(state.data(), "VEVP", 4) == 0,
+          "EViTPrune: serialises the versioned record (vitfold_state, VEVP)");
+    std::unique_ptr<IPluginV3> again(creator->createPlugin("blocks.3/EViTPrune", saved, TensorRTPhase::kRUNTIME));
+    auto* rt = again ? static_cast<IPluginV3OneRuntime*>(again->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                     : nullptr;
+    PluginFieldCollection const* resaved = rt ? rt->getFieldsToSerialize() : nullptr;
+    check(resaved && fieldInt(resaved, "keep") == 5 && fieldInt(resaved, "num_protected") == 1 &&
+              fieldInt(resaved, "fuse") == 1,
+          "EViTPrune: createPlugin(kRUNTIME) restores the serialised plugin");
+    IPluginV3* noState = creator->createPlugin("x", &parser.fc, TensorRTPhase::kRUNTIME);
+    check(noState == nullptr, "EViTPrune: kRUNTIME without vitfold_state refused");
+    delete noState;
+    uint8_t tome[vitfold::trt::kSerializedBytes];
+    size_t written = 0;
+    vitfold::trt::serialize(vitfold::trt::Attrs{5, 1}, tome, sizeof tome, &written);
+    PluginField foreign[1] = {
+        PluginField("vitfold_state", tome, PluginFieldType::kUNKNOWN, static_cast<int32_t>(written))};
+    PluginFieldCollection fcForeign{1, foreign};
+    IPluginV3* fromTome = creator->createPlugin("x", &fcForeign, TensorRTPhase::kRUNTIME);
+    check(fromTome == nullptr, "EViTPrune: kRUNTIME refuses a ToMeMerge record (magic VTMM)");
+    delete fromTome;
+    Fields disagree({{"keep", 5}, {"num_protected", 1}, {"fuse", 0}});
+    std::vector<PluginField> mixed(disagree.fields);
+    mixed.emplace_back("vitfold_state", state.data(), PluginFieldType::kUNKNOWN, static_cast<int32_t>(state.size()));
+    PluginFieldCollection fcm{static_cast<int32_t>(mixed.size()), mixed.data()};
+    IPluginV3* mismatch = creator->createPlugin("x", &fcm, TensorRTPhase::kRUNTIME);
+    check(mismatch == nullptr, "EViTPrune: kRUNTIME refuses int fields that disagree with the record");
+    delete mismatch;
+
+    std::unique_ptr<IPluginV3> copy(plugin->clone());
+    std::unique_ptr<IPluginV3> attached(runtime->attachToContext(nullptr));
+    check(copy && attached, "EViTPrune: clone and attachToContext");
+    if (copy) {
+        auto* crt = static_cast<IPluginV3OneRuntime*>(copy->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
+        check(fieldInt(crt->getFieldsToSerialize(), "keep") == 5, "EViTPrune: the clone keeps keep");
+    }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -191,10 +364,11 @@ int main(int argc, char** argv) {
 
     int32_t n = 0;
     IPluginCreatorInterface* const* creators = getCreators(n);
-    check(n == 1 && creators && creators[0], "one creator");
-    if (n != 1) return 1;
-    check(std::strcmp(creators[0]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0,
-          "creator kind is PLUGIN CREATOR_V3ONE (the parser's V3 path)");
+    check(n == 2 && creators && creators[0] && creators[1], "two creators (ToMeMerge, EViTPrune)");
+    if (n != 2 || !creators || !creators[0] || !creators[1]) return 1;
+    check(std::strcmp(creators[0]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0 &&
+              std::strcmp(creators[1]->getInterfaceInfo().kind, "PLUGIN CREATOR_V3ONE") == 0,
+          "creator kinds are PLUGIN CREATOR_V3ONE (the parser's V3 path)");
     auto* creator = static_cast<IPluginCreatorV3One*>(creators[0]);
     check(std::strcmp(creator->getPluginName(), "ToMeMerge") == 0 &&
               std::strcmp(creator->getPluginVersion(), "1") == 0 && std::strcmp(creator->getPluginNamespace(), "") == 0,
@@ -360,6 +534,7 @@ int main(int argc, char** argv) {
     plugin.reset();
     copy.reset();
     attached.reset();
+    checkPrune(static_cast<IPluginCreatorV3One*>(creators[1]), messages);
     std::printf("%s (%d failures)\n", gFailures ? "FAILED" : "PASSED", gFailures);
     return gFailures ? 1 : 0;
 }

@@ -15,6 +15,9 @@
 // plugin_host_check.cpp drives it through TensorRT's interfaces on the host; TensorRT itself has never
 // loaded it and its kernel has never run.
 //
+// The library also holds the second fused op, EViTPrune (prune_plugin.cpp, same structure); both share
+// plugin_common.h, and getCreators at the end of this file lists both creators.
+//
 // How TensorRT finds it. The library exports the TensorRT 10 plugin-library entry points
 //     extern "C" IPluginCreatorInterface* const* getCreators(int32_t& nbCreators);
 //     extern "C" void setLoggerFinder(ILoggerFinder* finder);
@@ -44,13 +47,13 @@
 //   * importerUtils.cpp createPlugin: IPluginCreatorV3One::createPlugin(node name, fields,
 //     TensorRTPhase::kBUILD), then INetworkDefinition::addPluginV3 with the node's inputs, in order.
 // At deserialisation TensorRT calls createPlugin(name, getFieldsToSerialize() fields, kRUNTIME).
+#include "plugin_common.h"
 #include "tome_kernel.h"
 #include "tome_plugin_core.h"
 
 #include <NvInferRuntime.h>
 
 #include <array>
-#include <atomic>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -70,32 +73,13 @@ using nvinfer1::PluginFieldCollection;
 using nvinfer1::PluginFieldType;
 using nvinfer1::PluginTensorDesc;
 
-std::atomic<nvinfer1::ILoggerFinder*> gLoggerFinder{nullptr};
-
-//! Logs to TensorRT's logger (found through setLoggerFinder); silent before TensorRT set it.
-void logMessage(nvinfer1::ILogger::Severity severity, std::string const& message) noexcept {
-    try {
-        nvinfer1::ILoggerFinder* finder = gLoggerFinder.load();
-        nvinfer1::ILogger* logger = finder ? finder->findLogger() : nullptr;
-        if (logger) logger->log(severity, message.c_str());
-    } catch (...) {
-    }
-}
+using plugin::copyDims;
+using plugin::isLinearFloat;
+using plugin::readInt;
 
 //! Logs an error about layer `who` and returns TensorRT's "failed" (non-zero).
 int32_t fail(std::string const& who, std::string const& what) noexcept {
-    try {
-        logMessage(nvinfer1::ILogger::Severity::kERROR, std::string(kPluginName) + " (" + who + "): " + what);
-    } catch (...) {
-    }
-    return 1;
-}
-
-//! Dims as int64 (copied, at most Dims::MAX_DIMS); false when the rank does not fit.
-bool copyDims(nvinfer1::Dims const& dims, int64_t* out) noexcept {
-    if (dims.nbDims < 0 || dims.nbDims > nvinfer1::Dims::MAX_DIMS) return false;
-    for (int32_t i = 0; i < dims.nbDims; ++i) out[i] = dims.d[i];
-    return true;
+    return plugin::failOp(kPluginName, who, what);
 }
 
 //! The core's Shape of (tokens, keys) dims; -1 dims stay unknown.
@@ -104,10 +88,6 @@ Status shapeOf(Attrs const& attrs, nvinfer1::Dims const& x, nvinfer1::Dims const
     if (!copyDims(x, xd)) return kBAD_X_RANK;
     if (!copyDims(keys, kd)) return kBAD_KEYS_RANK;
     return inferShape(attrs, xd, x.nbDims, kd, keys.nbDims, out);
-}
-
-bool isLinearFloat(PluginTensorDesc const& desc) noexcept {
-    return desc.type == DataType::kFLOAT && desc.format == nvinfer1::TensorFormat::kLINEAR;
 }
 
 class ToMeMergePlugin final : public nvinfer1::IPluginV3,
@@ -303,23 +283,6 @@ private:
     PluginFieldCollection mCollection{0, nullptr};
 };
 
-//! One int attribute: kINT32 (what the ONNX parser produces) or kINT64 that fits in int32, length 1.
-bool readInt(PluginField const& field, int32_t* out) noexcept {
-    if (!field.data || field.length != 1) return false;
-    if (field.type == PluginFieldType::kINT32) {
-        std::memcpy(out, field.data, sizeof(int32_t));
-        return true;
-    }
-    if (field.type == PluginFieldType::kINT64) {
-        int64_t v = 0;
-        std::memcpy(&v, field.data, sizeof v);
-        if (v < INT32_MIN || v > INT32_MAX) return false;
-        *out = static_cast<int32_t>(v);
-        return true;
-    }
-    return false;
-}
-
 class ToMeMergeCreator final : public nvinfer1::IPluginCreatorV3One {
 public:
     ToMeMergeCreator() {
@@ -403,14 +366,15 @@ private:
 
 //! TensorRT 10 plugin-library entry point (IPluginRegistry::loadLibrary, trtexec --dynamicPlugins,
 //! trt.get_plugin_registry().load_library): the creators this library provides.
+//! Both plugins of vitfold's fused sites: ToMeMerge (this file) and EViTPrune (prune_plugin.cpp).
 VITFOLD_PLUGIN_API nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-    static vitfold::trt::ToMeMergeCreator creator;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&creator};
-    nbCreators = 1;
+    static vitfold::trt::ToMeMergeCreator tome;
+    static nvinfer1::IPluginCreatorInterface* const creators[] = {&tome, vitfold::trt::plugin::evitPruneCreator()};
+    nbCreators = 2;
     return creators;
 }
 
 //! Called by TensorRT before getCreators, so the plugin can log through the application's logger.
 VITFOLD_PLUGIN_API void setLoggerFinder(nvinfer1::ILoggerFinder* finder) {
-    if (finder) vitfold::trt::gLoggerFinder.store(finder);
+    if (finder) vitfold::trt::plugin::gLoggerFinder.store(finder);
 }

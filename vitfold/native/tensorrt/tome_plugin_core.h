@@ -1,7 +1,9 @@
 // GPU-free core of vitfold's TensorRT plugin ToMeMerge: attributes, validation, shape inference,
 // serialisation, workspace layout, and the per-item merge steps that the CUDA kernel and a host
 // reference both run. Pure C++17: no TensorRT and no CUDA include, so it compiles (and is tested)
-// on any machine; tome_plugin.cpp, tome_kernel.cu and tome_plugin_core_capi.cpp all include it.
+// on any machine; tome_plugin.cpp, tome_kernel.cu and tome_plugin_core_capi.cpp all include it. Its
+// Status codes, VITFOLD_HD, little-endian helpers and kAlign also serve the second plugin's core,
+// prune_plugin_core.h (EViTPrune).
 //
 // ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D]; r, num_protected) -> [B, N - r, C]
 // is ToMe's bipartite soft matching with a sum merge (Bolya et al., "Token Merging: Your ViT But
@@ -79,10 +81,14 @@ enum Status : int32_t {
     kNULL_ARGUMENT = 9,       //!< a required pointer is null
     kBUFFER_TOO_SMALL = 10,   //!< serialize(): the buffer cannot hold the serialised attributes
     kTRUNCATED = 11,          //!< deserialize(): fewer bytes than the header or its payload
-    kBAD_MAGIC = 12,          //!< deserialize(): not a ToMeMerge attribute record
+    kBAD_MAGIC = 12,          //!< deserialize(): not this op's attribute record
     kBAD_VERSION = 13,        //!< deserialize(): a format version this build does not read
     kBAD_PAYLOAD_SIZE = 14,   //!< deserialize(): payload length or total size not the version's
-    kOVERFLOW = 15,           //!< a size does not fit in 64 bits
+    kOVERFLOW = 15,           //!< a size does not fit in 64 bits (EViTPrune: N - P not in 32 bits)
+    // EViTPrune (prune_plugin_core.h) only:
+    kBAD_KEEP = 16,           //!< keep not in 1 .. N - num_protected - 1
+    kBAD_FUSE = 17,           //!< fuse neither 0 nor 1
+    kBAD_ATTN_RANK = 18,      //!< the class attention not [B, N]
 };
 
 inline char const* statusMessage(int32_t status) noexcept {
@@ -93,16 +99,19 @@ inline char const* statusMessage(int32_t status) noexcept {
     case kR_TOO_LARGE: return "r must be <= (N - num_protected) / 2 (matching.max_merge)";
     case kBAD_X_RANK: return "tokens must be [B, N, C] (rank 3)";
     case kBAD_KEYS_RANK: return "keys must be [B, H, N, D] (rank 4) or a metric [B, N, D] (rank 3)";
-    case kBATCH_MISMATCH: return "tokens and keys differ in B";
-    case kTOKEN_MISMATCH: return "tokens and keys differ in N";
+    case kBATCH_MISMATCH: return "tokens and keys (EViTPrune: attention) differ in B";
+    case kTOKEN_MISMATCH: return "tokens and keys (EViTPrune: attention) differ in N";
     case kBAD_DIM: return "dimensions must be >= 0 (-1: unknown), H and D >= 1";
     case kNULL_ARGUMENT: return "a required pointer is null";
     case kBUFFER_TOO_SMALL: return "the buffer is too small for the serialised attributes";
     case kTRUNCATED: return "the serialised attributes are truncated";
-    case kBAD_MAGIC: return "not a serialised ToMeMerge attribute record";
-    case kBAD_VERSION: return "serialised by an unknown ToMeMerge format version";
+    case kBAD_MAGIC: return "not a serialised attribute record of this op (ToMeMerge: VTMM, EViTPrune: VEVP)";
+    case kBAD_VERSION: return "serialised by an unknown format version of this op";
     case kBAD_PAYLOAD_SIZE: return "the serialised attributes have the wrong size for their version";
     case kOVERFLOW: return "a size overflows 64 bits";
+    case kBAD_KEEP: return "keep must be in 1 .. N - num_protected - 1";
+    case kBAD_FUSE: return "fuse must be 0 or 1";
+    case kBAD_ATTN_RANK: return "the class attention must be [B, N] (rank 2)";
     default: return "unknown status";
     }
 }

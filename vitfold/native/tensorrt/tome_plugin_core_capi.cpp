@@ -1,4 +1,5 @@
-// C ABI over tome_plugin_core.h (vitfold's TensorRT ToMeMerge plugin, GPU-free part), built into
+// C ABI over tome_plugin_core.h and prune_plugin_core.h (the GPU-free parts of vitfold's TensorRT
+// plugins ToMeMerge and EViTPrune: vitfold_trt_core_* and vitfold_trt_prune_*), built into
 // libvitfold_trt_core.so with only a C++17 compiler (CMakeLists.txt: -DVITFOLD_TRT_CORE_ONLY=ON, or
 // g++ -std=c++17 -shared -fPIC), so Python can check the plugin's shape, validation, serialisation and
 // workspace logic, and the merge itself on the host, with ctypes (tests/test_tensorrt_plugin.py).
@@ -6,6 +7,7 @@
 // ToMe bipartite soft matching + sum merge (Bolya et al., ICLR 2023, Sec. 3), mirroring
 // vitfold/native/openvino/tome_op.cpp; see the header for the exact rules. Every function returns a
 // vitfold::trt::Status (0: ok) unless it says otherwise; dims are int64 with -1 for "unknown".
+#include "prune_plugin_core.h"
 #include "tome_plugin_core.h"
 
 #define VITFOLD_CORE_API extern "C" __attribute__((visibility("default")))
@@ -84,4 +86,81 @@ VITFOLD_CORE_API int32_t vitfold_trt_core_reference(int32_t r, int32_t num_prote
     core::Status const s = core::inferShape(core::Attrs{r, num_protected}, x_dims, x_rank, key_dims, key_rank, &shape);
     if (s != core::kOK) return s;
     return core::referenceMerge(shape, x, keys, out);
+}
+
+// ----------------------------------------------------------------------------------------- EViTPrune
+// The same for the second plugin of the library, EViTPrune (prune_plugin_core.h): EViT's top-k of the
+// class attention and inattentive-token fusion (Liang et al., ICLR 2022, Sec. 3; Top-K with fuse = 0),
+// mirroring vitfold/native/openvino/prune_op.cpp. x [B, N, C], attn [B, N]; out [B, P + keep + fuse, C].
+namespace prune = vitfold::trt::prune;
+
+VITFOLD_CORE_API char const* vitfold_trt_prune_plugin_name(void) { return prune::kPluginName; }
+VITFOLD_CORE_API char const* vitfold_trt_prune_plugin_version(void) { return prune::kPluginVersion; }
+
+//! Checks keep, num_protected, fuse and the input dims.
+VITFOLD_CORE_API int32_t vitfold_trt_prune_validate(int32_t keep, int32_t num_protected, int32_t fuse,
+                                                    int64_t const* x_dims, int32_t x_rank, int64_t const* attn_dims,
+                                                    int32_t attn_rank) {
+    return prune::validate(prune::Attrs{keep, num_protected, fuse}, x_dims, x_rank, attn_dims, attn_rank);
+}
+
+//! Output dims [B, P + keep + fuse, C] into out_dims (capacity out_capacity), rank into *out_rank.
+VITFOLD_CORE_API int32_t vitfold_trt_prune_output_dims(int32_t keep, int32_t num_protected, int32_t fuse,
+                                                       int64_t const* x_dims, int32_t x_rank, int64_t const* attn_dims,
+                                                       int32_t attn_rank, int64_t* out_dims, int32_t out_capacity,
+                                                       int32_t* out_rank) {
+    if (!out_dims || !out_rank) return core::kNULL_ARGUMENT;
+    if (out_capacity < prune::kOutputRank) return core::kBUFFER_TOO_SMALL;
+    int64_t dims[prune::kOutputRank];
+    core::Status const s =
+        prune::outputDims(prune::Attrs{keep, num_protected, fuse}, x_dims, x_rank, attn_dims, attn_rank, dims);
+    if (s != core::kOK) return s;
+    for (int32_t i = 0; i < prune::kOutputRank; ++i) out_dims[i] = dims[i];
+    *out_rank = prune::kOutputRank;
+    return core::kOK;
+}
+
+//! Bytes vitfold_trt_prune_serialize writes (not a Status).
+VITFOLD_CORE_API int64_t vitfold_trt_prune_serialized_size(void) {
+    return static_cast<int64_t>(prune::kSerializedBytes);
+}
+
+VITFOLD_CORE_API int32_t vitfold_trt_prune_serialize(int32_t keep, int32_t num_protected, int32_t fuse,
+                                                     uint8_t* buffer, int64_t capacity, int64_t* written) {
+    if (capacity < 0 || !written) return core::kNULL_ARGUMENT;
+    size_t n = 0;
+    core::Status const s =
+        prune::serialize(prune::Attrs{keep, num_protected, fuse}, buffer, static_cast<size_t>(capacity), &n);
+    if (s == core::kOK) *written = static_cast<int64_t>(n);
+    return s;
+}
+
+VITFOLD_CORE_API int32_t vitfold_trt_prune_deserialize(uint8_t const* buffer, int64_t size, int32_t* keep,
+                                                       int32_t* num_protected, int32_t* fuse) {
+    if (size < 0 || !keep || !num_protected || !fuse) return core::kNULL_ARGUMENT;
+    prune::Attrs a;
+    core::Status const s = prune::deserialize(buffer, static_cast<size_t>(size), &a);
+    if (s == core::kOK) {
+        *keep = a.keep;
+        *num_protected = a.numProtected;
+        *fuse = a.fuse;
+    }
+    return s;
+}
+
+//! Workspace bytes the kernel needs for B images of N tokens with num_protected prefix tokens; -1 when
+//! invalid (not a Status).
+VITFOLD_CORE_API int64_t vitfold_trt_prune_workspace_size(int64_t batch, int64_t num_tokens, int64_t num_protected) {
+    return prune::workspaceBytes(batch, num_tokens, num_protected);
+}
+
+//! The op on the host (the kernel's steps in its order): out [B, P + keep + fuse, C], float32, C order.
+VITFOLD_CORE_API int32_t vitfold_trt_prune_reference(int32_t keep, int32_t num_protected, int32_t fuse,
+                                                     int64_t const* x_dims, int32_t x_rank, int64_t const* attn_dims,
+                                                     int32_t attn_rank, float const* x, float const* attn, float* out) {
+    prune::Shape shape;
+    core::Status const s =
+        prune::inferShape(prune::Attrs{keep, num_protected, fuse}, x_dims, x_rank, attn_dims, attn_rank, &shape);
+    if (s != core::kOK) return s;
+    return prune::referencePrune(shape, x, attn, out);
 }
