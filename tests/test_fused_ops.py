@@ -167,12 +167,16 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
     for target in ("onnxruntime-cpu", "tensorrt-10"):  # one finding per node, the one that names the fix
         assert not [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "custom-domain"]
         assert len(findings[target]) == 3
-    path, _, _ = tiny_prune_export(tmp_path)  # EViTPrune: OpenVINO only
+    path, _, _ = tiny_prune_export(tmp_path)  # EViTPrune: OpenVINO and TensorRT 10+ take it too
     fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "pruned.onnx"))
-    assert {(f.rule, f.severity) for f in lint(tmp_path / "pruned.onnx", "tensorrt-10") if "fused" in f.rule} == {
+    for target in ("tensorrt-10", "openvino-cpu"):
+        assert {(f.rule, f.severity) for f in lint(tmp_path / "pruned.onnx", target) if "fused" in f.rule} == {("fused-op", "warning")}
+    unknown = onnx.load(str(tmp_path / "pruned.onnx"))  # a vitfold op no plugin implements
+    next(n for n in unknown.graph.node if n.domain == DOMAIN).op_type = "SomeFutureOp"
+    onnx.save(unknown, str(tmp_path / "unknown.onnx"))
+    assert {(f.rule, f.severity) for f in lint(tmp_path / "unknown.onnx", "tensorrt-10") if "fused" in f.rule} >= {
         ("fused-op-no-plugin", "error")}
-    assert {f.severity for f in lint(tmp_path / "pruned.onnx", "openvino-cpu") if f.rule == "fused-op"} == {"warning"}
 
 
 @pytest.mark.parametrize("flavour", ["plain", "registers", "no_class_token", "class_and_distillation"])
@@ -320,7 +324,6 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
     (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--backend", "tensorrt", "--precision", "fp16"], "and on TensorRT 10+ at f32"),
-    (["--backend", "tensorrt", "--method", "evit"], "--fused-ops on TensorRT fuses ToMe's merge sites only"),
     (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
     (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
     (["--task", "features"], "--fused-ops fuses the reduction sites of"),
@@ -409,8 +412,8 @@ def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extens
 
 
 def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, monkeypatch):
-    """The GPU-free side of --fused-ops on TensorRT: the build asks for the plugin only when its graph holds
-    vitfold ops, refuses EViTPrune (no plugin), and the fuse stage refuses pruning sites for TensorRT."""
+    """The GPU-free side of --fused-ops on TensorRT: the build asks for the plugin library only when its graph
+    holds vitfold ops (ToMeMerge, EViTPrune), and refuses a vitfold op no plugin implements."""
     from vitfold import native
     from vitfold.compile import _fuse_sites
     from vitfold.errors import SpecError
@@ -430,12 +433,13 @@ def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, mo
     assert with_plugin.extra["plugins"] == ["a.so", str(tmp_path / "b.so")]
     (tmp_path / "evit").mkdir()
     path, _, _ = tiny_prune_export(tmp_path / "evit")
-    with pytest.raises(SpecError, match="no vitfold plugin for EViTPrune"):
-        _fuse_sites(path, tmp_path / "evit", cfg, log=lambda m: None)
-    fused, _ = fuse_sites(onnx.load(str(path)))
-    onnx.save(fused, str(tmp_path / "evit" / "fused.onnx"))
-    with pytest.raises(SpecError, match="no vitfold plugin for EViTPrune"):
-        trt_backend._fused_plugin(tmp_path / "evit" / "fused.onnx", cfg)
+    fused = _fuse_sites(path, tmp_path / "evit", cfg, log=lambda m: None)
+    assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 2
+    unknown = onnx.load(str(fused.path))
+    next(n for n in unknown.graph.node if n.domain == native.DOMAIN).op_type = "SomeFutureOp"
+    onnx.save(unknown, str(tmp_path / "evit" / "unknown.onnx"))
+    with pytest.raises(SpecError, match="no vitfold plugin for SomeFutureOp"):
+        trt_backend._fused_plugin(tmp_path / "evit" / "unknown.onnx", cfg)
 
 
 def test_tensorrt_plugin_build_says_what_is_missing(tmp_path, monkeypatch):

@@ -181,7 +181,7 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     result, counts = fuse_sites(proto)
     if cfg.backend == "tensorrt" and not set(counts) <= set(TENSORRT_OPS):
         raise SpecError(f"TensorRT has no vitfold plugin for {', '.join(sorted(set(counts) - set(TENSORRT_OPS)))} (only "
-                        f"{', '.join(TENSORRT_OPS)}: --method tome); build for TensorRT without --fused-ops")
+                        f"{', '.join(TENSORRT_OPS)}); build for TensorRT without --fused-ops")
     ms = (time.perf_counter() - start) * 1e3
     path = directory / "model.fused.onnx"
     onnx.save(result, str(path))

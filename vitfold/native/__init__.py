@@ -10,9 +10,10 @@ headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compi
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
 into a cache keyed by the OpenVINO version and the source's hash. Builds that use it carry a copy.
 
-For TensorRT 10+: ``tensorrt/`` holds ``ToMeMerge`` as an IPluginV3 plugin (CUDA kernel, creator,
-the library entry point ``getCreators``) whose GPU-free core (``tome_plugin_core.h``: attributes,
-serialisation, shape inference, workspace, the merge steps the kernel runs) is tested on any machine.
+For TensorRT 10+: ``tensorrt/`` holds ``ToMeMerge`` and ``EViTPrune`` as IPluginV3 plugins in one
+library (CUDA kernels, creators, the library entry point ``getCreators``) whose GPU-free cores
+(``tome_plugin_core.h``, ``prune_plugin_core.h``: attributes, serialisation, shape inference,
+workspace, the steps the kernels run) are tested on any machine.
 :func:`tensorrt_plugin` compiles it on the GPU machine (nvcc and the TensorRT headers). It has not run
 on a GPU in this project yet; a build that uses it checks it against the graph form like the OpenVINO op.
 
@@ -42,8 +43,8 @@ TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
 #: Largest output change fused sites may cause against the graph form on the same backend and precision
 #: (the same token choices give the same sums; OpenVINO's ops measure 0). Checked at every build.
 FUSED_TOLERANCE = 1e-5
-#: The fused ops the TensorRT plugin implements (EViTPrune has no plugin yet).
-TENSORRT_OPS = ("ToMeMerge",)
+#: The fused ops the TensorRT plugin library implements.
+TENSORRT_OPS = ("ToMeMerge", "EViTPrune")
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
@@ -142,7 +143,7 @@ def _cmake_build(source: Path, target: Path, name: str, pattern: str, defines: l
 
 
 def tensorrt_plugin(*, build: bool = True, log: Callable[[str], None] = lambda msg: None) -> Path:
-    """The TensorRT plugin library (``ToMeMerge``, IPluginV3), compiled into the cache if it is not there
+    """The TensorRT plugin library (``ToMeMerge``, ``EViTPrune``; IPluginV3), compiled into the cache if it is not there
     yet: ``$VITFOLD_CACHE/native/tensorrt-<version>-<source hash>``. It is built on the machine that runs
     it (a Jetson, a GPU workstation) for its GPU, with nvcc and the TensorRT 10+ headers (JetPack's, or
     ``TensorRT_ROOT`` naming an install or a github.com/NVIDIA/TensorRT checkout; the pip wheels ship none).

@@ -193,9 +193,11 @@ def _domain_not_in(view: GraphView, node, domains) -> Optional[str]:
     return None
 
 
-def _domain_in(view: GraphView, node, domains, ops=None) -> Optional[str]:
-    """A node of one of ``domains`` (and, given ``ops``, of one of those op types)."""
-    return f"{node.domain}::{node.op_type}" if node.domain in domains and (ops is None or node.op_type in ops) else None
+def _domain_in(view: GraphView, node, domains, ops=None, not_ops=()) -> Optional[str]:
+    """A node of one of ``domains`` (given ``ops``, of one of those op types; never of ``not_ops``)."""
+    if node.domain not in domains or (ops is not None and node.op_type not in ops) or node.op_type in not_ops:
+        return None
+    return f"{node.domain}::{node.op_type}"
 
 
 def _attr_not_in(view: GraphView, node, attr, allowed, default) -> Optional[str]:
@@ -404,11 +406,11 @@ _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with s
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
 _FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which runs on OpenVINO (the extension "
-              "`python -m vitfold.native` compiles) and, ToMeMerge only, on TensorRT 10+ (its plugin); build for this "
+              "`python -m vitfold.native` compiles) and on TensorRT 10+ (its plugins); build for this "
               "backend without --fused-ops (the graph form)")
 _FUSED_ELSEWHERE = Rule(
     "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
-    "vitfold/native: an OpenVINO extension; a TensorRT plugin for ToMeMerge needs TensorRT 10+ (IPluginV3); "
+    "vitfold/native: an OpenVINO extension; the TensorRT plugins need TensorRT 10+ (IPluginV3); "
     "no ONNX Runtime custom-op library")
 _CUSTOM_DOMAIN = Rule(
     "custom-domain", ("*",), (check("domain_not_in", domains=(_FUSED_DOMAIN,)),), "warning",
@@ -499,16 +501,17 @@ _TRT10_TOPK_K_RUNTIME = Rule(
     "topk-k-constant", ("TopK",), (check("input_not_constant", index=1),), "warning",
     "K computed at run time builds (TensorRT >= 8.6), but K < 3840 cannot be checked before it runs; fold it "
     "(fold-schedule) when the schedule is static", "Changelog 8.6 EA (dynamic K); operators.md 10.x (K < 3840)")
-#: TensorRT 10+: vitfold's IPluginV3 plugin (vitfold/native/tensorrt) implements ToMeMerge, not EViTPrune.
+#: TensorRT 10+: vitfold's IPluginV3 plugins (vitfold/native/tensorrt) implement ToMeMerge and EViTPrune.
 _TRT10_FUSED = (
-    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("ToMeMerge",)),), "warning",
+    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("ToMeMerge", "EViTPrune")),), "warning",
          "parses only where vitfold's TensorRT plugin is loaded (`python -m vitfold.native tensorrt` compiles it on "
          "the GPU machine, with nvcc and the TensorRT headers; builds made with --fused-ops carry and load it); "
          "without it, build without --fused-ops",
          "vitfold/native/tensorrt (IPluginV3; onnx-tensorrt FallbackPluginImporter: plugin name = op_type, version 1)"),
-    Rule("fused-op-no-plugin", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("EViTPrune",)),), "error",
-         "vitfold's fused pruning site has no TensorRT plugin yet (only ToMeMerge has); build without --fused-ops",
-         "vitfold/native/tensorrt: ToMeMerge only"),
+    Rule("fused-op-no-plugin", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), not_ops=("ToMeMerge", "EViTPrune")),),
+         "error",
+         "a vitfold op with no TensorRT plugin (vitfold/native/tensorrt has ToMeMerge and EViTPrune); build without --fused-ops",
+         "vitfold/native/tensorrt"),
 )
 _TRT10_COMMON = (
     Rule("topk-sorted", ("TopK",), (check("attr_not_in", attr="sorted", allowed=(1,), default=1),), "error",
