@@ -136,7 +136,7 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
 
 #: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
 FUSED_PRECISIONS = ("f32", "int8")
-#: Backend -> the precisions its fused ops build at (TensorRT: vitfold's plugin, float32, ToMeMerge only).
+#: Backend -> the precisions its fused ops build at (TensorRT: vitfold's plugins, float32).
 FUSED_TARGETS = {"openvino": FUSED_PRECISIONS, "tensorrt": ("f32",)}
 
 

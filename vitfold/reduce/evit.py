@@ -23,6 +23,7 @@ distillation, registers) are protected where the reference handles only the clas
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -153,7 +154,7 @@ class PruneBlock(Block):
         x_attn, cls_attn = self.attn.forward_scored(self.norm1(x))
         x = x + self.drop_path1(self.ls1(x_attn))
         if cfg.trace_source:
-            x = _prune(x, cls_attn, keep, P, cfg.fuse, lambda idx, dropped: _trace(state, x, idx, dropped, cfg))
+            x = _prune(x, cls_attn, keep, P, cfg.fuse, partial(_trace, state, x, cfg=cfg))  # traces the x before pruning
         else:  # the fusable site: one module call
             x = self.prune_site(x, cls_attn, keep, P, cfg.fuse)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

@@ -269,7 +269,7 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     trt = _trt()
     files = {"backend": ENGINE, "engine_record": RECORD}
     plugin = _fused_plugin(Path(onnx_path), cfg)
-    if plugin is not None:  # a --fused-ops graph: vitfold's plugin parses its ToMeMerge nodes; the build carries it
+    if plugin is not None:  # a --fused-ops graph: vitfold's plugins parse its vitfold nodes; the build carries them
         shutil.copy2(plugin, Path(out_dir) / plugin.name)
         files["plugin"] = plugin.name
         cfg = _with_plugin(cfg, Path(out_dir) / plugin.name)
@@ -289,17 +289,23 @@ def _fused_plugin(onnx_path: Path, cfg: BuildConfig) -> Optional[Path]:
     """``--fused-ops`` builds whose graph holds vitfold ops: the plugin library (compiled here once,
     :func:`vitfold.native.tensorrt_plugin`); else None (the graph form, a dense twin).
 
+    Without the ``onnx`` package (a lean device), the graph's bytes are searched for the plugins' op types.
+
     Raises:
-        SpecError: a vitfold op the plugin does not implement (EViTPrune).
+        SpecError: a vitfold op no plugin implements.
         NativeUnavailable: the plugin cannot be built here (the reason and the fix).
     """
     if not cfg.extra.get("fused_ops"):
         return None
-    import onnx
-
     from ..native import DOMAIN, TENSORRT_OPS, tensorrt_plugin
 
-    ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.domain == DOMAIN}
+    try:
+        import onnx
+    except ImportError:
+        data = Path(onnx_path).read_bytes()
+        ops = {op for op in TENSORRT_OPS if op.encode() in data}
+    else:
+        ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.domain == DOMAIN}
     if not ops:
         return None
     if not ops <= set(TENSORRT_OPS):
