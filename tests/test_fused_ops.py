@@ -429,12 +429,15 @@ def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, mo
     fused = _fuse_sites(path, tmp_path / "tome", cfg, log=lambda m: None)
     assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 1
     assert trt_backend._fused_plugin(fused.path, BuildConfig("tensorrt")) is None  # not a --fused-ops build
+    with monkeypatch.context() as lean:  # a device without the onnx package: the graph's bytes say it
+        lean.setitem(__import__("sys").modules, "onnx", None)
+        assert trt_backend._fused_plugin(fused.path, cfg) is not None and trt_backend._fused_plugin(path, cfg) is None
     with_plugin = trt_backend._with_plugin(BuildConfig("tensorrt", extra={"plugins": ["a.so"]}), tmp_path / "b.so")
     assert with_plugin.extra["plugins"] == ["a.so", str(tmp_path / "b.so")]
     (tmp_path / "evit").mkdir()
     path, _, _ = tiny_prune_export(tmp_path / "evit")
     fused = _fuse_sites(path, tmp_path / "evit", cfg, log=lambda m: None)
-    assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 2
+    assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 3
     unknown = onnx.load(str(fused.path))
     next(n for n in unknown.graph.node if n.domain == native.DOMAIN).op_type = "SomeFutureOp"
     onnx.save(unknown, str(tmp_path / "evit" / "unknown.onnx"))
