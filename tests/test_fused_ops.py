@@ -490,3 +490,25 @@ def test_exported_fused_build_is_built_and_checked_on_the_device(tmp_path, exten
     with load(directory) as session:
         x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
         assert session(x)["logits"].shape == (1, 10)
+
+
+def test_a_plain_dense_twin_serves_a_fused_build(tmp_path):
+    """--dense-from: a fused build's dense twin has no site, so a plain dense build of the same settings is
+    the same artifact and is accepted; other settings are still refused."""
+    from vitfold.artifact import MANIFEST, MANIFEST_SCHEMA
+    from vitfold.build import DENSE_METHOD, BuildRequest, _shared_dense
+    from vitfold.errors import ArtifactError
+    from vitfold.runtimes import BuildConfig
+    from vitfold.spec import ModelSpec
+
+    common = {"spec": {"name": "tiny"}, "task": "classify"}
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    manifest = {"schema": MANIFEST_SCHEMA, "files": {}, "method": DENSE_METHOD, **common,
+                "build": BuildConfig("openvino").to_json()}
+    (dense / MANIFEST).write_text(json.dumps(manifest))
+    fused = BuildRequest(ModelSpec("tiny"), "tome", {"r": 2}, BuildConfig("openvino", extra={"fused_ops": True}), dense_dir=dense)
+    assert _shared_dense(fused, common, tmp_path / "out") == "../dense"  # relative to the build
+    other = BuildRequest(ModelSpec("tiny"), "tome", {"r": 2}, BuildConfig("openvino", threads=1), dense_dir=dense)
+    with pytest.raises(ArtifactError, match="cannot be the dense twin: its build"):
+        _shared_dense(other, common, tmp_path / "out")

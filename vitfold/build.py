@@ -438,6 +438,15 @@ def build_dense(request: BuildRequest, log: Callable[[str], None] = print) -> Pa
     return out
 
 
+def _twin_settings(build: Optional[dict]) -> Optional[dict]:
+    """Backend settings as a dense twin sees them: ``--fused-ops`` changes nothing in a model with no
+    reduction site (its dense twin is the graph form), so a plain dense build serves a fused build."""
+    if not build:
+        return build
+    extra = {k: v for k, v in build.get("extra", {}).items() if k != "fused_ops"}
+    return {**build, "extra": extra}
+
+
 def _shared_dense(request: BuildRequest, common: dict, out: Path) -> str:
     """Check that ``request.dense_dir`` is the dense twin this build needs; return its path relative
     to ``out`` (the staging directory is a sibling of ``out``, so the link holds after the rename).
@@ -447,9 +456,10 @@ def _shared_dense(request: BuildRequest, common: dict, out: Path) -> str:
     """
     dense_dir = Path(request.dense_dir).resolve()
     manifest = read_manifest(dense_dir)
-    for key, want in (("spec", common["spec"]), ("task", common["task"]), ("build", request.build.to_json()),
+    for key, want in (("spec", common["spec"]), ("task", common["task"]), ("build", _twin_settings(request.build.to_json())),
                       ("method", DENSE_METHOD)):
-        if manifest.get(key) != want:
+        have = _twin_settings(manifest.get(key)) if key == "build" else manifest.get(key)
+        if have != want:
             raise ArtifactError(f"{dense_dir} cannot be the dense twin: its {key} is {manifest.get(key)}, this build needs {want}")
     return os.path.relpath(dense_dir, Path(out).resolve())
 
