@@ -33,11 +33,11 @@ namespace core = vitfold::trt;
 
 int gFailures = 0;
 
-void check(bool ok, char const* what, std::string const& detail = "") {
+void check(bool ok, std::string const& what, std::string const& detail = "") {
     if (ok) {
-        std::printf("ok %s\n", what);
+        std::printf("ok %s\n", what.c_str());
     } else {
-        std::printf("FAIL %s %s\n", what, detail.c_str());
+        std::printf("FAIL %s %s\n", what.c_str(), detail.c_str());
         ++gFailures;
     }
 }
@@ -170,6 +170,78 @@ int32_t fieldInt(PluginFieldCollection const* fc, char const* name) {
     return -12345;
 }
 
+//! The bytes of the vitfold_state field (the versioned record); empty when there is none.
+std::vector<uint8_t> stateOf(PluginFieldCollection const* fc) {
+    std::vector<uint8_t> state;
+    for (int32_t i = 0; fc && i < fc->nbFields; ++i)
+        if (std::strcmp(fc->fields[i].name, "vitfold_state") == 0) {
+            auto const* bytes = static_cast<uint8_t const*>(fc->fields[i].data);
+            state.assign(bytes, bytes + fc->fields[i].length);
+        }
+    return state;
+}
+
+//! createPlugin(kRUNTIME) from int fields next to a vitfold_state record.
+IPluginV3* createWithState(IPluginCreatorV3One* creator, Fields const& ints, std::vector<uint8_t>& state) {
+    std::vector<PluginField> mixed(ints.fields);
+    mixed.emplace_back("vitfold_state", state.data(), PluginFieldType::kUNKNOWN, static_cast<int32_t>(state.size()));
+    PluginFieldCollection fc{static_cast<int32_t>(mixed.size()), mixed.data()};
+    return creator->createPlugin("x", &fc, TensorRTPhase::kRUNTIME);
+}
+
+IPluginV3OneRuntime* runtimeOf(IPluginV3* plugin) {
+    return plugin ? static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
+                  : nullptr;
+}
+
+//! A plugin's capability interfaces, checked: all three there, of TensorRT's kinds, named as the creator.
+//! All null when one is missing. `prefix` starts each check's line ("EViTPrune: ").
+struct Capabilities {
+    IPluginV3OneCore* core = nullptr;
+    IPluginV3OneBuild* build = nullptr;
+    IPluginV3OneRuntime* runtime = nullptr;
+};
+
+Capabilities capabilities(IPluginV3& plugin, char const* name, std::string const& prefix) {
+    Capabilities c;
+    c.core = static_cast<IPluginV3OneCore*>(plugin.getCapabilityInterface(PluginCapabilityType::kCORE));
+    c.build = static_cast<IPluginV3OneBuild*>(plugin.getCapabilityInterface(PluginCapabilityType::kBUILD));
+    c.runtime = runtimeOf(&plugin);
+    check(c.core && c.build && c.runtime, prefix + "core, build and runtime capabilities");
+    if (!c.core || !c.build || !c.runtime) return Capabilities{};
+    check(std::strcmp(c.core->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0 &&
+              std::strcmp(c.build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0 &&
+              std::strcmp(c.runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
+          prefix + "capability kinds");
+    check(std::strcmp(c.core->getPluginName(), name) == 0 && std::strcmp(c.core->getPluginVersion(), "1") == 0,
+          prefix + "plugin name and version match the creator");
+    return c;
+}
+
+//! float32 linear is supported at every position of io; a float16 input `half` and an output of another
+//! format are refused.
+void checkFormats(IPluginV3OneBuild* build, DynamicPluginTensorDesc const (&io)[3], int32_t half, TensorFormat format,
+                  std::string const& prefix) {
+    bool all = true;
+    for (int32_t pos = 0; pos < 3; ++pos) all = all && build->supportsFormatCombination(pos, io, 2, 1);
+    check(all, prefix + "float32 linear supported at every position");
+    DynamicPluginTensorDesc halfIo[3] = {io[0], io[1], io[2]};
+    halfIo[half].desc.type = DataType::kHALF;
+    halfIo[2].desc.format = format;
+    check(!build->supportsFormatCombination(half, halfIo, 2, 1) && !build->supportsFormatCombination(2, halfIo, 2, 1),
+          prefix + "float16 and non-linear formats refused");
+}
+
+//! clone and attachToContext give plugins, and the clone keeps the int field `field` (= value).
+void checkClone(IPluginV3& plugin, IPluginV3OneRuntime* runtime, char const* field, int32_t value,
+                std::string const& prefix) {
+    std::unique_ptr<IPluginV3> copy(plugin.clone());
+    std::unique_ptr<IPluginV3> attached(runtime->attachToContext(nullptr));
+    check(copy && attached, prefix + "clone and attachToContext");
+    if (copy) check(fieldInt(runtimeOf(copy.get())->getFieldsToSerialize(), field) == value,
+                    prefix + "the clone keeps " + field);
+}
+
 // ------------------------------------------------------------------------------------------- EViTPrune
 // The second creator of the library: fields keep / num_protected / fuse, output [B, P + keep + fuse, C]
 // (a constant token count, also for a symbolic N), refusals, formats, workspace, serialisation.
@@ -212,17 +284,10 @@ void checkPrune(IPluginCreatorV3One* creator, std::vector<std::string> const& me
         check(p != nullptr, "EViTPrune: createPlugin takes kINT64 fields too");
     }
 
-    auto* coreCap = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
-    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
-    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    check(coreCap && build && runtime, "EViTPrune: core, build and runtime capabilities");
-    if (!coreCap || !build || !runtime) return;
-    check(std::strcmp(coreCap->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0 &&
-              std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0 &&
-              std::strcmp(runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
-          "EViTPrune: capability kinds");
-    check(std::strcmp(coreCap->getPluginName(), "EViTPrune") == 0 && std::strcmp(coreCap->getPluginVersion(), "1") == 0,
-          "EViTPrune: plugin name and version match the creator");
+    Capabilities const caps = capabilities(*plugin, "EViTPrune", "EViTPrune: ");
+    IPluginV3OneBuild* build = caps.build;
+    IPluginV3OneRuntime* runtime = caps.runtime;
+    if (!build || !runtime) return;
 
     check(build->getNbOutputs() == 1, "EViTPrune: one output");
     DataType in2[2] = {DataType::kFLOAT, DataType::kFLOAT}, outType = DataType::kHALF;
@@ -261,14 +326,7 @@ void checkPrune(IPluginCreatorV3One* creator, std::vector<std::string> const& me
         DynamicPluginTensorDesc io[3] = {dynamicDesc({-1, 17, 8}, {1, 17, 8}, {4, 17, 8}),
                                          dynamicDesc({-1, 17}, {1, 17}, {4, 17}),
                                          dynamicDesc({-1, 7, 8}, {1, 7, 8}, {4, 7, 8})};
-        bool all = true;
-        for (int32_t pos = 0; pos < 3; ++pos) all = all && build->supportsFormatCombination(pos, io, 2, 1);
-        check(all, "EViTPrune: float32 linear supported at every position");
-        DynamicPluginTensorDesc halfIo[3] = {io[0], io[1], io[2]};
-        halfIo[1].desc.type = DataType::kHALF;
-        halfIo[2].desc.format = TensorFormat::kCHW32;
-        check(!build->supportsFormatCombination(1, halfIo, 2, 1) && !build->supportsFormatCombination(2, halfIo, 2, 1),
-              "EViTPrune: float16 and non-linear formats refused");
+        checkFormats(build, io, 1, TensorFormat::kCHW32, "EViTPrune: ");
         check(build->configurePlugin(io, 2, io + 2, 1) == 0, "EViTPrune: configurePlugin accepts a valid profile");
         DynamicPluginTensorDesc tight[3] = {dynamicDesc({2, -1, 8}, {2, 6, 8}, {2, 17, 8}),
                                             dynamicDesc({2, -1}, {2, 6}, {2, 17}), io[2]};
@@ -293,20 +351,14 @@ void checkPrune(IPluginCreatorV3One* creator, std::vector<std::string> const& me
     check(saved && saved->nbFields == 4 && fieldInt(saved, "keep") == 5 && fieldInt(saved, "num_protected") == 1 &&
               fieldInt(saved, "fuse") == 1,
           "EViTPrune: serialises keep, num_protected and fuse as kINT32 fields");
-    std::vector<uint8_t> state;
-    for (int32_t i = 0; saved && i < saved->nbFields; ++i)
-        if (std::strcmp(saved->fields[i].name, "vitfold_state") == 0) {
-            auto const* bytes = static_cast<uint8_t const*>(saved->fields[i].data);
-            state.assign(bytes, bytes + saved->fields[i].length);
-        }
+    std::vector<uint8_t> state = stateOf(saved);
     prune::Attrs decoded;
     check(saved && prune::deserialize(state.data(), state.size(), &decoded) == vitfold::trt::kOK &&
               decoded.keep == 5 && decoded.numProtected == 1 && decoded.fuse == 1 &&
               std::memcmp(state.data(), "VEVP", 4) == 0,
           "EViTPrune: serialises the versioned record (vitfold_state, VEVP)");
     std::unique_ptr<IPluginV3> again(creator->createPlugin("blocks.3/EViTPrune", saved, TensorRTPhase::kRUNTIME));
-    auto* rt = again ? static_cast<IPluginV3OneRuntime*>(again->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
-                     : nullptr;
+    auto* rt = runtimeOf(again.get());
     PluginFieldCollection const* resaved = rt ? rt->getFieldsToSerialize() : nullptr;
     check(resaved && fieldInt(resaved, "keep") == 5 && fieldInt(resaved, "num_protected") == 1 &&
               fieldInt(resaved, "fuse") == 1,
@@ -323,21 +375,11 @@ void checkPrune(IPluginCreatorV3One* creator, std::vector<std::string> const& me
     IPluginV3* fromTome = creator->createPlugin("x", &fcForeign, TensorRTPhase::kRUNTIME);
     check(fromTome == nullptr, "EViTPrune: kRUNTIME refuses a ToMeMerge record (magic VTMM)");
     delete fromTome;
-    Fields disagree({{"keep", 5}, {"num_protected", 1}, {"fuse", 0}});
-    std::vector<PluginField> mixed(disagree.fields);
-    mixed.emplace_back("vitfold_state", state.data(), PluginFieldType::kUNKNOWN, static_cast<int32_t>(state.size()));
-    PluginFieldCollection fcm{static_cast<int32_t>(mixed.size()), mixed.data()};
-    IPluginV3* mismatch = creator->createPlugin("x", &fcm, TensorRTPhase::kRUNTIME);
+    IPluginV3* mismatch = createWithState(creator, Fields({{"keep", 5}, {"num_protected", 1}, {"fuse", 0}}), state);
     check(mismatch == nullptr, "EViTPrune: kRUNTIME refuses int fields that disagree with the record");
     delete mismatch;
 
-    std::unique_ptr<IPluginV3> copy(plugin->clone());
-    std::unique_ptr<IPluginV3> attached(runtime->attachToContext(nullptr));
-    check(copy && attached, "EViTPrune: clone and attachToContext");
-    if (copy) {
-        auto* crt = static_cast<IPluginV3OneRuntime*>(copy->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-        check(fieldInt(crt->getFieldsToSerialize(), "keep") == 5, "EViTPrune: the clone keeps keep");
-    }
+    checkClone(*plugin, runtime, "keep", 5, "EViTPrune: ");
 }
 
 }  // namespace
@@ -409,17 +451,10 @@ int main(int argc, char** argv) {
         check(q == nullptr, "createPlugin refuses a float r");
     }
 
-    auto* coreCap = static_cast<IPluginV3OneCore*>(plugin->getCapabilityInterface(PluginCapabilityType::kCORE));
-    auto* build = static_cast<IPluginV3OneBuild*>(plugin->getCapabilityInterface(PluginCapabilityType::kBUILD));
-    auto* runtime = static_cast<IPluginV3OneRuntime*>(plugin->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-    check(coreCap && build && runtime, "core, build and runtime capabilities");
-    if (!coreCap || !build || !runtime) return 1;
-    check(std::strcmp(coreCap->getInterfaceInfo().kind, "PLUGIN_V3ONE_CORE") == 0 &&
-              std::strcmp(build->getInterfaceInfo().kind, "PLUGIN_V3ONE_BUILD") == 0 &&
-              std::strcmp(runtime->getInterfaceInfo().kind, "PLUGIN_V3ONE_RUNTIME") == 0,
-          "capability kinds");
-    check(std::strcmp(coreCap->getPluginName(), "ToMeMerge") == 0 && std::strcmp(coreCap->getPluginVersion(), "1") == 0,
-          "plugin name and version match the creator");
+    Capabilities const caps = capabilities(*plugin, "ToMeMerge", "");
+    IPluginV3OneBuild* build = caps.build;
+    IPluginV3OneRuntime* runtime = caps.runtime;
+    if (!build || !runtime) return 1;
 
     // -------------------------------------------------------------------------------- build phase
     check(build->getNbOutputs() == 1, "one output");
@@ -453,14 +488,7 @@ int main(int argc, char** argv) {
         DynamicPluginTensorDesc io[3] = {dynamicDesc({-1, 17, 8}, {1, 17, 8}, {4, 17, 8}),
                                          dynamicDesc({-1, 2, 17, 4}, {1, 2, 17, 4}, {4, 2, 17, 4}),
                                          dynamicDesc({-1, 14, 8}, {1, 14, 8}, {4, 14, 8})};
-        bool all = true;
-        for (int32_t pos = 0; pos < 3; ++pos) all = all && build->supportsFormatCombination(pos, io, 2, 1);
-        check(all, "float32 linear supported at every position");
-        DynamicPluginTensorDesc halfIo[3] = {io[0], io[1], io[2]};
-        halfIo[0].desc.type = DataType::kHALF;
-        halfIo[2].desc.format = TensorFormat::kHWC8;
-        check(!build->supportsFormatCombination(0, halfIo, 2, 1) && !build->supportsFormatCombination(2, halfIo, 2, 1),
-              "float16 and non-linear formats refused");
+        checkFormats(build, io, 0, TensorFormat::kHWC8, "");
         check(build->configurePlugin(io, 2, io + 2, 1) == 0, "configurePlugin accepts a valid profile");
         DynamicPluginTensorDesc tight[3] = {dynamicDesc({2, -1, 8}, {2, 6, 8}, {2, 17, 8}),
                                             dynamicDesc({2, 2, -1, 4}, {2, 2, 6, 4}, {2, 2, 17, 4}), io[2]};
@@ -485,21 +513,14 @@ int main(int argc, char** argv) {
     PluginFieldCollection const* saved = runtime->getFieldsToSerialize();
     check(saved && saved->nbFields == 3 && fieldInt(saved, "r") == 3 && fieldInt(saved, "num_protected") == 1,
           "serialises r and num_protected as kINT32 fields");
-    std::vector<uint8_t> state;
-    for (int32_t i = 0; saved && i < saved->nbFields; ++i)
-        if (std::strcmp(saved->fields[i].name, "vitfold_state") == 0) {
-            auto const* bytes = static_cast<uint8_t const*>(saved->fields[i].data);
-            state.assign(bytes, bytes + saved->fields[i].length);
-        }
+    std::vector<uint8_t> state = stateOf(saved);
     core::Attrs decoded;
     check(saved && core::deserialize(state.data(), state.size(), &decoded) == core::kOK && decoded.r == 3 &&
               decoded.numProtected == 1,
           "serialises the versioned record (vitfold_state)");
     {
         std::unique_ptr<IPluginV3> again(creator->createPlugin("blocks.0/ToMeMerge", saved, TensorRTPhase::kRUNTIME));
-        auto* rt = again ? static_cast<IPluginV3OneRuntime*>(
-                               again->getCapabilityInterface(PluginCapabilityType::kRUNTIME))
-                         : nullptr;
+        auto* rt = runtimeOf(again.get());
         PluginFieldCollection const* resaved = rt ? rt->getFieldsToSerialize() : nullptr;
         check(resaved && fieldInt(resaved, "r") == 3 && fieldInt(resaved, "num_protected") == 1,
               "createPlugin(kRUNTIME) restores the serialised plugin");
@@ -514,26 +535,13 @@ int main(int argc, char** argv) {
         IPluginV3* other = creator->createPlugin("x", &fc, TensorRTPhase::kRUNTIME);
         check(other == nullptr, "kRUNTIME refuses an unknown format version");
         delete other;
-        Fields disagree({{"r", 4}, {"num_protected", 1}});
-        std::vector<PluginField> mixed(disagree.fields);
-        mixed.emplace_back("vitfold_state", state.data(), PluginFieldType::kUNKNOWN,
-                           static_cast<int32_t>(state.size()));
-        PluginFieldCollection fcm{static_cast<int32_t>(mixed.size()), mixed.data()};
-        IPluginV3* mismatch = creator->createPlugin("x", &fcm, TensorRTPhase::kRUNTIME);
+        IPluginV3* mismatch = createWithState(creator, Fields({{"r", 4}, {"num_protected", 1}}), state);
         check(mismatch == nullptr, "kRUNTIME refuses int fields that disagree with the record");
         delete mismatch;
     }
 
-    std::unique_ptr<IPluginV3> copy(plugin->clone());
-    std::unique_ptr<IPluginV3> attached(runtime->attachToContext(nullptr));
-    check(copy && attached, "clone and attachToContext");
-    if (copy) {
-        auto* rt = static_cast<IPluginV3OneRuntime*>(copy->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
-        check(fieldInt(rt->getFieldsToSerialize(), "r") == 3, "the clone keeps r");
-    }
+    checkClone(*plugin, runtime, "r", 3, "");
     plugin.reset();
-    copy.reset();
-    attached.reset();
     checkPrune(static_cast<IPluginCreatorV3One*>(creators[1]), messages);
     std::printf("%s (%d failures)\n", gFailures ? "FAILED" : "PASSED", gFailures);
     return gFailures ? 1 : 0;

@@ -148,32 +148,18 @@ constexpr size_t kSerializedBytes = kHeaderBytes + kPayloadBytesV1;
 inline Status serialize(Attrs const& a, uint8_t* buffer, size_t capacity, size_t* written) noexcept {
     if (!buffer || !written) return kNULL_ARGUMENT;
     if (Status s = validateAttrs(a); s != kOK) return s;
-    if (capacity < kSerializedBytes) return kBUFFER_TOO_SMALL;
-    std::memcpy(buffer, kMagic, 4);
-    detail::putU32(buffer + 4, kFormatVersion);
-    detail::putU32(buffer + 8, static_cast<uint32_t>(kPayloadBytesV1));
-    detail::putU32(buffer + 12, static_cast<uint32_t>(a.keep));
-    detail::putU32(buffer + 16, static_cast<uint32_t>(a.numProtected));
-    detail::putU32(buffer + 20, static_cast<uint32_t>(a.fuse));
-    *written = kSerializedBytes;
-    return kOK;
+    int32_t const values[] = {a.keep, a.numProtected, a.fuse};
+    static_assert(sizeof values == kPayloadBytesV1, "the record's payload is keep, num_protected, fuse");
+    return detail::writeRecord(buffer, capacity, written, kMagic, kFormatVersion, values);
 }
 
 //! Reads what serialize() wrote; refuses short, foreign (a ToMeMerge record included), other-version
 //! or oversized records and attributes that fail validateAttrs. *out is only written on success.
 inline Status deserialize(uint8_t const* buffer, size_t size, Attrs* out) noexcept {
-    if (!out || (!buffer && size)) return kNULL_ARGUMENT;
-    if (size < kHeaderBytes) return kTRUNCATED;
-    if (std::memcmp(buffer, kMagic, 4) != 0) return kBAD_MAGIC;
-    if (detail::getU32(buffer + 4) != kFormatVersion) return kBAD_VERSION;
-    uint32_t const payload = detail::getU32(buffer + 8);
-    if (payload != kPayloadBytesV1) return kBAD_PAYLOAD_SIZE;
-    if (size < kHeaderBytes + payload) return kTRUNCATED;
-    if (size != kHeaderBytes + payload) return kBAD_PAYLOAD_SIZE;
-    Attrs a;
-    a.keep = static_cast<int32_t>(detail::getU32(buffer + 12));
-    a.numProtected = static_cast<int32_t>(detail::getU32(buffer + 16));
-    a.fuse = static_cast<int32_t>(detail::getU32(buffer + 20));
+    if (!out) return kNULL_ARGUMENT;
+    int32_t values[kPayloadBytesV1 / sizeof(int32_t)];
+    if (Status s = detail::readRecord(buffer, size, kMagic, kFormatVersion, values); s != kOK) return s;
+    Attrs const a{values[0], values[1], values[2]};
     if (Status s = validateAttrs(a); s != kOK) return s;
     *out = a;
     return kOK;

@@ -2,7 +2,7 @@
 // serialisation, workspace layout, and the per-item merge steps that the CUDA kernel and a host
 // reference both run. Pure C++17: no TensorRT and no CUDA include, so it compiles (and is tested)
 // on any machine; tome_plugin.cpp, tome_kernel.cu and tome_plugin_core_capi.cpp all include it. Its
-// Status codes, VITFOLD_HD, little-endian helpers and kAlign also serve the second plugin's core,
+// Status codes, VITFOLD_HD, little-endian record helpers and kAlign also serve the second plugin's core,
 // prune_plugin_core.h (EViTPrune).
 //
 // ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D]; r, num_protected) -> [B, N - r, C]
@@ -225,36 +225,55 @@ inline uint32_t getU32(uint8_t const* p) noexcept {
     for (int i = 0; i < 4; ++i) v |= static_cast<uint32_t>(p[i]) << (8 * i);
     return v;
 }
+
+//! Both cores' record: magic | uint32 version | uint32 payload bytes (4 N) | N int32 values, written into
+//! buffer (non-null, capacity bytes); *written = kHeaderBytes + 4 N on success.
+template <size_t N>
+Status writeRecord(uint8_t* buffer, size_t capacity, size_t* written, uint8_t const (&magic)[4], uint32_t version,
+                   int32_t const (&values)[N]) noexcept {
+    if (capacity < kHeaderBytes + 4 * N) return kBUFFER_TOO_SMALL;
+    std::memcpy(buffer, magic, 4);
+    putU32(buffer + 4, version);
+    putU32(buffer + 8, static_cast<uint32_t>(4 * N));
+    for (size_t i = 0; i < N; ++i) putU32(buffer + kHeaderBytes + 4 * i, static_cast<uint32_t>(values[i]));
+    *written = kHeaderBytes + 4 * N;
+    return kOK;
+}
+
+//! The N values of a record writeRecord wrote; refuses short, foreign, other-version or oversized
+//! records. values is only written on success.
+template <size_t N>
+Status readRecord(uint8_t const* buffer, size_t size, uint8_t const (&magic)[4], uint32_t version,
+                  int32_t (&values)[N]) noexcept {
+    if (!buffer && size) return kNULL_ARGUMENT;
+    if (size < kHeaderBytes) return kTRUNCATED;
+    if (std::memcmp(buffer, magic, 4) != 0) return kBAD_MAGIC;
+    if (getU32(buffer + 4) != version) return kBAD_VERSION;
+    uint32_t const payload = getU32(buffer + 8);
+    if (payload != 4 * N) return kBAD_PAYLOAD_SIZE;
+    if (size < kHeaderBytes + payload) return kTRUNCATED;
+    if (size != kHeaderBytes + payload) return kBAD_PAYLOAD_SIZE;
+    for (size_t i = 0; i < N; ++i) values[i] = static_cast<int32_t>(getU32(buffer + kHeaderBytes + 4 * i));
+    return kOK;
+}
 }  // namespace detail
 
 //! Writes the attributes into buffer (capacity bytes); *written = kSerializedBytes on success.
 inline Status serialize(Attrs const& a, uint8_t* buffer, size_t capacity, size_t* written) noexcept {
     if (!buffer || !written) return kNULL_ARGUMENT;
     if (Status s = validateAttrs(a); s != kOK) return s;
-    if (capacity < kSerializedBytes) return kBUFFER_TOO_SMALL;
-    std::memcpy(buffer, kMagic, 4);
-    detail::putU32(buffer + 4, kFormatVersion);
-    detail::putU32(buffer + 8, static_cast<uint32_t>(kPayloadBytesV1));
-    detail::putU32(buffer + 12, static_cast<uint32_t>(a.r));
-    detail::putU32(buffer + 16, static_cast<uint32_t>(a.numProtected));
-    *written = kSerializedBytes;
-    return kOK;
+    int32_t const values[] = {a.r, a.numProtected};
+    static_assert(sizeof values == kPayloadBytesV1, "the record's payload is r, num_protected");
+    return detail::writeRecord(buffer, capacity, written, kMagic, kFormatVersion, values);
 }
 
 //! Reads what serialize() wrote; rejects short, foreign, other-version or oversized records, and
 //! attributes that fail validateAttrs. *out is only written on success.
 inline Status deserialize(uint8_t const* buffer, size_t size, Attrs* out) noexcept {
-    if (!out || (!buffer && size)) return kNULL_ARGUMENT;
-    if (size < kHeaderBytes) return kTRUNCATED;
-    if (std::memcmp(buffer, kMagic, 4) != 0) return kBAD_MAGIC;
-    if (detail::getU32(buffer + 4) != kFormatVersion) return kBAD_VERSION;
-    uint32_t const payload = detail::getU32(buffer + 8);
-    if (payload != kPayloadBytesV1) return kBAD_PAYLOAD_SIZE;
-    if (size < kHeaderBytes + payload) return kTRUNCATED;
-    if (size != kHeaderBytes + payload) return kBAD_PAYLOAD_SIZE;
-    Attrs a;
-    a.r = static_cast<int32_t>(detail::getU32(buffer + 12));
-    a.numProtected = static_cast<int32_t>(detail::getU32(buffer + 16));
+    if (!out) return kNULL_ARGUMENT;
+    int32_t values[kPayloadBytesV1 / sizeof(int32_t)];
+    if (Status s = detail::readRecord(buffer, size, kMagic, kFormatVersion, values); s != kOK) return s;
+    Attrs const a{values[0], values[1]};
     if (Status s = validateAttrs(a); s != kOK) return s;
     *out = a;
     return kOK;

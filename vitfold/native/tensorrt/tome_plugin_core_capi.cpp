@@ -14,6 +14,35 @@
 
 namespace core = vitfold::trt;
 
+namespace {
+
+//! A core's output dims (fill(dims): its outputDims) into out_dims (capacity out_capacity), rank into
+//! *out_rank.
+template <int32_t Rank, class Fill>
+int32_t copyOutputDims(int64_t* out_dims, int32_t out_capacity, int32_t* out_rank, Fill fill) {
+    if (!out_dims || !out_rank) return core::kNULL_ARGUMENT;
+    if (out_capacity < Rank) return core::kBUFFER_TOO_SMALL;
+    int64_t dims[Rank];
+    core::Status const s = fill(dims);
+    if (s != core::kOK) return s;
+    for (int32_t i = 0; i < Rank; ++i) out_dims[i] = dims[i];
+    *out_rank = Rank;
+    return core::kOK;
+}
+
+//! A core's serialize with the C ABI's signed capacity and byte count.
+template <class Attrs>
+int32_t serializeTo(core::Status (*serialize)(Attrs const&, uint8_t*, size_t, size_t*) noexcept, Attrs const& attrs,
+                    uint8_t* buffer, int64_t capacity, int64_t* written) {
+    if (capacity < 0 || !written) return core::kNULL_ARGUMENT;
+    size_t n = 0;
+    core::Status const s = serialize(attrs, buffer, static_cast<size_t>(capacity), &n);
+    if (s == core::kOK) *written = static_cast<int64_t>(n);
+    return s;
+}
+
+}  // namespace
+
 //! Version of this C ABI (bumped when a signature changes).
 VITFOLD_CORE_API int32_t vitfold_trt_core_abi_version(void) { return 1; }
 
@@ -31,14 +60,9 @@ VITFOLD_CORE_API int32_t vitfold_trt_core_validate(int32_t r, int32_t num_protec
 VITFOLD_CORE_API int32_t vitfold_trt_core_output_dims(int32_t r, int32_t num_protected, int64_t const* x_dims,
                                                       int32_t x_rank, int64_t const* key_dims, int32_t key_rank,
                                                       int64_t* out_dims, int32_t out_capacity, int32_t* out_rank) {
-    if (!out_dims || !out_rank) return core::kNULL_ARGUMENT;
-    if (out_capacity < core::kOutputRank) return core::kBUFFER_TOO_SMALL;
-    int64_t dims[core::kOutputRank];
-    core::Status const s = core::outputDims(core::Attrs{r, num_protected}, x_dims, x_rank, key_dims, key_rank, dims);
-    if (s != core::kOK) return s;
-    for (int32_t i = 0; i < core::kOutputRank; ++i) out_dims[i] = dims[i];
-    *out_rank = core::kOutputRank;
-    return core::kOK;
+    return copyOutputDims<core::kOutputRank>(out_dims, out_capacity, out_rank, [&](int64_t* dims) {
+        return core::outputDims(core::Attrs{r, num_protected}, x_dims, x_rank, key_dims, key_rank, dims);
+    });
 }
 
 //! Largest valid r (not a Status): (N - num_protected) / 2, or 0.
@@ -53,12 +77,7 @@ VITFOLD_CORE_API int64_t vitfold_trt_core_serialized_size(void) {
 
 VITFOLD_CORE_API int32_t vitfold_trt_core_serialize(int32_t r, int32_t num_protected, uint8_t* buffer,
                                                     int64_t capacity, int64_t* written) {
-    if (capacity < 0 || !written) return core::kNULL_ARGUMENT;
-    size_t n = 0;
-    core::Status const s =
-        core::serialize(core::Attrs{r, num_protected}, buffer, static_cast<size_t>(capacity), &n);
-    if (s == core::kOK) *written = static_cast<int64_t>(n);
-    return s;
+    return serializeTo(core::serialize, core::Attrs{r, num_protected}, buffer, capacity, written);
 }
 
 VITFOLD_CORE_API int32_t vitfold_trt_core_deserialize(uint8_t const* buffer, int64_t size, int32_t* r,
@@ -109,15 +128,9 @@ VITFOLD_CORE_API int32_t vitfold_trt_prune_output_dims(int32_t keep, int32_t num
                                                        int64_t const* x_dims, int32_t x_rank, int64_t const* attn_dims,
                                                        int32_t attn_rank, int64_t* out_dims, int32_t out_capacity,
                                                        int32_t* out_rank) {
-    if (!out_dims || !out_rank) return core::kNULL_ARGUMENT;
-    if (out_capacity < prune::kOutputRank) return core::kBUFFER_TOO_SMALL;
-    int64_t dims[prune::kOutputRank];
-    core::Status const s =
-        prune::outputDims(prune::Attrs{keep, num_protected, fuse}, x_dims, x_rank, attn_dims, attn_rank, dims);
-    if (s != core::kOK) return s;
-    for (int32_t i = 0; i < prune::kOutputRank; ++i) out_dims[i] = dims[i];
-    *out_rank = prune::kOutputRank;
-    return core::kOK;
+    return copyOutputDims<prune::kOutputRank>(out_dims, out_capacity, out_rank, [&](int64_t* dims) {
+        return prune::outputDims(prune::Attrs{keep, num_protected, fuse}, x_dims, x_rank, attn_dims, attn_rank, dims);
+    });
 }
 
 //! Bytes vitfold_trt_prune_serialize writes (not a Status).
@@ -127,12 +140,7 @@ VITFOLD_CORE_API int64_t vitfold_trt_prune_serialized_size(void) {
 
 VITFOLD_CORE_API int32_t vitfold_trt_prune_serialize(int32_t keep, int32_t num_protected, int32_t fuse,
                                                      uint8_t* buffer, int64_t capacity, int64_t* written) {
-    if (capacity < 0 || !written) return core::kNULL_ARGUMENT;
-    size_t n = 0;
-    core::Status const s =
-        prune::serialize(prune::Attrs{keep, num_protected, fuse}, buffer, static_cast<size_t>(capacity), &n);
-    if (s == core::kOK) *written = static_cast<int64_t>(n);
-    return s;
+    return serializeTo(prune::serialize, prune::Attrs{keep, num_protected, fuse}, buffer, capacity, written);
 }
 
 VITFOLD_CORE_API int32_t vitfold_trt_prune_deserialize(uint8_t const* buffer, int64_t size, int32_t* keep,
