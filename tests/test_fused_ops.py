@@ -52,6 +52,25 @@ def tiny_prune_export(tmp_path, method="evit", flavour=None, **params):
     return path, reduced, schedule
 
 
+def graph_and_fused_outputs(tmp_path, path, reduced, extension, config=None, seeds=4):
+    """Fuse the exported ``path``, compile both forms on OpenVINO (f32, the extension loaded) and yield
+    ``(graph form, fused, torch)`` outputs for ``seeds`` random ``[2, 3, 32, 32]`` batches."""
+    import openvino as ov
+
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    core = ov.Core()
+    core.add_extension(str(extension))
+    config = {"INFERENCE_PRECISION_HINT": "f32", **(config or {})}
+    graph = core.compile_model(core.read_model(str(path)), "CPU", config)
+    one_op = core.compile_model(core.read_model(str(tmp_path / "fused.onnx")), "CPU", config)
+    for seed in range(seeds):
+        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        with torch.no_grad():
+            reference = reduced(torch.from_numpy(x)).numpy()
+        yield graph({0: x})[0], one_op({0: x})[0], reference
+
+
 @pytest.fixture(scope="module")
 def extension(tmp_path_factory):
     """The OpenVINO extension, compiled once into a temporary cache."""
@@ -182,24 +201,11 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
 @pytest.mark.parametrize("flavour", ["plain", "registers", "no_class_token", "class_and_distillation"])
 def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension, flavour):
     """0, 1, 2 and 5 prefix tokens: the op keeps each prefix token in place, as the graph form does."""
-    import openvino as ov
-
     settings = FLAVOURS.get(flavour, {"reg_tokens": 1})  # class + one more prefix token, as DeiT's distillation token
     path, reduced, _ = tiny_export(tmp_path, flavour=settings)
-    fused, _ = fuse_sites(onnx.load(str(path)))
-    onnx.save(fused, str(tmp_path / "fused.onnx"))
-    core = ov.Core()
-    core.add_extension(str(extension))
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1}
-    graph = core.compile_model(core.read_model(str(path)), "CPU", config)
-    one_op = core.compile_model(core.read_model(str(tmp_path / "fused.onnx")), "CPU", config)
-    for seed in range(4):
-        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
-        a, b = graph({0: x})[0], one_op({0: x})[0]
-        with torch.no_grad():
-            reference = reduced(torch.from_numpy(x)).numpy()
-        assert np.abs(a - b).max() <= 1e-5  # the same token choices
-        np.testing.assert_allclose(b, reference, atol=1e-4)
+    for graph, fused, reference in graph_and_fused_outputs(tmp_path, path, reduced, extension, {"INFERENCE_NUM_THREADS": 1}):
+        assert np.abs(graph - fused).max() <= 1e-5  # the same token choices
+        np.testing.assert_allclose(fused, reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["evit", "topk"])
@@ -207,23 +213,10 @@ def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension,
 def test_fused_pruning_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension, method, flavour):
     """EViTPrune: the same kept tokens in the same order and the fused token's sum term for term (max abs 0),
     with one and five protected prefix tokens (class token and registers)."""
-    import openvino as ov
-
     path, reduced, _ = tiny_prune_export(tmp_path, method, flavour=FLAVOURS[flavour])
-    fused, _ = fuse_sites(onnx.load(str(path)))
-    onnx.save(fused, str(tmp_path / "fused.onnx"))
-    core = ov.Core()
-    core.add_extension(str(extension))
-    config = {"INFERENCE_PRECISION_HINT": "f32"}
-    graph = core.compile_model(core.read_model(str(path)), "CPU", config)
-    one_op = core.compile_model(core.read_model(str(tmp_path / "fused.onnx")), "CPU", config)
-    for seed in range(4):
-        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
-        a, b = graph({0: x})[0], one_op({0: x})[0]
-        with torch.no_grad():
-            reference = reduced(torch.from_numpy(x)).numpy()
-        assert np.abs(a - b).max() == 0.0
-        np.testing.assert_allclose(b, reference, atol=1e-4)
+    for graph, fused, reference in graph_and_fused_outputs(tmp_path, path, reduced, extension):
+        assert np.abs(graph - fused).max() == 0.0
+        np.testing.assert_allclose(fused, reference, atol=1e-4)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
