@@ -505,3 +505,17 @@ def test_a_plain_dense_twin_serves_a_fused_build(tmp_path):
     other = BuildRequest(ModelSpec("tiny"), "tome", {"r": 2}, BuildConfig("openvino", threads=1), dense_dir=dense)
     with pytest.raises(ArtifactError, match="cannot be the dense twin: its build"):
         _shared_dense(other, common, tmp_path / "out")
+
+
+def test_the_fused_check_stops_a_build_whose_outputs_moved():
+    """The one comparison the workstation's build and the device side share: exact agreement passes, a
+    change above the tolerance (another token choice) stops the build with the build's name and the fix."""
+    from vitfold.errors import FidelityError
+    from vitfold.native import FUSED_TOLERANCE, check_fused_outputs
+
+    expected = {"logits": np.zeros((2, 10), np.float32)}
+    assert check_fused_outputs(expected, {"logits": np.zeros((2, 10), np.float32)}, "", "openvino") == 0.0
+    near = {"logits": np.full((2, 10), FUSED_TOLERANCE / 2, np.float32)}
+    assert 0 < check_fused_outputs(expected, near, "", "openvino") <= FUSED_TOLERANCE
+    with pytest.raises(FidelityError, match="^b: the fused sites moved the outputs by 0.01 .* build without --fused-ops"):
+        check_fused_outputs(expected, {"logits": np.full((2, 10), 0.01, np.float32)}, "b: ", "tensorrt")

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import VitfoldError
+from .native import FUSED_TARGETS
 from .runtimes.backends import BACKENDS
 from .runtimes.base import PRECISIONS
 
@@ -186,7 +187,7 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
     if tensorrt_version is not None and backend != "tensorrt":
         raise click.BadParameter("--tensorrt-version applies to --backend tensorrt")
     if fused_ops:
-        if (backend, precision) not in {("openvino", "f32"), ("openvino", "int8"), ("tensorrt", "f32")} or weights is not None:
+        if precision not in FUSED_TARGETS.get(backend, ()) or weights is not None:
             raise click.BadParameter("--fused-ops runs on OpenVINO at f32 or int8 and on TensorRT 10+ at f32 (the kernels "
                                      "are float32; no ONNX Runtime version); use --backend openvino --precision f32 or "
                                      "int8, or --backend tensorrt --precision f32, or drop --fused-ops")

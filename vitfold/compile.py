@@ -22,7 +22,6 @@ from .export.onnx import export_onnx
 from .passes import TENSORRT_8_5_PASSES
 from .passes.lint import Finding, require_clean, target_for
 from .passes.pipeline import PassReport, run_pipeline
-from .native import FUSED_TOLERANCE
 from .runtimes import BuildConfig, Session, get_backend
 
 
@@ -134,10 +133,6 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
                     graph_form)
 
 
-#: Precisions ``--fused-ops`` builds at: the op runs float32; int8 quantizes the rest, as the graph form's.
-FUSED_PRECISIONS = ("f32", "int8")
-#: Backend -> the precisions its fused ops build at (TensorRT: vitfold's plugins, float32).
-FUSED_TARGETS = {"openvino": FUSED_PRECISIONS, "tensorrt": ("f32",)}
 
 
 @dataclass(frozen=True)
@@ -163,13 +158,12 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     import onnx
 
     from .errors import SpecError
-    from .native import SITE_PREFIXES, TENSORRT_OPS
+    from .native import FUSED_TARGETS, SITE_PREFIXES
     from .passes.fuse_sites import fuse_sites
 
     if cfg.weights is not None or cfg.precision not in FUSED_TARGETS.get(cfg.backend, ()):
-        raise SpecError(f"--fused-ops builds for OpenVINO at {' or '.join(FUSED_PRECISIONS)} and TensorRT at f32 (the "
-                        f"kernels are float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: "
-                        f"drop --fused-ops")
+        raise SpecError(f"--fused-ops builds for OpenVINO at f32 or int8 and TensorRT at f32 (the kernels are float32; "
+                        f"int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
     proto = onnx.load(str(optimized))
     if not any(node.name.startswith(SITE_PREFIXES) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)
@@ -179,9 +173,6 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
         fuse_sites(proto)  # reduced but untagged: raises, naming what cannot be fused
     start = time.perf_counter()
     result, counts = fuse_sites(proto)
-    if cfg.backend == "tensorrt" and not set(counts) <= set(TENSORRT_OPS):
-        raise SpecError(f"TensorRT has no vitfold plugin for {', '.join(sorted(set(counts) - set(TENSORRT_OPS)))} (only "
-                        f"{', '.join(TENSORRT_OPS)}); build for TensorRT without --fused-ops")
     ms = (time.perf_counter() - start) * 1e3
     path = directory / "model.fused.onnx"
     onnx.save(result, str(path))
@@ -194,7 +185,8 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
                  sample: np.ndarray, calibration, keep_in: Optional[Path],
                  log: Callable[[str], None]) -> tuple[PassReport, Optional[Compiled]]:
     """Build the graph form beside the fused build (int8: quantized with the same ``calibration``) and run
-    both on ``sample``: outputs within :data:`FUSED_TOLERANCE` (the same token choices) or the build stops.
+    both on ``sample``: outputs within :data:`~vitfold.native.FUSED_TOLERANCE` (the same token choices,
+    :func:`~vitfold.native.check_fused_outputs`) or the build stops.
     The graph form is built in ``keep_in`` and returned when given, else in a temporary folder (None).
 
     Raises:
@@ -203,7 +195,7 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
     import tempfile
     from dataclasses import replace
 
-    from .errors import FidelityError
+    from .native import check_fused_outputs
 
     plain = replace(cfg, extra={k: v for k, v in cfg.extra.items() if k != "fused_ops"})
     kept = None
@@ -215,13 +207,9 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
             expected = reference(sample)
         if keep_in is not None:
             kept = compiled
-    session = runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()})
-    got = session(sample)
-    session.close()
-    change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
-    if not change <= FUSED_TOLERANCE:
-        raise FidelityError(f"the fused sites moved the outputs by {change:.3g} (max abs) against the graph form "
-                            f"on {cfg.backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
+    with runtimes.backend_module(cfg.backend).load(directory, {"files": files, "build": cfg.to_json()}) as session:
+        got = session(sample)
+    change = check_fused_outputs(expected, got, "", cfg.backend)
     log(f"fused sites match the graph form on {cfg.backend}: max abs {change:.2g}")
     return PassReport("fuse-sites", fused.nodes_before, fused.nodes_after, fused.ms, change,
                       (f"fused {fused.sites}, checked on {cfg.backend} against the graph form",)), kept

@@ -45,6 +45,9 @@ TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
 FUSED_TOLERANCE = 1e-5
 #: The fused ops the TensorRT plugin library implements.
 TENSORRT_OPS = ("ToMeMerge", "EViTPrune")
+#: Backend -> the precisions fused ops build at: the kernels are float32; int8 (OpenVINO) quantizes the
+#: rest as the graph form's. TensorRT: vitfold's plugins, f32.
+FUSED_TARGETS = {"openvino": ("f32", "int8"), "tensorrt": ("f32",)}
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
@@ -55,6 +58,25 @@ SITE_PREFIXES = (TOME_SITE_PREFIX, PRUNE_SITE_PREFIX)
 
 class NativeUnavailable(BackendUnavailable):
     """The native extension cannot be built or loaded here; the message says what is missing and the fix."""
+
+
+def check_fused_outputs(expected: dict, got: dict, where: str, backend: str) -> float:
+    """The largest change (max abs) of a fused build's outputs ``got`` against its graph form's
+    ``expected`` (name -> array), on the same backend and batch; the build stops above
+    :data:`FUSED_TOLERANCE` (the token choices differ). ``where`` names the build in the message.
+
+    Raises:
+        FidelityError: a change above :data:`FUSED_TOLERANCE`.
+    """
+    import numpy as np
+
+    from ..errors import FidelityError
+
+    change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
+    if not change <= FUSED_TOLERANCE:
+        raise FidelityError(f"{where}the fused sites moved the outputs by {change:.3g} (max abs) against the graph form "
+                            f"on {backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
+    return change
 
 
 def _source_hash(source: Path = SOURCE) -> str:
