@@ -16,12 +16,6 @@
 // graph form's Mul and ReduceSum do. The ONNX frontend maps a node EViTPrune of domain "vitfold" onto it.
 // float32. Images run in parallel on OpenVINO's thread pool; the work per image is a sort of N - P
 // scores and P + keep + fuse row copies / one weighted row sum, a few microseconds.
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <numeric>
-#include <vector>
-
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/core/parallel.hpp>
@@ -29,40 +23,7 @@
 #include <openvino/op/op.hpp>
 
 #include "extension.hpp"
-
-namespace {
-
-struct PruneDims {
-    size_t N, C, P, keep;
-    bool fuse;
-    size_t out_tokens() const { return P + keep + (fuse ? 1 : 0); }
-};
-
-// One image: x [N, C], attn [N] -> out [P + keep + fuse, C]. `order` is scratch of N - P entries.
-void prune_image(const float* x, const float* attn, float* out, const PruneDims& s, std::vector<int64_t>& order) {
-    const size_t M = s.N - s.P, C = s.C;
-    const float* score = attn + s.P;
-    std::iota(order.begin(), order.end(), 0);
-    // The keep largest scores, falling; equal scores in rising index (TopK's order in the graph form).
-    std::partial_sort(order.begin(), order.begin() + s.keep, order.end(), [&](int64_t a, int64_t b) {
-        return score[a] > score[b] || (score[a] == score[b] && a < b);
-    });
-    std::memcpy(out, x, s.P * C * sizeof(float));
-    for (size_t i = 0; i < s.keep; ++i) std::memcpy(out + (s.P + i) * C, x + (s.P + order[i]) * C, C * sizeof(float));
-    if (!s.fuse) return;
-    std::vector<char> kept(M, 0);
-    for (size_t i = 0; i < s.keep; ++i) kept[order[i]] = 1;
-    float* fused = out + (s.P + s.keep) * C;
-    std::fill(fused, fused + C, 0.f);
-    for (size_t j = 0; j < M; ++j) {
-        if (kept[j]) continue;  // weight exactly 0 in the graph form
-        const float w = score[j];
-        const float* row = x + (s.P + j) * C;
-        for (size_t c = 0; c < C; ++c) fused[c] += row[c] * w;
-    }
-}
-
-}  // namespace
+#include "prune_kernels.h"
 
 class EViTPrune : public ov::op::Op {
 public:

@@ -19,14 +19,6 @@
 // float32. Images run in parallel on OpenVINO's thread pool, and a batch of one splits its image's
 // normalisation, matching and row copies across the threads instead; the kernels are vectorised for
 // the widest of AVX-512, AVX2 and the generic vectors (SSE, NEON) that the CPU runs, picked at run time.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <numeric>
-#include <vector>
-
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
 #include <openvino/core/parallel.hpp>
@@ -34,152 +26,9 @@
 #include <openvino/op/op.hpp>
 
 #include "extension.hpp"
+#include "tome_kernels.h"
 
 namespace {
-
-struct Dims {
-    size_t N, C, D, r, P, H;  // H: heads the metric is averaged over (1: the metric itself)
-    size_t Na() const { return (N + 1) / 2; }  // A tokens: 2i
-    size_t Nb() const { return N / 2; }        // B tokens: 2j + 1
-};
-
-// One output row of the merge: out[slot] = x[src].
-struct Row {
-    size_t src, slot;
-};
-
-typedef float f32x4 __attribute__((vector_size(16)));
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef float f32x16 __attribute__((vector_size(64)));
-constexpr size_t kPad = 64;  // bt's row stride: a multiple of every tile width below
-
-// The kernels below are templates over a GCC / Clang vector type V, so one source serves SSE, AVX2,
-// AVX-512 and NEON; each is instantiated per instruction set and Kernels::pick takes the widest this
-// CPU runs. Each works on a range of its items, so that one image can be split across threads.
-
-// Tokens [begin, end): the metric row (the mean over heads of keys [H, N, D]: the sum in head order,
-// divided by H, as the graph form's ReduceMean), divided by its L2 norm into unit [N, D]; B tokens'
-// rows also transposed into bt [D, Nbp].
-template <typename V>
-__attribute__((always_inline)) inline void normalize(const float* keys, float* unit, float* bt, size_t Nbp, const Dims& s,
-                                                     size_t begin, size_t end) {
-    constexpr size_t kLanes = sizeof(V) / sizeof(float);
-    const size_t D = s.D;
-    const float heads = static_cast<float>(s.H);
-    for (size_t i = begin; i < end; ++i) {
-        float* row = unit + i * D;
-        std::memcpy(row, keys + i * D, D * sizeof(float));
-        if (s.H > 1) {
-            for (size_t h = 1; h < s.H; ++h) {
-                const float* head = keys + (h * s.N + i) * D;
-                for (size_t d = 0; d < D; ++d) row[d] += head[d];
-            }
-            for (size_t d = 0; d < D; ++d) row[d] /= heads;
-        }
-        V acc = {};  // the sum of squares in kLanes partial sums (a MatMul kernel's order is no more sequential)
-        size_t d = 0;
-        for (; d + kLanes <= D; d += kLanes) {
-            V m;
-            std::memcpy(&m, row + d, sizeof m);
-            acc += m * m;
-        }
-        float lanes[kLanes], sq = 0.f;
-        std::memcpy(lanes, &acc, sizeof acc);
-        for (size_t l = 0; l < kLanes; ++l) sq += lanes[l];
-        for (; d < D; ++d) sq += row[d] * row[d];
-        const float norm = std::sqrt(sq);  // divided, as the graph form's metric / norm
-        for (d = 0; d < D; ++d) row[d] /= norm;
-        if (i % 2)
-            for (d = 0; d < D; ++d) bt[d * Nbp + i / 2] = row[d];
-    }
-}
-
-// A tokens [begin, end) (from (P + 1) / 2 on: 2i >= P): each one's best B partner by cosine score,
-// from unit rows and the transposed B rows, in kRows x (kCols vectors) tiles of independent
-// accumulators, each score summed over d in order. Ties keep the lower j (strict >, j ascending);
-// protected B tokens (2j + 1 < P) are never chosen, as the graph form's -inf scores. best starts -inf.
-template <typename V, size_t kRows, size_t kCols>
-__attribute__((always_inline)) inline void match(const float* unit, const float* bt, size_t Nbp, const Dims& s,
-                                                 float* best, int64_t* partner, size_t begin, size_t end) {
-    constexpr size_t kTile = sizeof(V) / sizeof(float) * kCols;
-    const size_t Nb = s.Nb(), D = s.D, j0 = s.P / 2;  // 2j + 1 >= P from j = P / 2 on
-    for (size_t ib = begin; ib < end; ib += kRows) {
-        const size_t rows = std::min(kRows, end - ib);
-        const float* a[kRows];
-        for (size_t q = 0; q < kRows; ++q) a[q] = unit + 2 * (ib + std::min(q, rows - 1)) * D;
-        for (size_t jb = j0 / kTile * kTile; jb < Nb; jb += kTile) {
-            V acc[kRows][kCols] = {};
-            for (size_t d = 0; d < D; ++d) {
-                V row[kCols];
-                std::memcpy(row, bt + d * Nbp + jb, sizeof row);
-                for (size_t q = 0; q < kRows; ++q) {
-                    const float ad = a[q][d];
-                    for (size_t c = 0; c < kCols; ++c) acc[q][c] += ad * row[c];
-                }
-            }
-            const size_t last = std::min(kTile, Nb - jb);
-            for (size_t q = 0; q < rows; ++q) {
-                float score[kTile];
-                std::memcpy(score, acc[q], sizeof score);
-                for (size_t l = jb < j0 ? j0 - jb : 0; l < last; ++l)
-                    if (score[l] > best[ib + q]) {
-                        best[ib + q] = score[l];
-                        partner[ib + q] = static_cast<int64_t>(jb + l);
-                    }
-            }
-        }
-    }
-}
-
-// Output rows [begin, end) of the merge: copies of their source rows.
-__attribute__((always_inline)) inline void copy_rows(const Row* rows, const float* x, float* out, size_t C, size_t begin,
-                                                     size_t end) {
-    for (size_t k = begin; k < end; ++k) std::memcpy(out + rows[k].slot * C, x + rows[k].src * C, C * sizeof(float));
-}
-
-// The three kernels of one instruction set (target: the functions' target attribute, or nothing).
-#define VITFOLD_KERNELS(name, target, V, kRows, kCols)                                                                \
-    target                                                                                                             \
-    void name##_normalize(const float* keys, float* unit, float* bt, size_t Nbp, const Dims& s, size_t b, size_t e) { \
-        normalize<V>(keys, unit, bt, Nbp, s, b, e);                                                                    \
-    }                                                                                                                  \
-    target                                                                                                             \
-    void name##_match(const float* unit, const float* bt, size_t Nbp, const Dims& s, float* best, int64_t* partner,   \
-                      size_t b, size_t e) {                                                                            \
-        match<V, kRows, kCols>(unit, bt, Nbp, s, best, partner, b, e);                                                 \
-    }                                                                                                                  \
-    target                                                                                                             \
-    void name##_copy(const Row* rows, const float* x, float* out, size_t C, size_t b, size_t e) {                      \
-        copy_rows(rows, x, out, C, b, e);                                                                              \
-    }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-VITFOLD_KERNELS(avx512, __attribute__((target("avx512f"))), f32x16, 8, 1)
-VITFOLD_KERNELS(avx2, __attribute__((target("avx2,fma"))), f32x8, 6, 2)
-#endif
-VITFOLD_KERNELS(generic, , f32x4, 4, 2)
-
-struct Kernels {
-    void (*normalize)(const float*, float*, float*, size_t, const Dims&, size_t, size_t);
-    void (*match)(const float*, const float*, size_t, const Dims&, float*, int64_t*, size_t, size_t);
-    void (*copy)(const Row*, const float*, float*, size_t, size_t, size_t);
-    size_t rows;  // the match tile's A rows: thread ranges are cut at multiples of it
-
-    // The widest this CPU runs: AVX-512, AVX2 + FMA, else the generic vectors (SSE on x86, NEON on
-    // ARM). VITFOLD_NATIVE_ISA=avx2 or generic caps it (the tests run every path on one machine).
-    static Kernels pick() {
-        int isa = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-        isa = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
-        const char* cap = std::getenv("VITFOLD_NATIVE_ISA");
-        if (cap && std::strcmp(cap, "avx2") == 0) isa = std::min(isa, 1);
-        if (cap && std::strcmp(cap, "generic") == 0) isa = 0;
-        if (isa == 2) return {avx512_normalize, avx512_match, avx512_copy, 8};
-        if (isa == 1) return {avx2_normalize, avx2_match, avx2_copy, 6};
-#endif
-        return {generic_normalize, generic_match, generic_copy, 4};
-    }
-};
 
 // Runs fn(begin, end) over [0, n) in chunks of `grain`: on OpenVINO's threads (TBB, as its CPU kernels)
 // when `threads` says so, else here.
@@ -192,39 +41,6 @@ void split(size_t n, size_t grain, bool threads, const F& fn) {
         ov::splitter(chunks, static_cast<size_t>(nthr), static_cast<size_t>(ithr), first, last);
         if (first < last) fn(first * grain, std::min(n, last * grain));
     });
-}
-
-// One image: keys [H, N, D], tokens x [N, C] -> out [N - r, C].
-// threads: split this image's work across OpenVINO's threads (one image in the batch), else run here.
-void merge_image(const Kernels& k, const float* x, const float* keys, float* out, const Dims& s, bool threads) {
-    const size_t Na = s.Na(), Nb = s.Nb(), Nu = Na - s.r, C = s.C, D = s.D;
-    const size_t Nbp = (Nb + kPad - 1) / kPad * kPad;
-    std::vector<float> unit(s.N * D), bt(D * Nbp, 0.f), best(Na, -INFINITY);
-    std::vector<int64_t> partner(Na, 0), order(Na);
-    split(s.N, 16, threads, [&](size_t b, size_t e) { k.normalize(keys, unit.data(), bt.data(), Nbp, s, b, e); });
-    const size_t i0 = (s.P + 1) / 2;  // protected A tokens keep best -inf and partner 0
-    split(Na - i0, k.rows, threads, [&](size_t b, size_t e) {
-        k.match(unit.data(), bt.data(), Nbp, s, best.data(), partner.data(), i0 + b, i0 + e);
-    });
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int64_t u, int64_t v) { return best[u] > best[v]; });
-    std::vector<int64_t> unmerged(order.begin() + s.r, order.end());
-    if (s.P) std::sort(unmerged.begin(), unmerged.end());  // prefix tokens back in front, as the reference
-    // Output slots of cat([unmerged A, B]): prefix token p (A when even, B when odd) at slot p, then the
-    // other unmerged A tokens, then the other B tokens; with P <= 1 the concatenation itself.
-    const size_t in_a = (s.P + 1) / 2, in_b = s.P / 2;
-    auto slot_a = [&](size_t k) { return k < in_a ? 2 * k : s.P + (k - in_a); };
-    auto slot_b = [&](size_t j) { return j < in_b ? 2 * j + 1 : s.P + (Nu - in_a) + (j - in_b); };
-    std::vector<Row> rows;
-    rows.reserve(Nu + Nb);
-    for (size_t u = 0; u < Nu; ++u) rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u)});
-    for (size_t j = 0; j < Nb; ++j) rows.push_back({2 * j + 1, slot_b(j)});
-    split(rows.size(), 16, threads, [&](size_t b, size_t e) { k.copy(rows.data(), x, out, C, b, e); });
-    for (size_t e = 0; e < s.r; ++e) {  // r rows, here: each B row plus its A rows in edge order
-        const float* in = x + 2 * order[e] * C;
-        float* o = out + slot_b(partner[order[e]]) * C;
-        for (size_t c = 0; c < C; ++c) o[c] += in[c];
-    }
 }
 
 }  // namespace
@@ -276,7 +92,8 @@ public:
         static const Kernels kernels = Kernels::pick();
         const bool one = B == 1;  // one image: split it across the threads; else one image per thread
         ov::parallel_for(B, [&](size_t b) {
-            merge_image(kernels, x + b * s.N * s.C, keys_data + b * s.H * s.N * s.D, out + b * M * s.C, s, one);
+            merge_image(kernels, x + b * s.N * s.C, keys_data + b * s.H * s.N * s.D, out + b * M * s.C, s,
+                        [one](size_t n, size_t grain, const auto& fn) { split(n, grain, one, fn); });
         });
         return true;
     }
