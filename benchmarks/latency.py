@@ -7,6 +7,7 @@ measured in one run (variants interleaved).
     python benchmarks/latency.py --backends openvino --ceiling --precision int8 --r 13  # within INT8
     python benchmarks/latency.py --backends openvino --ceiling --fused-ops --r 13,39/3  # + one fused op per site
     python benchmarks/latency.py --backends openvino --ceiling --fused-ops --method evit --keep-rate 0.7
+    python benchmarks/latency.py --backends onnxruntime --ceiling --fused-ops --r 13,39/3  # ONNXRUNTIME_ROOT: C API header
 
 Prints one table: median / p90 ms per variant, speedup = dense median / reduced median, the FLOP
 ratio from the schedule, and speedup as a fraction of the FLOP ratio. Absolute times on a shared
@@ -29,9 +30,9 @@ this backend at this batch size.
 precision (the reduction's own ops kept float: :mod:`vitfold.quantize`), calibrated on ``--calibrate
 DIR`` or the check photos, so speedup, ceiling and reduction ms are all within INT8.
 
-``--fused-ops`` (OpenVINO, f32 or int8) adds, per schedule, the build's ``--fused-ops`` form: each site one
-``vitfold.ToMeMerge`` / ``vitfold.EViTPrune`` op (:mod:`vitfold.native`, compiled here once), checked
-against the graph form.
+``--fused-ops`` (OpenVINO f32 or int8, ONNX Runtime f32) adds, per schedule, the build's ``--fused-ops``
+form: each site one ``vitfold.ToMeMerge`` / ``vitfold.EViTPrune`` op (:mod:`vitfold.native`, compiled here
+once; ONNX Runtime's library needs its C API header, ``ONNXRUNTIME_ROOT``), checked against the graph form.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from vitfold.compile import compile_onnx
 from vitfold.export.models import create_model
 from vitfold.export.onnx import export_onnx
 from vitfold.images import batches, list_images, load_images
+from vitfold.native import FUSED_TARGETS
 from vitfold.plan.truncate import truncated_model
 from vitfold.profiles.flops import schedule_macs
 from vitfold.profiles.latency import measure_interleaved
@@ -89,7 +91,7 @@ def main() -> None:
                         help="every variant at this precision (int8: the build's quantization, reduction kept float)")
     parser.add_argument("--calibrate", type=Path, default=None, help="--precision int8: calibration images (default: the check photos)")
     parser.add_argument("--fused-ops", action="store_true",
-                        help="also each schedule with its sites as one fused op (OpenVINO; compiles vitfold.native once)")
+                        help="also each schedule with its sites as one fused op (OpenVINO, ONNX Runtime; compiles vitfold.native once)")
     parser.add_argument("--ceiling", action="store_true",
                         help="also time each schedule with truncation as its reduction: the zero-overhead speedup")
     parser.add_argument("--target", type=float, default=0.9,
@@ -136,7 +138,7 @@ def main() -> None:
                     out = Path(tmp) / f"{backend}-{safe(name)}-b{batch}"
                     out.mkdir()
                     sessions[name] = compile_onnx(path, out, cfg, sample, calibration=calibration).open(cfg)
-                    if args.fused_ops and backend == "openvino" and name in schedules and name != "dense":
+                    if args.fused_ops and args.precision in FUSED_TARGETS.get(backend, ()) and name in schedules and name != "dense":
                         fused_cfg = replace(cfg, extra={"fused_ops": True})  # checked against the graph form
                         (Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}").mkdir()
                         sessions[f"{name} fused"] = compile_onnx(path, Path(tmp) / f"{backend}-{safe(name)}-fused-b{batch}",

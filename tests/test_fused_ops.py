@@ -1,9 +1,11 @@
-"""``build --fused-ops``: each reduction site as one op (OpenVINO extension): ToMe's as ``vitfold.ToMeMerge``,
-EViT's and Top-K's as ``vitfold.EViTPrune``.
+"""``build --fused-ops``: each reduction site as one op (an OpenVINO extension, an ONNX Runtime custom-op
+library): ToMe's as ``vitfold.ToMeMerge``, EViT's and Top-K's as ``vitfold.EViTPrune``.
 
 The rewrite itself (tagging at export, fusing the tagged region) and the lint need no compiler. The
 extension's tests compile it (cmake and a C++ compiler, a few seconds) into a temporary cache and skip,
-saying so, where the toolchain is missing.
+saying so, where the toolchain is missing. The ONNX Runtime library's tests also need ONNX Runtime's C
+API header, which the pip wheel does not ship (``ONNXRUNTIME_ROOT``, a release archive): they skip,
+saying so, without it.
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ TOOLCHAIN = shutil.which("cmake") is not None and (shutil.which("g++") or shutil
 needs_toolchain = pytest.mark.skipif(not TOOLCHAIN, reason="compiling the OpenVINO extension needs cmake and a C++ compiler")
 
 
-def tiny_export(tmp_path, r=(2, 0, 3, 1), metadata=True, flavour=None, **params):
+def tiny_export(tmp_path, r=(2, 0, 3, 1), metadata=True, flavour=None, batch=2, **params):
     """A tiny ToMe model, exported the way a build exports it: ``(path, torch model, schedule)``."""
     model = tiny_vit(**(flavour or {}))
     method = create_method("tome", r=list(r), **params)
     schedule = method.schedule(TokenLayout.of(model))
     reduced = method.apply(model, schedule)
     path = tmp_path / "model.onnx"
-    export_onnx(reduced, path, (2, 3, 32, 32), metadata={"schedule": schedule.to_json()} if metadata else None)
+    export_onnx(reduced, path, (batch, 3, 32, 32), metadata={"schedule": schedule.to_json()} if metadata else None)
     return path, reduced, schedule
 
 
@@ -179,23 +181,27 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
     findings = {target: [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "fused-op"]
                 for target in ("openvino-cpu", "onnxruntime-cpu", "tensorrt-10", "tensorrt-8.5")}
     assert {f.severity for f in findings["openvino-cpu"]} == {"warning"} and len(findings["openvino-cpu"]) == 3
-    # TensorRT 10+ parses ToMeMerge with vitfold's plugin; 8.5 (no IPluginV3) and ONNX Runtime cannot
+    # TensorRT 10+ parses ToMeMerge with vitfold's plugin, ONNX Runtime runs it with vitfold's op library;
+    # 8.5 (no IPluginV3) cannot
     assert {f.severity for f in findings["tensorrt-10"]} == {"warning"} and "vitfold.native tensorrt" in findings["tensorrt-10"][0].message
-    for target in ("onnxruntime-cpu", "tensorrt-8.5"):
-        assert {f.severity for f in findings[target]} == {"error"} and "without --fused-ops" in findings[target][0].message
+    assert {f.severity for f in findings["onnxruntime-cpu"]} == {"warning"}
+    assert "vitfold.native onnxruntime" in findings["onnxruntime-cpu"][0].message
+    assert {f.severity for f in findings["tensorrt-8.5"]} == {"error"} and "without --fused-ops" in findings["tensorrt-8.5"][0].message
     for target in ("onnxruntime-cpu", "tensorrt-10"):  # one finding per node, the one that names the fix
         assert not [f for f in lint(tmp_path / "fused.onnx", target) if f.rule == "custom-domain"]
         assert len(findings[target]) == 3
     path, _, _ = tiny_prune_export(tmp_path)  # EViTPrune: OpenVINO and TensorRT 10+ take it too
     fused, _ = fuse_sites(onnx.load(str(path)))
     onnx.save(fused, str(tmp_path / "pruned.onnx"))
-    for target in ("tensorrt-10", "openvino-cpu"):
+    for target in ("tensorrt-10", "openvino-cpu", "onnxruntime-cpu"):
         assert {(f.rule, f.severity) for f in lint(tmp_path / "pruned.onnx", target) if "fused" in f.rule} == {("fused-op", "warning")}
     unknown = onnx.load(str(tmp_path / "pruned.onnx"))  # a vitfold op no plugin implements
     next(n for n in unknown.graph.node if n.domain == DOMAIN).op_type = "SomeFutureOp"
     onnx.save(unknown, str(tmp_path / "unknown.onnx"))
     assert {(f.rule, f.severity) for f in lint(tmp_path / "unknown.onnx", "tensorrt-10") if "fused" in f.rule} >= {
         ("fused-op-no-plugin", "error")}
+    assert {(f.rule, f.severity) for f in lint(tmp_path / "unknown.onnx", "onnxruntime-cpu") if "fused" in f.rule} >= {
+        ("fused-op-no-kernel", "error")}
 
 
 @pytest.mark.parametrize("flavour", ["plain", "registers", "no_class_token", "class_and_distillation"])
@@ -313,10 +319,10 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "onnxruntime"], "--fused-ops runs on OpenVINO at f32"),
+    (["--backend", "onnxruntime", "--precision", "int8"], "on ONNX Runtime and TensorRT 10+ at f32"),
     (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
     (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
-    (["--backend", "tensorrt", "--precision", "fp16"], "and on TensorRT 10+ at f32"),
+    (["--backend", "tensorrt", "--precision", "fp16"], "on ONNX Runtime and TensorRT 10+ at f32"),
     (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
     (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
     (["--task", "features"], "--fused-ops fuses the reduction sites of"),
@@ -454,7 +460,7 @@ def test_tensorrt_plugin_build_says_what_is_missing(tmp_path, monkeypatch):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "build without --fused-ops" in done.stderr, done.stderr
     assert not (tmp_path / "cache").exists()
     done = subprocess.run([sys.executable, "-m", "vitfold.native", "cuda"], capture_output=True, text=True, env=env)
-    assert done.returncode == 2 and "usage: python -m vitfold.native [openvino|tensorrt]" in done.stderr
+    assert done.returncode == 2 and "usage: python -m vitfold.native [openvino|onnxruntime|tensorrt]" in done.stderr
 
 
 def test_exported_fused_build_is_built_and_checked_on_the_device(tmp_path, extension, monkeypatch):
@@ -519,3 +525,137 @@ def test_the_fused_check_stops_a_build_whose_outputs_moved():
     assert 0 < check_fused_outputs(expected, near, "", "openvino") <= FUSED_TOLERANCE
     with pytest.raises(FidelityError, match="^b: the fused sites moved the outputs by 0.01 .* build without --fused-ops"):
         check_fused_outputs(expected, {"logits": np.full((2, 10), 0.01, np.float32)}, "b: ", "tensorrt")
+
+
+# ONNX Runtime: the same host kernels as a custom-op library (vitfold/native/onnxruntime).
+
+ORT_HEADER_MISSING = ("the ONNX Runtime op library compiles against ONNX Runtime's C API header, which the pip wheel does "
+                      "not ship: set ONNXRUNTIME_ROOT to an ONNX Runtime release (its include/ folder) to run this test")
+
+
+@pytest.fixture(scope="module")
+def ort_library(tmp_path_factory):
+    """vitfold's ONNX Runtime op library, compiled once into a temporary cache."""
+    if not TOOLCHAIN:
+        pytest.skip("compiling the ONNX Runtime op library needs cmake and a C++ compiler")
+    from vitfold import native
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VITFOLD_CACHE", str(tmp_path_factory.mktemp("ort-cache")))
+        try:
+            library = native.onnxruntime_ops()
+        except NativeUnavailable as exc:
+            if "onnxruntime_c_api.h not found" not in str(exc):
+                raise
+            pytest.skip(ORT_HEADER_MISSING)
+        yield library
+
+
+def ort_run(path, x, library=None, threads=1):
+    """The first output of the ONNX file ``path`` on ONNX Runtime's CPU provider (vitfold's session
+    options; ``library``: vitfold's op library registered)."""
+    import onnxruntime as ort
+
+    from vitfold.runtimes import BuildConfig
+    from vitfold.runtimes.ort import session_options
+
+    options = session_options(BuildConfig("onnxruntime", threads=threads), extension=library)
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("kind, flavour", [
+    ("tome", "plain"), ("tome", "registers"), ("tome", "no_class_token"), ("tome", "class_and_distillation"),
+    ("evit", "plain"), ("evit", "registers"), ("topk", "plain")])
+def test_fused_ops_give_the_graph_forms_outputs_on_onnxruntime(tmp_path, ort_library, kind, flavour):
+    """The library's ToMeMerge and EViTPrune against ONNX Runtime's own graph form: the same token choices
+    (outputs within 1e-5) and torch's outputs, with 0, 1, 2 and 5 prefix tokens. Not bit for bit as on
+    OpenVINO: ONNX Runtime's ReduceSum adds EViT's fused token in another order (measured: 7e-8)."""
+    settings = FLAVOURS.get(flavour, {"reg_tokens": 1})
+    if kind == "tome":
+        path, reduced, _ = tiny_export(tmp_path, flavour=settings)
+    else:
+        path, reduced, _ = tiny_prune_export(tmp_path, kind, flavour=settings)
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    for seed in range(3):
+        x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
+        graph, one_op = ort_run(path, x), ort_run(tmp_path / "fused.onnx", x, ort_library)
+        assert np.abs(graph - one_op).max() <= 1e-5
+        with torch.no_grad():
+            np.testing.assert_allclose(one_op, reduced(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def test_one_image_is_split_across_onnxruntimes_threads(tmp_path, ort_library):
+    """At batch 1 ToMeMerge splits its image's normalisation, matching and row copies across ONNX Runtime's
+    intra-op threads (KernelContext_ParallelFor): the same outputs as one thread and as the graph form."""
+    path, _, _ = tiny_export(tmp_path, r=(3, 3, 2, 2), batch=1)
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    one, two = (ort_run(tmp_path / "fused.onnx", x, ort_library, threads=t) for t in (1, 2))
+    assert np.array_equal(one, two) and np.abs(ort_run(path, x) - two).max() <= 1e-5
+
+
+def test_onnxruntime_op_refuses_an_impossible_r_with_its_reason(tmp_path, ort_library):
+    path, _, _ = tiny_export(tmp_path)
+    fused, _ = fuse_sites(onnx.load(str(path)))
+    op = next(n for n in fused.graph.node if n.op_type == TOME_OP)
+    next(a for a in op.attribute if a.name == "r").i = 9  # 17 tokens, 1 protected: at most 8
+    del fused.graph.value_info[:]  # the declared shapes would disagree first
+    onnx.save(fused, str(tmp_path / "fused.onnx"))
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    with pytest.raises(Exception, match=r"r must be in 1 \.\. \(N - num_protected\) / 2"):
+        ort_run(tmp_path / "fused.onnx", x, ort_library)
+
+
+def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatch):
+    """An ONNX Runtime --fused-ops build: checked against the graph form and torch, carries the library,
+    profiles each op as the reduction's and loads by itself (a device app)."""
+    from vitfold import build as build_module
+    from vitfold.build import BuildRequest
+    from vitfold.native import ONNXRUNTIME_LIBRARY
+    from vitfold.profiles.per_layer import LayerProfileOptions, profile_variant
+    from vitfold.profiles.report import LatencyOptions
+    from vitfold.runtimes import BuildConfig, load
+    from vitfold.spec import ModelSpec, Preprocess
+
+    monkeypatch.setenv("VITFOLD_CACHE", str(ort_library.parent.parent.parent))  # the compiled one
+    pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
+    request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, BuildConfig("onnxruntime", extra={"fused_ops": True}),
+                           out=tmp_path / "b", latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0))
+    directory, report = build_module.build(request, log=lambda message: None)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert manifest["files"]["extension"] == ONNXRUNTIME_LIBRARY and (directory / ONNXRUNTIME_LIBRARY).is_file()
+    assert "extension" not in json.loads((directory / "dense" / "manifest.json").read_text())["files"]
+    fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
+    assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
+    assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4
+    sample = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    rows, _ = profile_variant(directory, sample, LayerProfileOptions(warmup=1, runs=2))
+    ops = [r for r in rows if r.type == TOME_OP]
+    assert len(ops) == 4 and {r.category for r in ops} == {"reduction"}
+    with load(directory) as session:  # the manifest names the library; load registers it
+        x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)
+        assert session(x)["logits"].shape == (1, 10)
+
+
+def test_onnxruntime_library_without_the_header_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """The pip wheel ships no C API header: pointing ONNXRUNTIME_ROOT at a folder without it stops the
+    compile with the fix, and neither the cache nor the build folder keeps anything."""
+    if not TOOLCHAIN:
+        pytest.skip("compiling the ONNX Runtime op library needs cmake and a C++ compiler")
+    from vitfold import native
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("VITFOLD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONNXRUNTIME_ROOT", str(tmp_path / "empty"))
+    with pytest.raises(NativeUnavailable, match="onnxruntime_c_api.h not found .*ONNXRUNTIME_ROOT"):
+        native.onnxruntime_ops()
+    assert not any((tmp_path / "cache").rglob("*.so"))
+    with pytest.raises(NativeUnavailable, match="not built .* python -m vitfold.native onnxruntime"):
+        native.onnxruntime_ops(build=False)
+    result = deploy("build", "--backend", "onnxruntime", "--fused-ops", "--out", str(tmp_path / "x"))  # the same environment
+    assert result.returncode == 2 and "onnxruntime_c_api.h not found" in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()

@@ -162,8 +162,8 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     from .passes.fuse_sites import fuse_sites
 
     if cfg.weights is not None or cfg.precision not in FUSED_TARGETS.get(cfg.backend, ()):
-        raise SpecError(f"--fused-ops builds for OpenVINO at f32 or int8 and TensorRT at f32 (the kernels are float32; "
-                        f"int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
+        raise SpecError(f"--fused-ops builds for OpenVINO at f32 or int8, ONNX Runtime and TensorRT at f32 (the kernels are "
+                        f"float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
     proto = onnx.load(str(optimized))
     if not any(node.name.startswith(SITE_PREFIXES) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)

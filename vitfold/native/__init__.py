@@ -10,6 +10,12 @@ headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compi
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
 into a cache keyed by the OpenVINO version and the source's hash. Builds that use it carry a copy.
 
+For ONNX Runtime: ``onnxruntime/`` defines the same two ops for the CPU execution provider, a custom-op
+library (``RegisterCustomOps``, domain ``vitfold``) on ONNX Runtime's C API alone, running the OpenVINO
+ops' host kernels (``kernels/``; images on ONNX Runtime's intra-op threads). :func:`onnxruntime_ops`
+compiles it against ONNX Runtime's C API header, which the pip wheel does not ship (``ONNXRUNTIME_ROOT``:
+a release archive), and :func:`load_onnxruntime_ops` registers it with a session's options.
+
 For TensorRT 10+: ``tensorrt/`` holds ``ToMeMerge`` and ``EViTPrune`` as IPluginV3 plugins in one
 library (CUDA kernels, creators, the library entry point ``getCreators``) whose GPU-free cores
 (``tome_plugin_core.h``, ``prune_plugin_core.h``: attributes, serialisation, shape inference,
@@ -36,18 +42,23 @@ from ..errors import BackendUnavailable
 
 SOURCE = Path(__file__).resolve().parent / "openvino"
 TENSORRT_SOURCE = Path(__file__).resolve().parent / "tensorrt"
+ONNXRUNTIME_SOURCE = Path(__file__).resolve().parent / "onnxruntime"
+#: The host kernels that the OpenVINO extension and the ONNX Runtime library share.
+KERNELS_SOURCE = Path(__file__).resolve().parent / "kernels"
 #: The file name of the built OpenVINO extension (in the cache and in a build folder).
 LIBRARY = "libvitfold_ov_ops.so"
 #: The file name of the built TensorRT plugin library (in the cache and in a build folder).
 TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
+#: The file name of the built ONNX Runtime custom-op library (in the cache and in a build folder).
+ONNXRUNTIME_LIBRARY = "libvitfold_ort_ops.so"
 #: Largest output change fused sites may cause against the graph form on the same backend and precision
 #: (the same token choices give the same sums; OpenVINO's ops measure 0). Checked at every build.
 FUSED_TOLERANCE = 1e-5
 #: The fused ops the TensorRT plugin library implements.
 TENSORRT_OPS = ("ToMeMerge", "EViTPrune")
 #: Backend -> the precisions fused ops build at: the kernels are float32; int8 (OpenVINO) quantizes the
-#: rest as the graph form's. TensorRT: vitfold's plugins, f32.
-FUSED_TARGETS = {"openvino": ("f32", "int8"), "tensorrt": ("f32",)}
+#: rest as the graph form's. TensorRT: vitfold's plugins, f32. ONNX Runtime: vitfold's custom-op library, f32.
+FUSED_TARGETS = {"openvino": ("f32", "int8"), "onnxruntime": ("f32",), "tensorrt": ("f32",)}
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
@@ -79,10 +90,13 @@ def check_fused_outputs(expected: dict, got: dict, where: str, backend: str) -> 
     return change
 
 
-def _source_hash(source: Path = SOURCE) -> str:
+def _source_hash(*sources: Path) -> str:
+    """The first 12 hex digits of the SHA-256 over the files of the folders ``sources`` (default: the
+    OpenVINO extension's and the shared kernels'), by name and content."""
     digest = hashlib.sha256()
-    for path in sorted(source.iterdir()):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for source in sources or (SOURCE, KERNELS_SOURCE):
+        for path in sorted(source.iterdir()):
+            digest.update(source.name.encode() + b"/" + path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -200,6 +214,63 @@ def tensorrt_plugin(*, build: bool = True, log: Callable[[str], None] = lambda m
     log(f"native: compiling the TensorRT plugin into {target} (once per TensorRT version)")
     return _cmake_build(TENSORRT_SOURCE, target, TENSORRT_LIBRARY, "libvitfold_trt_plugin*.so", defines,
                         "the TensorRT plugin", "set TensorRT_ROOT to the TensorRT headers, or build without --fused-ops")
+
+
+def onnxruntime_ops(*, build: bool = True, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The ONNX Runtime custom-op library (``vitfold.ToMeMerge``, ``vitfold.EViTPrune`` on the CPU execution
+    provider, the OpenVINO ops' host kernels), compiled into the cache if it is not there yet:
+    ``$VITFOLD_CACHE/native/onnxruntime-<version>-<source hash>``. It needs ONNX Runtime's C API header,
+    which the pip wheel does not ship: ``ONNXRUNTIME_ROOT`` naming an ONNX Runtime release archive
+    (``onnxruntime-linux-x64-<version>.tgz`` from its GitHub releases), an install prefix or a source
+    checkout, else a system install (``/usr/include/onnxruntime``). Any header of API 17+ serves: the
+    library asks ONNX Runtime (1.17+) for API 17 and links nothing of it.
+
+    Raises:
+        NativeUnavailable: not Linux, onnxruntime missing, no cmake / C++ compiler, no header found (the
+            CMake message says where to point ``ONNXRUNTIME_ROOT``), the compile failed, or ``build`` is
+            False and nothing is cached.
+    """
+    if not sys.platform.startswith("linux"):
+        raise NativeUnavailable(f"fused ops are built for Linux only (this is {sys.platform}); build without --fused-ops")
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise NativeUnavailable(f"fused ops extend ONNX Runtime, which is not installed ({exc}); pip install onnxruntime") from exc
+    root = Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold")
+    target = root / "native" / f"onnxruntime-{onnxruntime.__version__}-{_source_hash(ONNXRUNTIME_SOURCE, KERNELS_SOURCE)}"
+    library = target / ONNXRUNTIME_LIBRARY
+    if library.is_file():
+        return library
+    if not build:
+        raise NativeUnavailable(f"the ONNX Runtime op library is not built ({library} missing); run: python -m vitfold.native onnxruntime")
+    missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]
+    if shutil.which("c++") is None and shutil.which("g++") is None and not os.environ.get("CXX"):
+        missing.append("a C++17 compiler (g++)")
+    if missing:
+        raise NativeUnavailable(f"--fused-ops on ONNX Runtime compiles a custom-op library and needs {' and '.join(missing)} "
+                                f"on PATH; install them, or build without --fused-ops (the graph form)")
+    defines = [f"-DONNXRUNTIME_ROOT={os.environ['ONNXRUNTIME_ROOT']}"] if os.environ.get("ONNXRUNTIME_ROOT") else []
+    log(f"native: compiling the ONNX Runtime op library into {target} (once per ONNX Runtime version)")
+    return _cmake_build(ONNXRUNTIME_SOURCE, target, ONNXRUNTIME_LIBRARY, "libvitfold_ort_ops*.so", defines,
+                        "the ONNX Runtime op library",
+                        "set ONNXRUNTIME_ROOT to an ONNX Runtime release (the pip wheel has no C API header), "
+                        "or build without --fused-ops")
+
+
+def load_onnxruntime_ops(options, library: Path) -> None:
+    """Register the custom-op ``library`` with ``onnxruntime.SessionOptions`` (before the session is made).
+
+    Raises:
+        NativeUnavailable: the library is missing or does not load (ONNX Runtime older than 1.17, another CPU).
+    """
+    library = Path(library)
+    if not library.is_file():
+        raise NativeUnavailable(f"the build's ONNX Runtime op library {library} is missing; rebuild, or build without --fused-ops")
+    try:
+        options.register_custom_ops_library(str(library))
+    except Exception as exc:  # onnxruntime raises its own Fail / RuntimeException with the loader's message
+        raise NativeUnavailable(f"the ONNX Runtime op library {library.name} does not load here "
+                                f"({str(exc).strip().splitlines()[0]}); rebuild on this machine") from exc
 
 
 def load_openvino_ops(core, library: Path) -> None:

@@ -1,13 +1,14 @@
-"""``python -m vitfold.native [openvino|tensorrt]``: compile the OpenVINO extension (the default) or the
-TensorRT plugin ahead of ``build --fused-ops``; prints the library's path (exit 2 with the reason if it cannot)."""
+"""``python -m vitfold.native [openvino|onnxruntime|tensorrt]``: compile the OpenVINO extension (the default),
+the ONNX Runtime custom-op library or the TensorRT plugin ahead of ``build --fused-ops``; prints the
+library's path (exit 2 with the reason if it cannot)."""
 
 from __future__ import annotations
 
 import sys
 
-from . import NativeUnavailable, openvino_ops, tensorrt_plugin
+from . import NativeUnavailable, onnxruntime_ops, openvino_ops, tensorrt_plugin
 
-BUILDERS = {"openvino": openvino_ops, "tensorrt": tensorrt_plugin}
+BUILDERS = {"openvino": openvino_ops, "onnxruntime": onnxruntime_ops, "tensorrt": tensorrt_plugin}
 
 
 def main(argv: list[str]) -> int:

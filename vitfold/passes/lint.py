@@ -406,12 +406,12 @@ _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with s
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
 _FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which runs on OpenVINO (the extension "
-              "`python -m vitfold.native` compiles) and on TensorRT 10+ (its plugins); build for this "
-              "backend without --fused-ops (the graph form)")
+              "`python -m vitfold.native` compiles), on ONNX Runtime (its custom-op library) and on TensorRT 10+ "
+              "(its plugins); build for this backend without --fused-ops (the graph form)")
 _FUSED_ELSEWHERE = Rule(
     "fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,)),), "error", _FUSED_FIX,
-    "vitfold/native: an OpenVINO extension; the TensorRT plugins need TensorRT 10+ (IPluginV3); "
-    "no ONNX Runtime custom-op library")
+    "vitfold/native: an OpenVINO extension, an ONNX Runtime custom-op library; the TensorRT plugins need "
+    "TensorRT 10+ (IPluginV3)")
 _CUSTOM_DOMAIN = Rule(
     "custom-domain", ("*",), (check("domain_not_in", domains=(_FUSED_DOMAIN,)),), "warning",
     "TensorRT imports ops outside the ONNX domain only as plugins registered under the same name",
@@ -652,7 +652,14 @@ ORT_RULES = (
          "ONNX Runtime's CPU provider has no bfloat16 kernel for this op (NOT_IMPLEMENTED at load): keep it in "
          "fp32 (precision pass islands) or build with --precision f32",
          "measured: onnxruntime 1.31.1 CPU (MatMul, Add, Mul, Softmax, ReduceMax, Erf, Where refuse bf16)"),
-    _FUSED_ELSEWHERE,
+    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("ToMeMerge", "EViTPrune")),), "warning",
+         "runs only where vitfold's ONNX Runtime op library is registered (`python -m vitfold.native onnxruntime` "
+         "compiles it against ONNX Runtime's C API header, ONNXRUNTIME_ROOT; builds made with --fused-ops carry "
+         "and load it); without it, build without --fused-ops",
+         "vitfold/native/onnxruntime (RegisterCustomOps: domain vitfold, CPU execution provider)"),
+    Rule("fused-op-no-kernel", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), not_ops=("ToMeMerge", "EViTPrune")),),
+         "error", "a vitfold op that vitfold's ONNX Runtime op library does not implement (it has ToMeMerge and "
+         "EViTPrune); build without --fused-ops", "vitfold/native/onnxruntime"),
     Rule("custom-domain", ("*",), (check("domain_not_in", domains=("com.microsoft", "ai.onnx.ml", _FUSED_DOMAIN)),), "error",
          "ONNX Runtime has no kernel for ops outside the ONNX, ai.onnx.ml and com.microsoft domains without a "
          "custom-op library", "onnxruntime operator kernels"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -24,10 +25,19 @@ def _ort():
     return require("onnxruntime", "pip install onnxruntime")
 
 
-def session_options(cfg: BuildConfig, optimized_path: Path | None = None):
-    """Session options with every speed setting explicit (threads, sequential execution)."""
+def session_options(cfg: BuildConfig, optimized_path: Path | None = None, extension: Path | None = None):
+    """Session options with every speed setting explicit (threads, sequential execution); ``extension``:
+    vitfold's custom-op library (a ``--fused-ops`` build), registered here.
+
+    Raises:
+        NativeUnavailable: ``extension`` is missing or does not load.
+    """
     ort = _ort()
     options = ort.SessionOptions()
+    if extension is not None:
+        from ..native import load_onnxruntime_ops
+
+        load_onnxruntime_ops(options, extension)
     options.intra_op_num_threads = cfg.resolved_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -49,8 +59,12 @@ def providers() -> list[str]:
 def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     """Optimise ``onnx_path`` with ONNX Runtime and save it as ``model.ort.onnx`` in ``out_dir``.
 
+    A ``--fused-ops`` graph (``vitfold`` nodes) is optimised with vitfold's custom-op library
+    (:func:`vitfold.native.onnxruntime_ops`) registered, and the build carries a copy (``extension``).
+
     Raises:
-        BackendUnavailable: onnxruntime is not installed.
+        BackendUnavailable: onnxruntime is not installed (NativeUnavailable: the fused graph's library
+            cannot be built or loaded).
         SpecError: precision other than f32 or int8 (ONNX Runtime runs the graph's own precision: int8
             is a Q/DQ graph from :mod:`vitfold.quantize.qdq`).
     """
@@ -59,16 +73,33 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     ort = _ort()
     if cfg.precision not in ("f32", "int8"):
         raise SpecError("ONNX Runtime CPU runs the graph's precision; use --precision f32 or int8 with --backend onnxruntime")
-    ort.InferenceSession(str(onnx_path), session_options(cfg, out_dir / ARTIFACT), providers=providers())
-    return {"files": {"backend": ARTIFACT}, "versions": {"onnxruntime": ort.__version__}}
+    files = {"backend": ARTIFACT}
+    library = None
+    if cfg.extra.get("fused_ops") and _has_fused_ops(Path(onnx_path)):  # the dense twin has no site
+        from ..native import ONNXRUNTIME_LIBRARY, onnxruntime_ops
+
+        library = Path(out_dir) / ONNXRUNTIME_LIBRARY
+        shutil.copy2(onnxruntime_ops(), library)
+        files["extension"] = ONNXRUNTIME_LIBRARY
+    ort.InferenceSession(str(onnx_path), session_options(cfg, out_dir / ARTIFACT, library), providers=providers())
+    return {"files": files, "versions": {"onnxruntime": ort.__version__}}
+
+
+def _has_fused_ops(path: Path) -> bool:
+    """Whether the ONNX graph at ``path`` holds a node of vitfold's domain (a fused site)."""
+    import onnx
+
+    from ..native import DOMAIN
+
+    return any(node.domain == DOMAIN for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 class OrtSession(Session):
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, cfg: BuildConfig, profile_dir: Path | None = None):
+    def __init__(self, path: Path, cfg: BuildConfig, profile_dir: Path | None = None, extension: Path | None = None):
         ort = _ort()
-        options = session_options(cfg)
+        options = session_options(cfg, extension=extension)
         if profile_dir is not None:  # per-node profiler trace + the graph it refers to (see profile_layers)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(profile_dir) / "ort_profile")
@@ -91,8 +122,15 @@ class OrtSession(Session):
         return dict(zip(self.output_names, values))
 
 
+def _extension(directory: Path, manifest: dict) -> Path | None:
+    """The build's custom-op library (a ``--fused-ops`` build), or None."""
+    name = manifest["files"].get("extension")
+    return Path(directory) / name if name else None
+
+
 def load(directory: Path, manifest: dict) -> Session:
-    return OrtSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]))
+    return OrtSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
+                      extension=_extension(directory, manifest))
 
 
 def run_onnx(path: Path, batches: Sequence[np.ndarray], threads: int | None = None) -> list[dict[str, np.ndarray]]:
@@ -124,7 +162,7 @@ def profile_layers(directory: Path, manifest: dict, images: np.ndarray, *, warmu
     images = np.ascontiguousarray(images, dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="vitfold-ort-profile-") as tmp:
         session = OrtSession(Path(directory) / manifest["files"]["backend"], BuildConfig.from_json(manifest["build"]),
-                             profile_dir=Path(tmp))
+                             profile_dir=Path(tmp), extension=_extension(directory, manifest))
         for _ in range(warmup):
             session(images)
         run_ms = []
