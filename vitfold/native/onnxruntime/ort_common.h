@@ -4,13 +4,18 @@
 // Runtime and gets its function table from RegisterCustomOps (ort_ops.cpp).
 #pragma once
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
-#include <new>
+#include <exception>
 #include <string>
 #include <vector>
 
 #include <onnxruntime_c_api.h>
+
+#if ORT_API_VERSION < 17
+#error "vitfold's ONNX Runtime ops need the C API header of ONNX Runtime 1.17 or newer (KernelContext_ParallelFor)"
+#endif
 
 namespace vitfold_ort {
 
@@ -70,15 +75,40 @@ inline OrtStatus* int_attribute(const OrtApi* api, const OrtKernelInfo* info, co
     return api->KernelInfoGetAttribute_int64(info, name, out);
 }
 
-// Runs fn(i) for i in [0, total) on ONNX Runtime's intra-op threads (inline with one thread).
+// Runs fn(i) for i in [0, total) on ONNX Runtime's intra-op threads (inline with one thread). An
+// exception (an allocation failing) must not cross ONNX Runtime's C frames: it becomes a failed status.
 template <typename F>
 OrtStatus* parallel_for(const OrtApi* api, const OrtKernelContext* context, size_t total, const F& fn) {
+    struct Call {
+        const F& fn;
+        std::atomic<bool> failed{false};
+    } call{fn};
+    auto run = [](void* data, size_t i) {
+        Call& c = *static_cast<Call*>(data);
+        try {
+            c.fn(i);
+        } catch (...) {
+            c.failed = true;
+        }
+    };
     if (total <= 1) {
-        for (size_t i = 0; i < total; ++i) fn(i);
-        return nullptr;
+        for (size_t i = 0; i < total; ++i) run(&call, i);
+    } else {
+        VITFOLD_ORT_TRY(api->KernelContext_ParallelFor(context, run, total, 0, &call));
     }
-    auto call = [](void* data, size_t i) { (*static_cast<const F*>(data))(i); };
-    return api->KernelContext_ParallelFor(context, call, total, 0, const_cast<F*>(&fn));
+    return call.failed ? api->CreateStatus(ORT_FAIL, "a vitfold op failed on a worker thread (out of memory)") : nullptr;
+}
+
+// Runs body() and turns an exception it throws into a failed status.
+template <typename Body>
+OrtStatus* guarded(const OrtApi* api, const Body& body) {
+    try {
+        return body();
+    } catch (const std::exception& exc) {
+        return api->CreateStatus(ORT_FAIL, exc.what());
+    } catch (...) {
+        return api->CreateStatus(ORT_FAIL, "a vitfold op failed");
+    }
 }
 
 // OrtCustomOp for a kernel type K: a CPU op of domain "vitfold" named K::kName, with K::kInputs
@@ -105,12 +135,17 @@ struct CustomOp : OrtCustomOp {
         GetVariadicOutputMinArity = [](const OrtCustomOp*) { return 1; };
         GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
         CreateKernelV2 = [](const OrtCustomOp*, const OrtApi* api, const OrtKernelInfo* info, void** kernel) -> OrtStatus* {
-            K* made = nullptr;
-            VITFOLD_ORT_TRY(K::create(api, info, &made));
-            *kernel = made;
-            return nullptr;
+            return guarded(api, [&]() -> OrtStatus* {
+                K* made = nullptr;
+                VITFOLD_ORT_TRY(K::create(api, info, &made));
+                *kernel = made;
+                return nullptr;
+            });
         };
-        KernelComputeV2 = [](void* kernel, OrtKernelContext* context) { return static_cast<K*>(kernel)->compute(context); };
+        KernelComputeV2 = [](void* kernel, OrtKernelContext* context) {
+            const K& k = *static_cast<K*>(kernel);
+            return guarded(k.api, [&] { return k.compute(context); });
+        };
         GetStartVersion = [](const OrtCustomOp*) { return 1; };
         GetEndVersion = [](const OrtCustomOp*) { return INT_MAX; };
     }

@@ -20,7 +20,9 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     // session made from these options, and releasing it at exit could outlive ONNX Runtime itself.
     OrtCustomOpDomain* domain = nullptr;
     VITFOLD_ORT_TRY(api->CreateCustomOpDomain("vitfold", &domain));
-    VITFOLD_ORT_TRY(api->CustomOpDomain_Add(domain, tome_op()));
-    VITFOLD_ORT_TRY(api->CustomOpDomain_Add(domain, prune_op()));
-    return api->AddCustomOpDomain(options, domain);
+    OrtStatus* status = api->CustomOpDomain_Add(domain, tome_op());
+    if (!status) status = api->CustomOpDomain_Add(domain, prune_op());
+    if (!status) status = api->AddCustomOpDomain(options, domain);
+    if (status) api->ReleaseCustomOpDomain(domain);  // not handed to ONNX Runtime
+    return status;
 }

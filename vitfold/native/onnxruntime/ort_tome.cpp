@@ -28,8 +28,9 @@ struct ToMeKernel {
         VITFOLD_ORT_TRY(read_input(api, context, 0, &x));
         VITFOLD_ORT_TRY(read_input(api, context, 1, &keys));
         const size_t kr = keys.dims.size();
-        if (x.dims.size() != 3 || (kr != 3 && kr != 4) || keys.dims[0] != x.dims[0] || keys.dims[kr - 2] != x.dims[1])
-            return invalid(api, "ToMeMerge takes [B, N, C] tokens and [B, H, N, D] keys or a [B, N, D] metric of the same B and N");
+        if (x.dims.size() != 3 || (kr != 3 && kr != 4) || keys.dims[0] != x.dims[0] || keys.dims[kr - 2] != x.dims[1] ||
+            (kr == 4 && keys.dims[1] < 1))
+            return invalid(api, "ToMeMerge takes [B, N, C] tokens and [B, H, N, D] keys (H >= 1) or a [B, N, D] metric of the same B and N");
         const int64_t n = x.dims[1];
         if (r > (n - p) / 2) return invalid(api, "ToMeMerge: r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
         const size_t B = static_cast<size_t>(x.dims[0]);
@@ -43,7 +44,7 @@ struct ToMeKernel {
             merge_image(kernels, x.data + b * s.N * s.C, keys.data + b * s.H * s.N * s.D, out + b * M * s.C, s, split);
         };
         auto here = [](size_t n, size_t, const auto& fn) { fn(size_t{0}, n); };
-        if (B > 1) return parallel_for(api, context, B, [&](size_t b) { image(b, here); });
+        if (B != 1) return parallel_for(api, context, B, [&](size_t b) { image(b, here); });  // B = 0: nothing
         OrtStatus* failed = nullptr;  // the first failure of a split (the kernels themselves cannot fail)
         image(0, [&](size_t n, size_t grain, const auto& fn) {
             if (failed) return;

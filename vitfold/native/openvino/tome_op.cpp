@@ -64,6 +64,7 @@ public:
         const int64_t n = shape[1].get_length();
         NODE_VALIDATION_CHECK(this, keys[0] == shape[0] && keys[keys.rank().get_length() - 2] == shape[1],
                               "tokens and keys differ in B or N");
+        NODE_VALIDATION_CHECK(this, keys.rank().get_length() == 3 || keys[1].get_length() >= 1, "keys need H >= 1 heads");
         NODE_VALIDATION_CHECK(this, m_p >= 0 && m_r > 0 && m_r <= (n - m_p) / 2,
                               "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
         shape[1] = shape[1] - m_r;
