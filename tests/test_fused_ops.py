@@ -525,6 +525,11 @@ def test_the_fused_check_stops_a_build_whose_outputs_moved():
     assert 0 < check_fused_outputs(expected, near, "", "openvino") <= FUSED_TOLERANCE
     with pytest.raises(FidelityError, match="^b: the fused sites moved the outputs by 0.01 .* build without --fused-ops"):
         check_fused_outputs(expected, {"logits": np.full((2, 10), 0.01, np.float32)}, "b: ", "tensorrt")
+    # relative to the outputs' scale: a summation order's last bits on large features pass, another choice does not
+    large = {"features": np.full((2, 10), 50.0, np.float32)}
+    assert check_fused_outputs(large, {"features": large["features"] + 2e-4}, "", "onnxruntime") <= 50 * FUSED_TOLERANCE
+    with pytest.raises(FidelityError, match=r"above 0.0005 \(1e-05 of their scale\)"):
+        check_fused_outputs(large, {"features": large["features"] + 0.01}, "", "onnxruntime")
 
 
 # ONNX Runtime: the same host kernels as a custom-op library (vitfold/native/onnxruntime).
@@ -659,3 +664,32 @@ def test_onnxruntime_library_without_the_header_is_one_line_and_writes_nothing(t
     result = deploy("build", "--backend", "onnxruntime", "--fused-ops", "--out", str(tmp_path / "x"))  # the same environment
     assert result.returncode == 2 and "onnxruntime_c_api.h not found" in result.stderr, result.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method, params", [("tome", {"r": 13}), ("evit", {"keep_rate": 0.7})])
+def test_fused_onnxruntime_build_matches_the_graph_form_and_torch_on_real_weights(tmp_path, ort_library, monkeypatch,
+                                                                                  dinov2_path, method, params):
+    """DINOv2 weights on the shipped photos (batch 2, so that the images run on separate threads): the ONNX
+    Runtime fused build's own check against the graph form (within 1e-5, the same token choices) and against
+    torch."""
+    from vitfold.compile import compile_onnx
+    from vitfold.export.models import create_model
+    from vitfold.images import list_images, load_images
+    from vitfold.runtimes import BuildConfig
+    from vitfold.spec import ModelSpec
+
+    monkeypatch.setenv("VITFOLD_CACHE", str(ort_library.parent.parent.parent))
+    model, pre = create_model(ModelSpec("vit_small_patch14_dinov2", checkpoint=str(dinov2_path), img_size=224))
+    method = create_method(method, **params)
+    schedule = method.schedule(TokenLayout.of(model))
+    reduced = method.apply(model, schedule)
+    path = tmp_path / "model.onnx"
+    export_onnx(reduced, path, (2, 3, 224, 224), metadata={"schedule": schedule.to_json()})
+    sample = load_images(list_images(), pre)[:2]
+    cfg = BuildConfig("onnxruntime", extra={"fused_ops": True})
+    compiled = compile_onnx(path, tmp_path, cfg, sample)
+    check = [p for p in compiled.passes if p.name == "fuse-sites"]
+    assert len(check) == 1 and check[0].max_abs_change <= 1e-5
+    with compiled.open(cfg) as session, torch.no_grad():
+        got = next(iter(session(sample).values()))
+        np.testing.assert_allclose(got, reduced(torch.from_numpy(sample)).numpy(), atol=1e-3)

@@ -185,8 +185,8 @@ def _check_fused(fused: _Fused, graph_form: Path, directory: Path, files: dict, 
                  sample: np.ndarray, calibration, keep_in: Optional[Path],
                  log: Callable[[str], None]) -> tuple[PassReport, Optional[Compiled]]:
     """Build the graph form beside the fused build (int8: quantized with the same ``calibration``) and run
-    both on ``sample``: outputs within :data:`~vitfold.native.FUSED_TOLERANCE` (the same token choices,
-    :func:`~vitfold.native.check_fused_outputs`) or the build stops.
+    both on ``sample``: outputs within :data:`~vitfold.native.FUSED_TOLERANCE` of their scale (the same
+    token choices, :func:`~vitfold.native.check_fused_outputs`) or the build stops.
     The graph form is built in ``keep_in`` and returned when given, else in a temporary folder (None).
 
     Raises:

@@ -89,9 +89,10 @@ def build_variant(directory: Path, *, images: Optional[Path] = None, force: bool
 def check_fused(directory: Path, manifest: dict, sample: np.ndarray, log: Callable[[str], None] = print) -> dict:
     """A ``--fused-ops`` build, built here: build its graph form (``model.opt.onnx``) beside it, in a
     temporary folder, and run both on ``sample`` ``[B, 3, H, W]``; their outputs must agree within
-    :data:`vitfold.native.FUSED_TOLERANCE` (the same token choices), as the workstation's build checks.
+    :data:`vitfold.native.FUSED_TOLERANCE` of their scale (the same token choices), as the workstation's
+    build checks.
 
-    Returns ``{"max_abs": float, "tolerance": float}``.
+    Returns ``{"max_abs": float, "tolerance": float}`` (the tolerance relative to the outputs' scale).
 
     Raises:
         FidelityError: the fused build moved an output beyond the tolerance.

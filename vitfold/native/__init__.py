@@ -51,8 +51,12 @@ LIBRARY = "libvitfold_ov_ops.so"
 TENSORRT_LIBRARY = "libvitfold_trt_plugin.so"
 #: The file name of the built ONNX Runtime custom-op library (in the cache and in a build folder).
 ONNXRUNTIME_LIBRARY = "libvitfold_ort_ops.so"
-#: Largest output change fused sites may cause against the graph form on the same backend and precision
-#: (the same token choices give the same sums; OpenVINO's ops measure 0). Checked at every build.
+#: Largest output change fused sites may cause against the graph form on the same backend and precision,
+#: relative to the outputs' scale (their max abs, at least 1): the same token choices give the same sums
+#: up to their order. Measured: 0 for every OpenVINO op and for ONNX Runtime's ToMe / Top-K; EViT's fused
+#: token on ONNX Runtime 5.2e-6 on DINOv2 features of max abs 6.8 (ONNX Runtime's ReduceSum adds in
+#: another order at batch > 1). Another token choice moves outputs by a good part of their scale.
+#: Checked at every build.
 FUSED_TOLERANCE = 1e-5
 #: The fused ops the TensorRT plugin library implements.
 TENSORRT_OPS = ("ToMeMerge", "EViTPrune")
@@ -74,19 +78,22 @@ class NativeUnavailable(BackendUnavailable):
 def check_fused_outputs(expected: dict, got: dict, where: str, backend: str) -> float:
     """The largest change (max abs) of a fused build's outputs ``got`` against its graph form's
     ``expected`` (name -> array), on the same backend and batch; the build stops above
-    :data:`FUSED_TOLERANCE` (the token choices differ). ``where`` names the build in the message.
+    :data:`FUSED_TOLERANCE` times the outputs' scale (``expected``'s max abs, at least 1): the token
+    choices differ. ``where`` names the build in the message.
 
     Raises:
-        FidelityError: a change above :data:`FUSED_TOLERANCE`.
+        FidelityError: a change above the tolerance.
     """
     import numpy as np
 
     from ..errors import FidelityError
 
     change = max(float(np.abs(expected[name].astype(np.float64) - got[name]).max()) for name in expected)
-    if not change <= FUSED_TOLERANCE:
+    limit = FUSED_TOLERANCE * max([1.0] + [float(np.abs(value).max()) for value in expected.values()])
+    if not change <= limit:
         raise FidelityError(f"{where}the fused sites moved the outputs by {change:.3g} (max abs) against the graph form "
-                            f"on {backend}, above {FUSED_TOLERANCE:g}: the token choices differ; build without --fused-ops")
+                            f"on {backend}, above {limit:.3g} ({FUSED_TOLERANCE:g} of their scale): the token choices "
+                            f"differ; build without --fused-ops")
     return change
 
 
