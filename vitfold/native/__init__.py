@@ -112,9 +112,23 @@ def cache_dir() -> Path:
     ``~/.cache/vitfold``) ``/native/openvino-<version>-<source hash>``."""
     import openvino
 
-    root = Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold")
     version = openvino.get_version().split("-")[0]
-    return root / "native" / f"openvino-{version}-{_source_hash()}"
+    return _cache_root() / f"openvino-{version}-{_source_hash()}"
+
+
+def _cache_root() -> Path:
+    """``$VITFOLD_CACHE`` (default ``~/.cache/vitfold``) ``/native``: one folder per library, backend version and source."""
+    return Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold") / "native"
+
+
+def _require_cmake_and_cxx(what: str) -> None:
+    """Raises NativeUnavailable naming what ``--fused-ops`` needs on PATH to compile ``what`` (cmake, a C++17 compiler)."""
+    missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]
+    if shutil.which("c++") is None and shutil.which("g++") is None and not os.environ.get("CXX"):
+        missing.append("a C++17 compiler (g++)")
+    if missing:
+        raise NativeUnavailable(f"--fused-ops compiles {what} and needs {' and '.join(missing)} on PATH; "
+                                f"install them, or build without --fused-ops (the graph form)")
 
 
 def openvino_ops(*, build: bool = True, log: Callable[[str], None] = lambda msg: None) -> Path:
@@ -139,12 +153,7 @@ def openvino_ops(*, build: bool = True, log: Callable[[str], None] = lambda msg:
         return library
     if not build:
         raise NativeUnavailable(f"the OpenVINO extension is not built ({library} missing); run: python -m vitfold.native")
-    missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]
-    if shutil.which("c++") is None and shutil.which("g++") is None and not os.environ.get("CXX"):
-        missing.append("a C++17 compiler (g++)")
-    if missing:
-        raise NativeUnavailable(f"--fused-ops compiles an OpenVINO extension and needs {' and '.join(missing)} on PATH; "
-                                f"install them, or build without --fused-ops (the graph form)")
+    _require_cmake_and_cxx("an OpenVINO extension")
     config = Path(openvino.__file__).parent / "cmake"
     log(f"native: compiling the OpenVINO extension into {target} (once per OpenVINO version)")
     return _cmake_build(SOURCE, target, LIBRARY, "libvitfold_ov_ops*.so", [f"-DOpenVINO_DIR={config}"],
@@ -206,8 +215,7 @@ def tensorrt_plugin(*, build: bool = True, log: Callable[[str], None] = lambda m
     if int(version.split(".")[0]) < 10:
         raise NativeUnavailable(f"the fused ops' TensorRT plugin implements IPluginV3 (TensorRT 10+); this is TensorRT "
                                 f"{version}: build without --fused-ops")
-    root = Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold")
-    target = root / "native" / f"tensorrt-{version}-{_source_hash(TENSORRT_SOURCE)}"
+    target = _cache_root() / f"tensorrt-{version}-{_source_hash(TENSORRT_SOURCE)}"
     library = target / TENSORRT_LIBRARY
     if library.is_file():
         return library
@@ -243,19 +251,13 @@ def onnxruntime_ops(*, build: bool = True, log: Callable[[str], None] = lambda m
         import onnxruntime
     except ImportError as exc:
         raise NativeUnavailable(f"fused ops extend ONNX Runtime, which is not installed ({exc}); pip install onnxruntime") from exc
-    root = Path(os.environ.get("VITFOLD_CACHE") or Path.home() / ".cache" / "vitfold")
-    target = root / "native" / f"onnxruntime-{onnxruntime.__version__}-{_source_hash(ONNXRUNTIME_SOURCE, KERNELS_SOURCE)}"
+    target = _cache_root() / f"onnxruntime-{onnxruntime.__version__}-{_source_hash(ONNXRUNTIME_SOURCE, KERNELS_SOURCE)}"
     library = target / ONNXRUNTIME_LIBRARY
     if library.is_file():
         return library
     if not build:
         raise NativeUnavailable(f"the ONNX Runtime op library is not built ({library} missing); run: python -m vitfold.native onnxruntime")
-    missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]
-    if shutil.which("c++") is None and shutil.which("g++") is None and not os.environ.get("CXX"):
-        missing.append("a C++17 compiler (g++)")
-    if missing:
-        raise NativeUnavailable(f"--fused-ops on ONNX Runtime compiles a custom-op library and needs {' and '.join(missing)} "
-                                f"on PATH; install them, or build without --fused-ops (the graph form)")
+    _require_cmake_and_cxx("an ONNX Runtime custom-op library")
     defines = [f"-DONNXRUNTIME_ROOT={os.environ['ONNXRUNTIME_ROOT']}"] if os.environ.get("ONNXRUNTIME_ROOT") else []
     log(f"native: compiling the ONNX Runtime op library into {target} (once per ONNX Runtime version)")
     return _cmake_build(ONNXRUNTIME_SOURCE, target, ONNXRUNTIME_LIBRARY, "libvitfold_ort_ops*.so", defines,
