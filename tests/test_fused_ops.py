@@ -319,10 +319,10 @@ def test_missing_toolchain_is_one_line_and_writes_nothing(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--backend", "onnxruntime", "--precision", "int8"], "on ONNX Runtime and TensorRT 10+ at f32"),
-    (["--precision", "bf16"], "--fused-ops runs on OpenVINO at f32 or int8"),
-    (["--weights", "int8"], "--fused-ops runs on OpenVINO at f32 or int8"),
-    (["--backend", "tensorrt", "--precision", "fp16"], "on ONNX Runtime and TensorRT 10+ at f32"),
+    (["--backend", "onnxruntime", "--precision", "bf16"], "and on TensorRT 10+ at f32"),
+    (["--precision", "bf16"], "--fused-ops runs on OpenVINO and ONNX Runtime at f32 or int8"),
+    (["--weights", "int8"], "--fused-ops runs on OpenVINO and ONNX Runtime at f32 or int8"),
+    (["--backend", "tensorrt", "--precision", "fp16"], "and on TensorRT 10+ at f32"),
     (["--method", "expedite"], "--fused-ops fuses the reduction sites of"),
     (["--mode", "prune"], "--fused-ops fuses the reduction sites of"),
     (["--task", "features"], "--fused-ops fuses the reduction sites of"),
@@ -614,9 +614,11 @@ def test_onnxruntime_op_refuses_an_impossible_r_with_its_reason(tmp_path, ort_li
         ort_run(tmp_path / "fused.onnx", x, ort_library)
 
 
-def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatch):
-    """An ONNX Runtime --fused-ops build: checked against the graph form and torch, carries the library,
-    profiles each op as the reduction's and loads by itself (a device app)."""
+@pytest.mark.parametrize("precision", ["f32", "int8"])
+def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatch, precision):
+    """An ONNX Runtime --fused-ops build: checked against the graph form (int8: its Q/DQ graph, fused after
+    quantization) and torch, carries the library, profiles each op as the reduction's and loads by itself
+    (a device app); int8 reads its token choices off the graph form quantized alike."""
     from vitfold import build as build_module
     from vitfold.build import BuildRequest
     from vitfold.native import ONNXRUNTIME_LIBRARY
@@ -628,15 +630,24 @@ def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatc
     monkeypatch.setenv("VITFOLD_CACHE", str(ort_library.parent.parent.parent))  # the compiled one
     pre = Preprocess(img_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     monkeypatch.setattr(build_module, "create_model", lambda spec: (tiny_vit(num_classes=10), pre))
-    request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, BuildConfig("onnxruntime", extra={"fused_ops": True}),
-                           out=tmp_path / "b", latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0))
+    cfg = BuildConfig("onnxruntime", precision, extra={"fused_ops": True})
+    request = BuildRequest(ModelSpec("tiny_vit"), "tome", {"r": 2}, cfg, out=tmp_path / "b",
+                           latency=LatencyOptions(warmup=1, min_runs=3, min_seconds=0.0),
+                           tolerance={"min_cosine": 0.5, "min_top1": 0.0} if precision == "int8" else None)
     directory, report = build_module.build(request, log=lambda message: None)
     manifest = json.loads((directory / "manifest.json").read_text())
     assert manifest["files"]["extension"] == ONNXRUNTIME_LIBRARY and (directory / ONNXRUNTIME_LIBRARY).is_file()
     assert "extension" not in json.loads((directory / "dense" / "manifest.json").read_text())["files"]
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
-    assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4
+    built = onnx.load(str(directory / manifest["files"]["fused"]))
+    assert sum(n.op_type == TOME_OP for n in built.graph.node) == 4
+    if precision == "f32":
+        assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4
+    else:  # the fused graph is the Q/DQ graph with its float sites fused
+        assert any(n.op_type == "QuantizeLinear" for n in built.graph.node)
+        choices = manifest["quantization"]["choices"]
+        assert choices["sites"] == 4 and "the Q/DQ graph; the fused build's choices" in choices["runner"]
     sample = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     rows, _ = profile_variant(directory, sample, LayerProfileOptions(warmup=1, runs=2))
     ops = [r for r in rows if r.type == TOME_OP]
@@ -666,15 +677,17 @@ def test_onnxruntime_library_without_the_header_is_one_line_and_writes_nothing(t
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("method, params", [("tome", {"r": 13}), ("evit", {"keep_rate": 0.7})])
+@pytest.mark.parametrize("method, params, precision", [("tome", {"r": 13}, "f32"), ("evit", {"keep_rate": 0.7}, "f32"),
+                                                       ("tome", {"r": 13}, "int8")])
 def test_fused_onnxruntime_build_matches_the_graph_form_and_torch_on_real_weights(tmp_path, ort_library, monkeypatch,
-                                                                                  dinov2_path, method, params):
+                                                                                  dinov2_path, method, params, precision):
     """DINOv2 weights on the shipped photos (batch 2, so that the images run on separate threads): the ONNX
-    Runtime fused build's own check against the graph form (within 1e-5, the same token choices) and against
-    torch."""
+    Runtime fused build's own check against the graph form (within 1e-5 of the outputs' scale, the same token
+    choices; int8: the Q/DQ graph fused after quantization, exactly) and, at f32, against torch."""
     from vitfold.compile import compile_onnx
     from vitfold.export.models import create_model
     from vitfold.images import list_images, load_images
+    from vitfold.quantize import load_calibration
     from vitfold.runtimes import BuildConfig
     from vitfold.spec import ModelSpec
 
@@ -686,10 +699,13 @@ def test_fused_onnxruntime_build_matches_the_graph_form_and_torch_on_real_weight
     path = tmp_path / "model.onnx"
     export_onnx(reduced, path, (2, 3, 224, 224), metadata={"schedule": schedule.to_json()})
     sample = load_images(list_images(), pre)[:2]
-    cfg = BuildConfig("onnxruntime", extra={"fused_ops": True})
-    compiled = compile_onnx(path, tmp_path, cfg, sample)
+    cfg = BuildConfig("onnxruntime", precision, extra={"fused_ops": True})
+    calibration = load_calibration(None, pre, 2, warn=lambda message: None) if precision == "int8" else None
+    compiled = compile_onnx(path, tmp_path, cfg, sample, calibration=calibration)
     check = [p for p in compiled.passes if p.name == "fuse-sites"]
-    assert len(check) == 1 and check[0].max_abs_change <= 1e-5
+    assert len(check) == 1 and check[0].max_abs_change <= (1e-5 if precision == "f32" else 0.0)
+    if precision == "int8":
+        return
     with compiled.open(cfg) as session, torch.no_grad():
         got = next(iter(session(sample).values()))
         np.testing.assert_allclose(got, reduced(torch.from_numpy(sample)).numpy(), atol=1e-3)

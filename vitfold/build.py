@@ -208,8 +208,10 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
-    # A fused INT8 build reads its token choices off its graph form: keep the one its check builds.
-    keep_graph_form = directory / GRAPH_FORM if cfg.extra.get("fused_ops") and cfg.quantized and not schedule.is_dense else None
+    # A fused OpenVINO INT8 build reads its token choices off its graph form: keep the one its check builds
+    # (ONNX Runtime reads them off its Q/DQ graph, which it fuses after quantization).
+    keep_graph_form = (directory / GRAPH_FORM if cfg.extra.get("fused_ops") and cfg.quantized and cfg.backend == "openvino"
+                       and not schedule.is_dense else None)
     compiled = compile_onnx(directory / "model.onnx", directory, cfg, check[0], calibration=calibration,
                             build_backend=not request.export_only, graph_form_dir=keep_graph_form,
                             log=lambda msg: log(f"[{what}] {msg}"))
@@ -299,8 +301,9 @@ def token_choices(directory: Path, manifest: dict, check: list[np.ndarray], log:
     elif cfg.backend == "openvino":
         candidate, runner = choices.run_openvino(directory / files["backend"], found, check, compile_config(cfg)), "openvino"
     else:
+        # ONNX Runtime: the Q/DQ graph, which a fused build fuses after quantization (its graph form quantized alike)
         candidate = choices.run_onnxruntime(onnx.load(str(directory / files["quantized"])), found, check, cfg.resolved_threads)
-        runner = "onnxruntime (the Q/DQ graph)"
+        runner = "onnxruntime (the Q/DQ graph" + ("; the fused build's choices are inside its vitfold ops)" if "fused" in files else ")")
     result = choices.agreement(reference, candidate, found.sites)
     log(f"token choices identical to f32 on {result.identical:.1%} of {result.sites} sites x {result.photos} "
         f"check batches (first site: {result.first_site:.1%} identical, {result.first_site_tokens:.1%} of its indices shared)")

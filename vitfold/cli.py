@@ -156,7 +156,7 @@ def _terminated(signum, frame) -> None:
 @click.option("--force", is_flag=True, help="Replace the vitfold build at --out even when it was built from another request.")
 @click.option("--export-only", is_flag=True, help="Stop before the backend build: ONNX, passes, lint, (quantization,) reference outputs and manifest, no GPU needed. Build on the device with `python -m vitfold.device build DIR`.")
 @click.option("--tensorrt-version", default=None, help="--backend tensorrt --export-only: the device's TensorRT (e.g. 8.5, 10.3) whose passes and lint rules to apply (default: the installed one).")
-@click.option("--fused-ops", is_flag=True, help="OpenVINO f32 / int8, --method tome, evit or topk: run each reduction site as one fused op (vitfold.ToMeMerge / vitfold.EViTPrune, an OpenVINO extension compiled here once with cmake and a C++ compiler) instead of ~15-30 graph nodes; checked against the graph form. Fewer kernels per site: most worth it at batch 1. ONNX Runtime f32: the same kernels as a custom-op library (needs ONNX Runtime's C API header: ONNXRUNTIME_ROOT). TensorRT 10+ f32: vitfold's plugins (compiled with nvcc and the TensorRT headers; not yet run on a GPU).")
+@click.option("--fused-ops", is_flag=True, help="OpenVINO f32 / int8, --method tome, evit or topk: run each reduction site as one fused op (vitfold.ToMeMerge / vitfold.EViTPrune, an OpenVINO extension compiled here once with cmake and a C++ compiler) instead of ~15-30 graph nodes; checked against the graph form. Fewer kernels per site: most worth it at batch 1. ONNX Runtime f32 / int8: the same kernels as a custom-op library (needs ONNX Runtime's C API header: ONNXRUNTIME_ROOT). TensorRT 10+ f32: vitfold's plugins (compiled with nvcc and the TensorRT headers; not yet run on a GPU).")
 @click.option("--dense-from", "dense_from", type=click.Path(file_okay=False, path_type=Path), default=None, help="Use this dense twin (another build's dense/ directory, same model, weights, task and backend settings) instead of building one: saves its disk space (half of a build) and time.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Inference threads (default: one per core).")
 @click.option("--opset", type=click.IntRange(min=16), default=18, show_default=True, help="ONNX opset (>= 18 for ToMe source tracing).")
@@ -188,9 +188,9 @@ def build(model, method, r, inflect, prop_attn, mode, keep_rate, locations, fuse
         raise click.BadParameter("--tensorrt-version applies to --backend tensorrt")
     if fused_ops:
         if precision not in FUSED_TARGETS.get(backend, ()) or weights is not None:
-            raise click.BadParameter("--fused-ops runs on OpenVINO at f32 or int8, on ONNX Runtime and TensorRT 10+ at f32 "
-                                     "(the kernels are float32); use --backend openvino --precision f32 or int8, or "
-                                     "--backend onnxruntime / tensorrt --precision f32, or drop --fused-ops")
+            raise click.BadParameter("--fused-ops runs on OpenVINO and ONNX Runtime at f32 or int8 and on TensorRT 10+ at "
+                                     "f32 (the kernels are float32); use --backend openvino / onnxruntime --precision f32 "
+                                     "or int8, or --backend tensorrt --precision f32, or drop --fused-ops")
         if method not in ("tome", "evit", "topk") or params.get("mode", "merge") != "merge" or task != "classify":
             raise click.BadParameter("--fused-ops fuses the reduction sites of --method tome (merge mode), evit and topk "
                                      "with --task classify (features builds trace sources); drop --fused-ops")

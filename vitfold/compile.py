@@ -103,10 +103,14 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     log(f"passes: {', '.join(p if isinstance(p, str) else p[0] for p in steps) or 'none'}")
     reports = run_pipeline(Path(onnx_path), optimized, steps, [sample])
     warnings = require_clean(optimized, lint_target)
-    source, quantized = optimized, None
-    fused = _fuse_sites(optimized, directory, cfg, log) if cfg.extra.get("fused_ops") else None
-    if fused is not None:
-        source = fused.path
+    source, quantized, fused = optimized, None, None
+    # NNCF quantizes the fused graph with the OpenVINO extension loaded. ONNX Runtime's quantizer calibrates
+    # in a session of its own, without vitfold's op library: its Q/DQ graph is fused instead (the reduction
+    # stays float, so each site is intact in it).
+    fuse_after = cfg.extra.get("fused_ops") and cfg.quantized and cfg.backend == "onnxruntime"
+    if cfg.extra.get("fused_ops") and not fuse_after:
+        fused = _fuse_sites(optimized, directory, cfg, log)
+        source = fused.path if fused is not None else source
     if cfg.quantized:
         from .quantize import quantize
 
@@ -115,6 +119,9 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         source = quantized["path"]
         if source.suffix == ".onnx":  # a Q/DQ graph: the target's Q/DQ rules
             warnings = warnings + require_clean(source, lint_target)
+    if fuse_after:
+        fused = _fuse_sites(source, directory, cfg, log)
+        source = fused.path if fused is not None else source
     onnx_name = Path(onnx_path).name if Path(onnx_path).parent.resolve() == directory.resolve() else str(onnx_path)
     files = {"onnx": onnx_name, "optimized": optimized.name, **(quantized["files"] if quantized else {})}
     record = quantized["record"] if quantized else None
@@ -162,8 +169,8 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     from .passes.fuse_sites import fuse_sites
 
     if cfg.weights is not None or cfg.precision not in FUSED_TARGETS.get(cfg.backend, ()):
-        raise SpecError(f"--fused-ops builds for OpenVINO at f32 or int8, ONNX Runtime and TensorRT at f32 (the kernels are "
-                        f"float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
+        raise SpecError(f"--fused-ops builds for OpenVINO and ONNX Runtime at f32 or int8 and TensorRT at f32 (the kernels "
+                        f"are float32; int8 keeps the reduction float); this build is {cfg.backend} {cfg.label}: drop --fused-ops")
     proto = onnx.load(str(optimized))
     if not any(node.name.startswith(SITE_PREFIXES) for node in proto.graph.node):
         schedule = next((json.loads(p.value) for p in proto.metadata_props if p.key == "vitfold.schedule"), None)

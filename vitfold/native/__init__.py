@@ -60,9 +60,10 @@ ONNXRUNTIME_LIBRARY = "libvitfold_ort_ops.so"
 FUSED_TOLERANCE = 1e-5
 #: The fused ops the TensorRT plugin library implements.
 TENSORRT_OPS = ("ToMeMerge", "EViTPrune")
-#: Backend -> the precisions fused ops build at: the kernels are float32; int8 (OpenVINO) quantizes the
-#: rest as the graph form's. TensorRT: vitfold's plugins, f32. ONNX Runtime: vitfold's custom-op library, f32.
-FUSED_TARGETS = {"openvino": ("f32", "int8"), "onnxruntime": ("f32",), "tensorrt": ("f32",)}
+#: Backend -> the precisions fused ops build at: the kernels are float32; int8 quantizes the rest as the
+#: graph form's (OpenVINO: NNCF on the fused graph; ONNX Runtime: its Q/DQ graph, then fused). TensorRT:
+#: vitfold's plugins, f32.
+FUSED_TARGETS = {"openvino": ("f32", "int8"), "onnxruntime": ("f32", "int8"), "tensorrt": ("f32",)}
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, PRUNE_OP = "vitfold", "ToMeMerge", "EViTPrune"
