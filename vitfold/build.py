@@ -30,7 +30,7 @@ from .metrics import Tolerance, compare
 from .profiles.flops import ModelDims
 from .profiles.report import LatencyOptions, profile_build
 from .profiles.schedule_report import AUTO_JSON
-from .compile import compile_onnx
+from .compile import compile_onnx, fuses_after_quantization
 from .capacity import DEFAULT_PERCENTILE, calibrate_capacity, check_capacity, check_percentile
 from .errors import ArtifactError, SpecError
 from .quantize.calibration import DEFAULT_SUBSET, load_calibration
@@ -208,10 +208,10 @@ def build_variant(
         model, directory / "model.onnx", check, opset=request.opset, metadata=metadata, what=what
     )
     np.save(directory / REFERENCE, reference)
-    # A fused OpenVINO INT8 build reads its token choices off its graph form: keep the one its check builds
-    # (ONNX Runtime reads them off its Q/DQ graph, which it fuses after quantization).
-    keep_graph_form = (directory / GRAPH_FORM if cfg.extra.get("fused_ops") and cfg.quantized and cfg.backend == "openvino"
-                       and not schedule.is_dense else None)
+    # A fused INT8 build that quantized its fused graph reads its token choices off its graph form: keep the one
+    # its check builds (a Q/DQ graph fused after quantization is that graph form itself).
+    keep_graph_form = (directory / GRAPH_FORM if cfg.extra.get("fused_ops") and cfg.quantized
+                       and not fuses_after_quantization(cfg) and not schedule.is_dense else None)
     compiled = compile_onnx(directory / "model.onnx", directory, cfg, check[0], calibration=calibration,
                             build_backend=not request.export_only, graph_form_dir=keep_graph_form,
                             log=lambda msg: log(f"[{what}] {msg}"))

@@ -44,6 +44,16 @@ class Compiled:
         return runtimes.backend_module(cfg.backend).load(self.directory, {"files": self.files, "build": cfg.to_json()})
 
 
+def fuses_after_quantization(cfg: BuildConfig) -> bool:
+    """Whether a ``--fused-ops`` build quantizes its graph form and then fuses the sites of the Q/DQ graph,
+    rather than quantizing the fused graph. A Q/DQ quantizer (ONNX Runtime's) calibrates in a session of its
+    own, which cannot load vitfold's op library; the reduction stays float, so each site is intact in the
+    Q/DQ graph, which is also the graph form quantized alike. NNCF quantizes the fused graph with the
+    OpenVINO extension loaded, so an OpenVINO build reads its token choices off a separate graph form."""
+    quantizer = get_backend(cfg.backend).quantizer or ""
+    return bool(cfg.extra.get("fused_ops")) and cfg.quantized and quantizer.startswith("qdq-")
+
+
 def pipeline_for(cfg: BuildConfig) -> tuple[list, str]:
     """The pass steps and the lint target for a backend build.
 
@@ -104,10 +114,7 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
     reports = run_pipeline(Path(onnx_path), optimized, steps, [sample])
     warnings = require_clean(optimized, lint_target)
     source, quantized, fused = optimized, None, None
-    # NNCF quantizes the fused graph with the OpenVINO extension loaded. ONNX Runtime's quantizer calibrates
-    # in a session of its own, without vitfold's op library: its Q/DQ graph is fused instead (the reduction
-    # stays float, so each site is intact in it).
-    fuse_after = cfg.extra.get("fused_ops") and cfg.quantized and cfg.backend == "onnxruntime"
+    fuse_after = fuses_after_quantization(cfg)
     if cfg.extra.get("fused_ops") and not fuse_after:
         fused = _fuse_sites(optimized, directory, cfg, log)
         source = fused.path if fused is not None else source
@@ -138,8 +145,6 @@ def compile_onnx(onnx_path: Path, directory: Path, cfg: BuildConfig, sample: np.
         reports = reports + [report]
     return Compiled(directory, {**files, **built["files"]}, built["versions"], reports, lint_target, warnings, record,
                     graph_form)
-
-
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def session_options(cfg: BuildConfig, optimized_path: Path | None = None, extens
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Idle worker threads sleep instead of spinning. Alone, a session runs as fast either way (DeiT-S
-    # batch 1, 2 threads: 42-44 ms spinning, 43-45 ms not); but the profiles and benchmarks interleave
+    # batch 1, 2 threads: 39-43 ms spinning, 41-42 ms not); but the profiles and benchmarks interleave
     # sessions, and each session's spinning workers then take the cores from the next (measured: the
     # dense model at 77 ms instead of 49 ms, ToMe r=13 at 58 instead of 37).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
