@@ -21,7 +21,8 @@ import torch
 from conftest import FLAVOURS, deploy, tiny_vit
 from vitfold.errors import PassError
 from vitfold.export.onnx import export_onnx
-from vitfold.native import DOMAIN, LIBRARY, PRUNE_OP, PRUNE_SITE_PREFIX, SITE_PREFIXES, TOME_OP, TOME_SITE_PREFIX, NativeUnavailable
+from vitfold.native import (DOMAIN, LIBRARY, PRUNE_OP, PRUNE_SITE_PREFIX, SITE_PREFIXES, TOME_OP, TOME_SITE_PREFIX, TOME_WAVG_OP,
+                            NativeUnavailable)
 from vitfold.passes.fuse_sites import fuse_sites
 from vitfold.passes.lint import lint
 from vitfold.quantize.scope import reduction_scope
@@ -54,12 +55,13 @@ def tiny_prune_export(tmp_path, method="evit", flavour=None, **params):
     return path, reduced, schedule
 
 
-def graph_and_fused_outputs(tmp_path, path, reduced, extension, config=None, seeds=4):
-    """Fuse the exported ``path``, compile both forms on OpenVINO (f32, the extension loaded) and yield
-    ``(graph form, fused, torch)`` outputs for ``seeds`` random ``[2, 3, 32, 32]`` batches."""
+def graph_and_fused_outputs(tmp_path, path, reduced, extension, config=None, seeds=4, weighted=False):
+    """Fuse the exported ``path`` (``weighted``: ToMe's size weighting inside the op), compile both forms on
+    OpenVINO (f32, the extension loaded) and yield ``(graph form, fused, torch)`` outputs for ``seeds``
+    random ``[2, 3, 32, 32]`` batches."""
     import openvino as ov
 
-    fused, _ = fuse_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)), weighted=weighted)
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     core = ov.Core()
     core.add_extension(str(extension))
@@ -105,6 +107,36 @@ def test_export_tags_each_site_and_the_rewrite_fuses_it(tmp_path):
         x, keys = op.input
         assert inferred[x] == [2, n, 65] and inferred[op.output[0]] == [2, m, 65]  # tokens | size channel
         assert len(inferred[keys]) == 4 and inferred[keys][0] == 2 and inferred[keys][2] == n  # [B, H, N, d] keys
+
+
+def test_the_rewrite_moves_the_size_weighting_into_the_op(tmp_path):
+    """``weighted``: Mul, Concat, the site, two Slices and Div become one ToMeMergeWavg taking the tokens,
+    keys and sizes and giving merged tokens and sizes; a site whose weighting reads otherwise keeps ToMeMerge."""
+    path, _, _ = tiny_export(tmp_path)
+    proto = onnx.load(str(path))
+    plain, _ = fuse_sites(proto)
+    fused, sites = fuse_sites(proto, weighted=True)
+    ops = [n for n in fused.graph.node if n.domain == DOMAIN]
+    assert sites == {TOME_WAVG_OP: 3} and [n.op_type for n in ops] == [TOME_WAVG_OP] * 3
+    assert len(fused.graph.node) == len(plain.graph.node) - 3 * 5  # Mul, Concat, 2 Slice, Div per site
+    inferred = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in onnx.shape_inference.infer_shapes(fused).graph.value_info}
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in fused.graph.initializer}
+    for op, (n, m) in zip(ops, [(17, 15), (15, 12), (12, 11)]):
+        x, keys, size = op.input
+        assert inferred[x] == [2, n, 64] and inferred[keys][2] == n
+        assert [inferred[t] for t in op.output] == [[2, m, 64], [2, m, 1]]
+        if n == 17:  # the first site: every token is one patch, a constant of ones
+            assert np.array_equal(initializers[size], np.ones((2, 17, 1), np.float32))
+        else:  # later sites read the sizes the previous site gave
+            assert size in {t for o in ops for t in o.output}
+    readers = onnx.load(str(path))  # a second reader of block 2's weighted tokens: that site keeps ToMeMerge
+    site_inputs = {i for n in readers.graph.node if n.name.startswith(TOME_SITE_PREFIX + "2/") for i in n.input}
+    cat = next(n for n in readers.graph.node if n.op_type == "Concat" and n.output[0] in site_inputs)
+    readers.graph.node.append(onnx.helper.make_node("Identity", [cat.input[0]], ["also_read"]))
+    readers.graph.output.append(onnx.helper.make_tensor_value_info("also_read", onnx.TensorProto.FLOAT, None))
+    _, sites = fuse_sites(readers, weighted=True)
+    assert sites == {TOME_WAVG_OP: 2, TOME_OP: 1}
 
 
 def test_the_rewrite_refuses_what_it_cannot_fuse(tmp_path):
@@ -195,6 +227,14 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
     onnx.save(fused, str(tmp_path / "pruned.onnx"))
     for target in ("tensorrt-10", "openvino-cpu", "onnxruntime-cpu"):
         assert {(f.rule, f.severity) for f in lint(tmp_path / "pruned.onnx", target) if "fused" in f.rule} == {("fused-op", "warning")}
+    (tmp_path / "w").mkdir()
+    path, _, _ = tiny_export(tmp_path / "w")
+    weighted, _ = fuse_sites(onnx.load(str(path)), weighted=True)  # ToMeMergeWavg: the CPU backends' alone
+    onnx.save(weighted, str(tmp_path / "weighted.onnx"))
+    expected = {"openvino-cpu": ("fused-op", "warning"), "onnxruntime-cpu": ("fused-op", "warning"),
+                "tensorrt-10": ("fused-op-no-plugin", "error")}
+    for target, finding in expected.items():
+        assert {(f.rule, f.severity) for f in lint(tmp_path / "weighted.onnx", target) if "fused" in f.rule} == {finding}
     unknown = onnx.load(str(tmp_path / "pruned.onnx"))  # a vitfold op no plugin implements
     next(n for n in unknown.graph.node if n.domain == DOMAIN).op_type = "SomeFutureOp"
     onnx.save(unknown, str(tmp_path / "unknown.onnx"))
@@ -204,12 +244,15 @@ def test_lint_says_which_backend_takes_the_fused_op(tmp_path):
         ("fused-op-no-kernel", "error")}
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["ToMeMerge", "ToMeMergeWavg"])
 @pytest.mark.parametrize("flavour", ["plain", "registers", "no_class_token", "class_and_distillation"])
-def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension, flavour):
-    """0, 1, 2 and 5 prefix tokens: the op keeps each prefix token in place, as the graph form does."""
+def test_fused_op_gives_the_graph_forms_outputs_on_openvino(tmp_path, extension, flavour, weighted):
+    """0, 1, 2 and 5 prefix tokens: the op keeps each prefix token in place, as the graph form does; with
+    the size weighting inside, its averages and sizes are the graph form's."""
     settings = FLAVOURS.get(flavour, {"reg_tokens": 1})  # class + one more prefix token, as DeiT's distillation token
     path, reduced, _ = tiny_export(tmp_path, flavour=settings)
-    for graph, fused, reference in graph_and_fused_outputs(tmp_path, path, reduced, extension, {"INFERENCE_NUM_THREADS": 1}):
+    for graph, fused, reference in graph_and_fused_outputs(tmp_path, path, reduced, extension, {"INFERENCE_NUM_THREADS": 1},
+                                                           weighted=weighted):
         assert np.abs(graph - fused).max() <= 1e-5  # the same token choices
         np.testing.assert_allclose(fused, reference, atol=1e-4)
 
@@ -233,7 +276,7 @@ def test_every_vector_path_of_the_matching_gives_the_same_tokens(tmp_path, exten
     import sys
 
     path, _, _ = tiny_export(tmp_path, r=(3, 3, 2, 2))
-    fused, _ = fuse_sites(onnx.load(str(path)))
+    fused, _ = fuse_sites(onnx.load(str(path)), weighted=True)
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     np.save(tmp_path / "x.npy", np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32))
     script = ("import sys, numpy as np, openvino as ov; core = ov.Core(); core.add_extension(sys.argv[1]); "
@@ -286,6 +329,9 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, method, params
     assert "extension" not in dense["files"]  # the dense twin has no site: the graph form, no extension
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
+    if method == "tome":  # f32 takes the size weighting into the op; int8 keeps it in the graph NNCF quantizes
+        built = onnx.load(str(directory / manifest["files"]["fused"]))
+        assert {n.op_type for n in built.graph.node if n.domain == DOMAIN} == {TOME_WAVG_OP if precision == "f32" else TOME_OP}
     if precision == "f32":
         assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4  # the fused build against torch
     else:
@@ -571,22 +617,25 @@ def ort_run(path, x, library=None, threads=1):
 
 @pytest.mark.parametrize("kind, flavour", [
     ("tome", "plain"), ("tome", "registers"), ("tome", "no_class_token"), ("tome", "class_and_distillation"),
+    ("tome-wavg", "plain"), ("tome-wavg", "registers"), ("tome-wavg", "no_class_token"),
     ("evit", "plain"), ("evit", "registers"), ("topk", "plain")])
 def test_fused_ops_give_the_graph_forms_outputs_on_onnxruntime(tmp_path, ort_library, kind, flavour):
-    """The library's ToMeMerge and EViTPrune against ONNX Runtime's own graph form: the same token choices
-    (outputs within 1e-5) and torch's outputs, with 0, 1, 2 and 5 prefix tokens. Not bit for bit as on
-    OpenVINO: ONNX Runtime's ReduceSum adds EViT's fused token in another order (measured: 7e-8)."""
+    """The library's ToMeMerge, ToMeMergeWavg and EViTPrune against ONNX Runtime's own graph form: the same
+    token choices (outputs within 1e-5; ToMe bit for bit, its size weighting included) and torch's outputs,
+    with 0, 1, 2 and 5 prefix tokens. EViT's not bit for bit as on OpenVINO: ONNX Runtime's ReduceSum adds
+    its fused token in another order (measured: 7e-8)."""
     settings = FLAVOURS.get(flavour, {"reg_tokens": 1})
-    if kind == "tome":
+    if kind.startswith("tome"):
         path, reduced, _ = tiny_export(tmp_path, flavour=settings)
     else:
         path, reduced, _ = tiny_prune_export(tmp_path, kind, flavour=settings)
-    fused, _ = fuse_sites(onnx.load(str(path)))
+    fused, sites = fuse_sites(onnx.load(str(path)), weighted=kind == "tome-wavg")
+    assert kind != "tome-wavg" or set(sites) == {TOME_WAVG_OP}
     onnx.save(fused, str(tmp_path / "fused.onnx"))
     for seed in range(3):
         x = np.random.default_rng(seed).standard_normal((2, 3, 32, 32)).astype(np.float32)
         graph, one_op = ort_run(path, x), ort_run(tmp_path / "fused.onnx", x, ort_library)
-        assert np.abs(graph - one_op).max() <= 1e-5
+        assert np.abs(graph - one_op).max() <= (0.0 if kind.startswith("tome") else 1e-5)
         with torch.no_grad():
             np.testing.assert_allclose(one_op, reduced(torch.from_numpy(x)).numpy(), atol=1e-4)
 
@@ -595,11 +644,12 @@ def test_one_image_is_split_across_onnxruntimes_threads(tmp_path, ort_library):
     """At batch 1 ToMeMerge splits its image's normalisation, matching and row copies across ONNX Runtime's
     intra-op threads (KernelContext_ParallelFor): the same outputs as one thread and as the graph form."""
     path, _, _ = tiny_export(tmp_path, r=(3, 3, 2, 2), batch=1)
-    fused, _ = fuse_sites(onnx.load(str(path)))
-    onnx.save(fused, str(tmp_path / "fused.onnx"))
-    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
-    one, two = (ort_run(tmp_path / "fused.onnx", x, ort_library, threads=t) for t in (1, 2))
-    assert np.array_equal(one, two) and np.abs(ort_run(path, x) - two).max() <= 1e-5
+    for weighted in (False, True):
+        fused, _ = fuse_sites(onnx.load(str(path)), weighted=weighted)
+        onnx.save(fused, str(tmp_path / "fused.onnx"))
+        x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+        one, two = (ort_run(tmp_path / "fused.onnx", x, ort_library, threads=t) for t in (1, 2))
+        assert np.array_equal(one, two) and np.abs(ort_run(path, x) - two).max() <= 1e-5
 
 
 def test_onnxruntime_op_refuses_an_impossible_r_with_its_reason(tmp_path, ort_library):
@@ -641,7 +691,9 @@ def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatc
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
     built = onnx.load(str(directory / manifest["files"]["fused"]))
-    assert sum(n.op_type == TOME_OP for n in built.graph.node) == 4
+    op = TOME_WAVG_OP if precision == "f32" else TOME_OP  # int8 keeps the size weighting in its Q/DQ graph
+    assert sum(n.op_type == op for n in built.graph.node) == 4 and not any(
+        n.op_type in {TOME_OP, TOME_WAVG_OP} - {op} for n in built.graph.node)
     if precision == "f32":
         assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4
     else:  # the fused graph is the Q/DQ graph with its float sites fused
@@ -650,7 +702,7 @@ def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatc
         assert choices["sites"] == 4 and "the Q/DQ graph; the fused build's choices" in choices["runner"]
     sample = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
     rows, _ = profile_variant(directory, sample, LayerProfileOptions(warmup=1, runs=2))
-    ops = [r for r in rows if r.type == TOME_OP]
+    ops = [r for r in rows if r.type == op]
     assert len(ops) == 4 and {r.category for r in ops} == {"reduction"}
     with load(directory) as session:  # the manifest names the library; load registers it
         x = np.random.default_rng(0).standard_normal(session.input_shape).astype(np.float32)

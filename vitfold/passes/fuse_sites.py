@@ -9,9 +9,16 @@ closed region of the graph (two tensor inputs, one output, static shapes) and re
 
       vitfold.ToMeMerge(x [B, N, C], keys [B, H, N, d]; r, num_protected) -> [B, N - r, C]
 
-  ``x`` is the size-weighted tokens and their sizes as one tensor. The size weighting around the site
-  (``x * size``, ``/ size``) stays in the graph: the op's sums then equal the graph form's bit for
-  bit, which INT8 builds need (a last-bit change before a FakeQuantize flips a rounding).
+  ``x`` is the size-weighted tokens and their sizes as one tensor (``cat([x * size, size])``, ToMe's
+  ``merge_wavg``). With ``weighted`` (f32 builds), the weighting around the site (``Mul``, ``Concat``,
+  two ``Slice``, ``Div``: five more nodes and three more passes over the tokens) moves into the op::
+
+      vitfold.ToMeMergeWavg(x [B, N, C], keys, size [B, N, 1]; r, num_protected)
+          -> (x [B, N - r, C], size [B, N - r, 1])
+
+  Without it (INT8 builds) the weighting stays in the graph, where the quantizer sees the same graph as
+  in the graph form: the op's sums equal the graph form's bit for bit, and a last-bit change before a
+  FakeQuantize would flip a rounding.
 * ``vitfold.prune_site.<block>/`` (:class:`~vitfold.reduce.evit.PruneSite`: EViT's / Top-K's top-k
   of the class attention, row gather and fusion, about 15 nodes)::
 
@@ -36,7 +43,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import PassError
-from ..native import DOMAIN, PRUNE_OP, PRUNE_SITE_PREFIX, SITE_PREFIXES, TOME_OP, TOME_SITE_PREFIX
+from ..native import DOMAIN, PRUNE_OP, PRUNE_SITE_PREFIX, SITE_PREFIXES, TOME_OP, TOME_SITE_PREFIX, TOME_WAVG_OP
 
 
 def _num_protected(proto: onnx.ModelProto) -> int:
@@ -100,13 +107,74 @@ def _prune_node(block: int, nodes: list, inputs: list, out, num_protected: int) 
                    attrs={"keep": keep, "num_protected": num_protected, "fuse": fuse}, inputs=[x, attn], outputs=[out])
 
 
+def _last_axis_range(node, width: int):
+    """``[start, stop)`` that a ``Slice`` node with constant starts / ends (axis -1 or 2, step 1) takes of a
+    last axis of ``width``; None for any other Slice."""
+    if node.op != "Slice" or len(node.inputs) < 3:
+        return None
+    starts, ends = _constant_value(node.inputs[1]), _constant_value(node.inputs[2])
+    axes = _constant_value(node.inputs[3]) if len(node.inputs) > 3 else np.array([-1])
+    steps = _constant_value(node.inputs[4]) if len(node.inputs) > 4 else np.array([1])
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)) or int(axes.flat[0]) not in (-1, 2) \
+            or int(steps.flat[0]) != 1:
+        return None
+    start, stop = (int(v.flat[0]) for v in (starts, ends))
+    start, stop = (v + width if v < 0 else v for v in (start, stop))
+    return max(0, min(start, width)), max(0, min(stop, width))
+
+
+def _only_reader(tensor, graph_outputs: set):
+    """The one node reading ``tensor``, or None (several readers, or a graph output)."""
+    return tensor.outputs[0] if len(tensor.outputs) == 1 and tensor.name not in graph_outputs else None
+
+
+def _absorb_weighting(node: gs.Node, graph_outputs: set) -> bool:
+    """Turn ``node`` (a ``ToMeMerge`` whose tokens are ``Concat(Mul(x, size), size)`` and whose output is
+    read by exactly ``Slice [:C]``, ``Slice [C:]`` and ``Div`` of the two) into ``ToMeMergeWavg(x, keys,
+    size) -> (Div's output, the size slice)``, in place; False (nothing changed) for any other pattern."""
+    weighted, keys = node.inputs
+    cat = weighted.inputs[0] if weighted.inputs and _only_reader(weighted, graph_outputs) is node else None
+    if cat is None or cat.op != "Concat" or cat.attrs.get("axis") not in (-1, 2) or len(cat.inputs) != 2:
+        return False
+    product, size = cat.inputs
+    mul = product.inputs[0] if product.inputs and _only_reader(product, graph_outputs) is cat else None
+    if mul is None or mul.op != "Mul" or size not in mul.inputs or len(mul.inputs) != 2:
+        return False
+    x = mul.inputs[1] if mul.inputs[0] is size else mul.inputs[0]
+    channels = weighted.shape[2] - 1
+    if x.shape != [*size.shape[:2], channels] or size.shape[2] != 1:
+        return False
+    merged = node.outputs[0]
+    if merged.name in graph_outputs or len(merged.outputs) != 2:
+        return False
+    slices = {_last_axis_range(reader, channels + 1): reader for reader in merged.outputs}
+    tokens, sizes = slices.get((0, channels)), slices.get((channels, channels + 1))
+    if tokens is None or sizes is None:
+        return False
+    div = _only_reader(tokens.outputs[0], graph_outputs)
+    if div is None or div.op != "Div" or div.inputs[0] is not tokens.outputs[0] or div.inputs[1] is not sizes.outputs[0]:
+        return False
+    out_tokens, out_sizes = div.outputs[0], sizes.outputs[0]
+    for replaced in (mul, cat, tokens, sizes, div):
+        replaced.inputs.clear()
+        replaced.outputs.clear()
+    node.op, node.name = TOME_WAVG_OP, node.name.replace(TOME_OP, TOME_WAVG_OP)
+    node.inputs.clear()
+    node.inputs.extend([x, keys, size])
+    node.outputs.clear()
+    node.outputs.extend([out_tokens, out_sizes])
+    return True
+
+
 #: Each site kind's node-name prefix, its fused node, and the shapes its region's inputs must have.
 _KINDS = {TOME_SITE_PREFIX: (_tome_node, "ToMe site (tokens [B, N, C], keys [B, H, N, d])"),
           PRUNE_SITE_PREFIX: (_prune_node, "pruning site (tokens [B, N, C], class attention [B, N])")}
 
 
-def fuse_sites(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """Replace each tagged site in ``proto`` (not modified) with one ``vitfold`` node.
+def fuse_sites(proto: onnx.ModelProto, weighted: bool = False) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Replace each tagged site in ``proto`` (not modified) with one ``vitfold`` node; with ``weighted``,
+    each ToMe site whose size weighting has the graph form's shape with ``ToMeMergeWavg`` (the weighting
+    inside; any other stays ``ToMeMerge``).
 
     Returns:
         ``(fused model, sites fused per op type)``; the model imports the ``vitfold`` opset 1.
@@ -148,8 +216,11 @@ def fuse_sites(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]
                             f"build without --fused-ops")
         fused_node = make(block, nodes, inputs, outputs[0], num_protected)
         for node in nodes:  # detach the graph form; cleanup() drops it
+            node.inputs.clear()
             node.outputs.clear()
         graph.nodes.append(fused_node)
+        if weighted and fused_node.op == TOME_OP:
+            _absorb_weighting(fused_node, outputs_of_graph)
         counts[fused_node.op] += 1
     graph.cleanup().toposort()
     fused = gs.export_onnx(graph)

@@ -405,6 +405,8 @@ _SCATTERND_REDUCTION = Rule(
 _UNSUPPORTED = "{target}'s ONNX parser has no importer for it; rewrite it with supported ops (or a plugin)"
 #: vitfold's fused ops (``build --fused-ops``, :mod:`vitfold.native`): OpenVINO runs them with the extension.
 _FUSED_DOMAIN = "vitfold"
+#: The ops vitfold's ONNX Runtime library (vitfold/native/onnxruntime) implements.
+_ORT_FUSED_OPS = ("ToMeMerge", "ToMeMergeWavg", "EViTPrune")
 _FUSED_FIX = ("vitfold's fused reduction site (build --fused-ops), which runs on OpenVINO (the extension "
               "`python -m vitfold.native` compiles), on ONNX Runtime (its custom-op library) and on TensorRT 10+ "
               "(its plugins); build for this backend without --fused-ops (the graph form)")
@@ -652,14 +654,14 @@ ORT_RULES = (
          "ONNX Runtime's CPU provider has no bfloat16 kernel for this op (NOT_IMPLEMENTED at load): keep it in "
          "fp32 (precision pass islands) or build with --precision f32",
          "measured: onnxruntime 1.31.1 CPU (MatMul, Add, Mul, Softmax, ReduceMax, Erf, Where refuse bf16)"),
-    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=("ToMeMerge", "EViTPrune")),), "warning",
+    Rule("fused-op", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), ops=_ORT_FUSED_OPS),), "warning",
          "runs only where vitfold's ONNX Runtime op library is registered (`python -m vitfold.native onnxruntime` "
          "compiles it against ONNX Runtime's C API header, ONNXRUNTIME_ROOT; builds made with --fused-ops carry "
          "and load it); without it, build without --fused-ops",
          "vitfold/native/onnxruntime (RegisterCustomOps: domain vitfold, CPU execution provider)"),
-    Rule("fused-op-no-kernel", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), not_ops=("ToMeMerge", "EViTPrune")),),
-         "error", "a vitfold op that vitfold's ONNX Runtime op library does not implement (it has ToMeMerge and "
-         "EViTPrune); build without --fused-ops", "vitfold/native/onnxruntime"),
+    Rule("fused-op-no-kernel", ("*",), (check("domain_in", domains=(_FUSED_DOMAIN,), not_ops=_ORT_FUSED_OPS),),
+         "error", "a vitfold op that vitfold's ONNX Runtime op library does not implement (it has ToMeMerge, "
+         "ToMeMergeWavg and EViTPrune); build without --fused-ops", "vitfold/native/onnxruntime"),
     Rule("custom-domain", ("*",), (check("domain_not_in", domains=("com.microsoft", "ai.onnx.ml", _FUSED_DOMAIN)),), "error",
          "ONNX Runtime has no kernel for ops outside the ONNX, ai.onnx.ml and com.microsoft domains without a "
          "custom-op library", "onnxruntime operator kernels"),

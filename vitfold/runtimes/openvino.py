@@ -42,7 +42,7 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
     path = Path(onnx_path)
     files = {"backend": XML, "weights": BIN}
     if cfg.extra.get("fused_ops"):  # the ONNX graph, or the quantize stage's IR, may hold vitfold's ops
-        from ..native import LIBRARY, PRUNE_OP, TOME_OP, load_openvino_ops, openvino_ops
+        from ..native import LIBRARY, PRUNE_OP, TOME_OP, TOME_WAVG_OP, load_openvino_ops, openvino_ops
 
         library = openvino_ops()
         if path.suffix == ".xml":
@@ -51,7 +51,7 @@ def build(onnx_path: Path, out_dir: Path, cfg: BuildConfig) -> dict:
             model = core.read_model(str(path))
         else:
             model = ov.convert_model(str(path), extension=str(library))
-        if any(op.get_type_name() in (TOME_OP, PRUNE_OP) for op in model.get_ops()):  # the dense twin has no site
+        if any(op.get_type_name() in (TOME_OP, TOME_WAVG_OP, PRUNE_OP) for op in model.get_ops()):  # the dense twin has no site
             shutil.copy2(library, out_dir / LIBRARY)
             files["extension"] = LIBRARY
     else:

@@ -297,13 +297,13 @@ def _fused_plugin(onnx_path: Path, cfg: BuildConfig) -> Optional[Path]:
     """
     if not cfg.extra.get("fused_ops"):
         return None
-    from ..native import DOMAIN, TENSORRT_OPS, tensorrt_plugin
+    from ..native import DOMAIN, TENSORRT_OPS, TOME_WAVG_OP, tensorrt_plugin
 
     try:
         import onnx
     except ImportError:
         data = Path(onnx_path).read_bytes()
-        ops = {op for op in TENSORRT_OPS if op.encode() in data}
+        ops = {op for op in (*TENSORRT_OPS, TOME_WAVG_OP) if op.encode() in data}
     else:
         ops = {n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.domain == DOMAIN}
     if not ops:

@@ -160,11 +160,23 @@ struct Kernels {
     }
 };
 
-// One image: keys [H, N, D], tokens x [N, C] -> out [N - r, C].
+// This CPU's kernels, picked once per process.
+const Kernels& picked_kernels() {
+    static const Kernels kernels = Kernels::pick();
+    return kernels;
+}
+
+// Where one image's output rows come from: rows (Nu + Nb): out[slot] = x[src]; edges (r, in edge order):
+// out[slot] += x[src], each merged A row into its B partner's slot.
+struct MergePlan {
+    std::vector<Row> rows, edges;
+};
+
+// One image's matching: keys [H, N, D] -> its MergePlan.
 // split(n, grain, fn): runs fn over [0, n), across the backend's threads (one image in the batch) or here.
 template <typename Split>
-void merge_image(const Kernels& k, const float* x, const float* keys, float* out, const Dims& s, const Split& split) {
-    const size_t Na = s.Na(), Nb = s.Nb(), Nu = Na - s.r, C = s.C, D = s.D;
+MergePlan plan_image(const Kernels& k, const float* keys, const Dims& s, const Split& split) {
+    const size_t Na = s.Na(), Nb = s.Nb(), Nu = Na - s.r, D = s.D;
     const size_t Nbp = (Nb + kPad - 1) / kPad * kPad;
     std::vector<float> unit(s.N * D), bt(D * Nbp, 0.f), best(Na, -INFINITY);
     std::vector<int64_t> partner(Na, 0), order(Na);
@@ -182,16 +194,113 @@ void merge_image(const Kernels& k, const float* x, const float* keys, float* out
     const size_t in_a = (s.P + 1) / 2, in_b = s.P / 2;
     auto slot_a = [&](size_t k) { return k < in_a ? 2 * k : s.P + (k - in_a); };
     auto slot_b = [&](size_t j) { return j < in_b ? 2 * j + 1 : s.P + (Nu - in_a) + (j - in_b); };
-    std::vector<Row> rows;
-    rows.reserve(Nu + Nb);
-    for (size_t u = 0; u < Nu; ++u) rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u)});
-    for (size_t j = 0; j < Nb; ++j) rows.push_back({2 * j + 1, slot_b(j)});
-    split(rows.size(), 16, [&](size_t b, size_t e) { k.copy(rows.data(), x, out, C, b, e); });
-    for (size_t e = 0; e < s.r; ++e) {  // r rows, here: each B row plus its A rows in edge order
-        const float* in = x + 2 * order[e] * C;
-        float* o = out + slot_b(partner[order[e]]) * C;
+    MergePlan plan;
+    plan.rows.reserve(Nu + Nb);
+    for (size_t u = 0; u < Nu; ++u) plan.rows.push_back({static_cast<size_t>(2 * unmerged[u]), slot_a(u)});
+    for (size_t j = 0; j < Nb; ++j) plan.rows.push_back({2 * j + 1, slot_b(j)});
+    plan.edges.reserve(s.r);
+    for (size_t e = 0; e < s.r; ++e)
+        plan.edges.push_back({static_cast<size_t>(2 * order[e]), slot_b(static_cast<size_t>(partner[order[e]]))});
+    return plan;
+}
+
+// One image: keys [H, N, D], tokens x [N, C] -> out [N - r, C], ToMe's sum merge (merge(x, mode="sum")).
+template <typename Split>
+void merge_image(const Kernels& k, const float* x, const float* keys, float* out, const Dims& s, const Split& split) {
+    const MergePlan plan = plan_image(k, keys, s, split);
+    const size_t C = s.C;
+    split(plan.rows.size(), 16, [&](size_t b, size_t e) { k.copy(plan.rows.data(), x, out, C, b, e); });
+    for (const Row& edge : plan.edges) {  // r rows, here: each B row plus its A rows in edge order
+        const float* in = x + edge.src * C;
+        float* o = out + edge.slot * C;
         for (size_t c = 0; c < C; ++c) o[c] += in[c];
     }
+}
+
+// The size-weighted average's arithmetic (merge_wavg_image) is the graph form's own: each product
+// x * size rounded on its own, then added. A fused multiply-add would round once and differ in the last
+// bit, so these functions are compiled without contraction (GCC's -ffp-contract=fast would fuse across
+// statements where the target has FMA, as AArch64 does).
+#if defined(__clang__)
+#define VITFOLD_NO_CONTRACT
+#define VITFOLD_NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__)
+#define VITFOLD_NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define VITFOLD_NO_CONTRACT_BODY
+#else
+#define VITFOLD_NO_CONTRACT
+#define VITFOLD_NO_CONTRACT_BODY
+#endif
+
+// Output rows [begin, end) of the weighted merge: rows that take no merge (merged[slot] == 0) get their
+// average already, (x * size) / size; the others the product alone, averaged once their edges are in.
+VITFOLD_NO_CONTRACT void weigh_rows(const Row* rows, const float* x, const float* size, const char* merged, bool reciprocal,
+                                    float* out, float* out_size, size_t C, size_t begin, size_t end) {
+    VITFOLD_NO_CONTRACT_BODY
+    for (size_t k = begin; k < end; ++k) {
+        const float* in = x + rows[k].src * C;
+        float* o = out + rows[k].slot * C;
+        const float w = size[rows[k].src];
+        out_size[rows[k].slot] = w;
+        if (merged[rows[k].slot]) {
+            for (size_t c = 0; c < C; ++c) o[c] = in[c] * w;
+        } else if (reciprocal) {
+            const float inverse = 1.f / w;
+            for (size_t c = 0; c < C; ++c) {
+                const float product = in[c] * w;
+                o[c] = product * inverse;
+            }
+        } else {
+            for (size_t c = 0; c < C; ++c) {
+                const float product = in[c] * w;
+                o[c] = product / w;
+            }
+        }
+    }
+}
+
+// The edges in order (each B row's products plus its A rows' products), then each merged row divided by
+// its summed size.
+VITFOLD_NO_CONTRACT void add_edges_and_average(const MergePlan& plan, const float* x, const float* size, const char* merged,
+                                               bool reciprocal, float* out, float* out_size, size_t C, size_t M) {
+    VITFOLD_NO_CONTRACT_BODY
+    for (const Row& edge : plan.edges) {
+        const float* in = x + edge.src * C;
+        float* o = out + edge.slot * C;
+        const float w = size[edge.src];
+        out_size[edge.slot] += w;
+        for (size_t c = 0; c < C; ++c) {
+            const float product = in[c] * w;
+            o[c] += product;
+        }
+    }
+    for (size_t slot = 0; slot < M; ++slot) {
+        if (!merged[slot]) continue;
+        float* o = out + slot * C;
+        const float total = out_size[slot];
+        if (reciprocal) {
+            const float inverse = 1.f / total;
+            for (size_t c = 0; c < C; ++c) o[c] *= inverse;
+        } else {
+            for (size_t c = 0; c < C; ++c) o[c] /= total;
+        }
+    }
+}
+
+// One image: keys [H, N, D], tokens x [N, C], sizes [N] -> out [N - r, C], out_size [N - r]: ToMe's
+// size-weighted average (merge_wavg: merge(cat([x * size, size]), "sum"), then x / size), computed as the
+// graph form computes it, so that with the same token choices the outputs are identical bit for bit.
+template <typename Split>
+void merge_wavg_image(const Kernels& k, const float* x, const float* size, const float* keys, float* out, float* out_size,
+                      const Dims& s, bool reciprocal, const Split& split) {
+    const MergePlan plan = plan_image(k, keys, s, split);
+    const size_t C = s.C, M = s.N - s.r;
+    std::vector<char> merged(M, 0);
+    for (const Row& edge : plan.edges) merged[edge.slot] = 1;
+    split(plan.rows.size(), 16, [&](size_t b, size_t e) {
+        weigh_rows(plan.rows.data(), x, size, merged.data(), reciprocal, out, out_size, C, b, e);
+    });
+    add_edges_and_average(plan, x, size, merged.data(), reciprocal, out, out_size, C, M);
 }
 
 }  // namespace

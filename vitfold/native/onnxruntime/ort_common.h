@@ -112,7 +112,7 @@ OrtStatus* guarded(const OrtApi* api, const Body& body) {
 }
 
 // OrtCustomOp for a kernel type K: a CPU op of domain "vitfold" named K::kName, with K::kInputs
-// required float32 inputs and one float32 output. K provides
+// required float32 inputs and K::kOutputs float32 outputs. K provides
 //   static OrtStatus* create(const OrtApi*, const OrtKernelInfo*, K** out)   (attributes, checks)
 //   OrtStatus* compute(OrtKernelContext*)
 // Kernels are created and run through the status-returning V2 entry points (API 16+).
@@ -125,7 +125,7 @@ struct CustomOp : OrtCustomOp {
         GetInputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
         GetInputTypeCount = [](const OrtCustomOp*) { return K::kInputs; };
         GetOutputType = [](const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; };
-        GetOutputTypeCount = [](const OrtCustomOp*) { return size_t{1}; };
+        GetOutputTypeCount = [](const OrtCustomOp*) { return K::kOutputs; };
         KernelDestroy = [](void* kernel) { delete static_cast<K*>(kernel); };
         GetInputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };
         GetOutputCharacteristic = [](const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; };

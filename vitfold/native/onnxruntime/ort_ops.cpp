@@ -1,9 +1,10 @@
 // The library's entry point for ONNX Runtime (SessionOptions.register_custom_ops_library, or
-// RegisterCustomOpsLibrary_V2 in C): the domain "vitfold" with ToMeMerge and EViTPrune.
+// RegisterCustomOpsLibrary_V2 in C): the domain "vitfold" with ToMeMerge, ToMeMergeWavg and EViTPrune.
 #include "ort_common.h"
 
 namespace vitfold_ort {
 const OrtCustomOp* tome_op();
+const OrtCustomOp* tome_wavg_op();
 const OrtCustomOp* prune_op();
 }  // namespace vitfold_ort
 
@@ -21,6 +22,7 @@ extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL Regist
     OrtCustomOpDomain* domain = nullptr;
     VITFOLD_ORT_TRY(api->CreateCustomOpDomain("vitfold", &domain));
     OrtStatus* status = api->CustomOpDomain_Add(domain, tome_op());
+    if (!status) status = api->CustomOpDomain_Add(domain, tome_wavg_op());
     if (!status) status = api->CustomOpDomain_Add(domain, prune_op());
     if (!status) status = api->AddCustomOpDomain(options, domain);
     if (status) api->ReleaseCustomOpDomain(domain);  // not handed to ONNX Runtime

@@ -9,7 +9,7 @@ namespace vitfold_ort {
 
 struct PruneKernel {
     static constexpr const char* kName = "EViTPrune";
-    static constexpr size_t kInputs = 2;
+    static constexpr size_t kInputs = 2, kOutputs = 1;
     const OrtApi* api;
     int64_t keep = 0, p = 0, fuse = 0;
 

@@ -6,5 +6,5 @@
 
 #include <openvino/core/extension.hpp>
 
-std::vector<ov::Extension::Ptr> tome_extensions();   // tome_op.cpp: vitfold.ToMeMerge
+std::vector<ov::Extension::Ptr> tome_extensions();   // tome_op.cpp: vitfold.ToMeMerge, vitfold.ToMeMergeWavg
 std::vector<ov::Extension::Ptr> prune_extensions();  // prune_op.cpp: vitfold.EViTPrune

@@ -15,7 +15,14 @@
 // INT8 a last-bit difference before a FakeQuantize flips a rounding. The scores are summed in another
 // order than a MatMul kernel sums them, so an edge within float rounding of the r-th can rank
 // differently: the build compares this op with the graph form and stops where they differ.
-// The ONNX frontend maps a node ToMeMerge of domain "vitfold" onto it (extension.cpp registers both).
+//
+// ToMeMergeWavg(x [B, N, C], keys, size [B, N, 1]; r, num_protected) -> (x [B, N - r, C], size [B, N - r, 1])
+// is the same matching with the size weighting inside (ToMe's merge_wavg: sum x * size and size over
+// each output token's members, then divide): what the graph form computes around a ToMeMerge site
+// (Mul, Concat, the site, two Slices, Div), in its order and rounding, without those five nodes. The
+// build uses it at f32; int8 keeps ToMeMerge with the weighting in the graph, where the quantizer sees it.
+// The ONNX frontend maps nodes ToMeMerge / ToMeMergeWavg of domain "vitfold" onto them (extension.cpp
+// registers both).
 // float32. Images run in parallel on OpenVINO's thread pool, and a batch of one splits its image's
 // normalisation, matching and row copies across the threads instead; the kernels are vectorised for
 // the widest of AVX-512, AVX2 and the generic vectors (SSE, NEON) that the CPU runs, picked at run time.
@@ -43,6 +50,41 @@ void split(size_t n, size_t grain, bool threads, const F& fn) {
     });
 }
 
+// Validates ToMeMerge's / ToMeMergeWavg's tokens and keys (inputs 0 and 1) and returns the merged
+// tokens' shape [B, N - r, C].
+ov::PartialShape merged_shape(const ov::Node* node, int64_t r, int64_t p) {
+    auto shape = node->get_input_partial_shape(0);
+    const auto& keys = node->get_input_partial_shape(1);
+    NODE_VALIDATION_CHECK(node, node->get_input_element_type(0) == ov::element::f32 && node->get_input_element_type(1) == ov::element::f32 &&
+                                    shape.is_static() && shape.rank().get_length() == 3 && keys.is_static() &&
+                                    (keys.rank().get_length() == 3 || keys.rank().get_length() == 4),
+                          "ToMe's op takes static float32 [B, N, C] tokens and [B, H, N, D] keys or a [B, N, D] metric");
+    const int64_t n = shape[1].get_length();
+    NODE_VALIDATION_CHECK(node, keys[0] == shape[0] && keys[keys.rank().get_length() - 2] == shape[1],
+                          "tokens and keys differ in B or N");
+    NODE_VALIDATION_CHECK(node, keys.rank().get_length() == 3 || keys[1].get_length() >= 1, "keys need H >= 1 heads");
+    NODE_VALIDATION_CHECK(node, p >= 0 && r > 0 && r <= (n - p) / 2,
+                          "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
+    shape[1] = shape[1] - r;
+    return shape;
+}
+
+// The dims of one image, from tokens [B, N, C] and keys [B, H, N, D] / [B, N, D].
+Dims image_dims(const ov::Shape& shape, const ov::Shape& keys, int64_t r, int64_t p) {
+    const size_t H = keys.size() == 4 ? keys[1] : 1;
+    return Dims{shape[1], shape[2], keys.back(), static_cast<size_t>(r), static_cast<size_t>(p), H};
+}
+
+// Runs image(b, split) for every image of a batch of B: one image per thread, or with B == 1 the one
+// image split across the threads.
+template <typename Image>
+void each_image(size_t B, const Image& image) {
+    const bool one = B == 1;
+    ov::parallel_for(B, [&](size_t b) {
+        image(b, [one](size_t n, size_t grain, const auto& fn) { split(n, grain, one, fn); });
+    });
+}
+
 }  // namespace
 
 class ToMeMerge : public ov::op::Op {
@@ -55,20 +97,7 @@ public:
     }
     void validate_and_infer_types() override {
         NODE_VALIDATION_CHECK(this, get_input_size() == 2, "ToMeMerge takes tokens and keys");
-        auto shape = get_input_partial_shape(0);
-        const auto& keys = get_input_partial_shape(1);
-        NODE_VALIDATION_CHECK(this, get_input_element_type(0) == ov::element::f32 && get_input_element_type(1) == ov::element::f32 &&
-                                        shape.is_static() && shape.rank().get_length() == 3 && keys.is_static() &&
-                                        (keys.rank().get_length() == 3 || keys.rank().get_length() == 4),
-                              "ToMeMerge takes static float32 [B, N, C] tokens and [B, H, N, D] keys or a [B, N, D] metric");
-        const int64_t n = shape[1].get_length();
-        NODE_VALIDATION_CHECK(this, keys[0] == shape[0] && keys[keys.rank().get_length() - 2] == shape[1],
-                              "tokens and keys differ in B or N");
-        NODE_VALIDATION_CHECK(this, keys.rank().get_length() == 3 || keys[1].get_length() >= 1, "keys need H >= 1 heads");
-        NODE_VALIDATION_CHECK(this, m_p >= 0 && m_r > 0 && m_r <= (n - m_p) / 2,
-                              "r must be in 1 .. (N - num_protected) / 2 (matching.max_merge)");
-        shape[1] = shape[1] - m_r;
-        set_output_type(0, ov::element::f32, shape);
+        set_output_type(0, ov::element::f32, merged_shape(this, m_r, m_p));
     }
     std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
         return std::make_shared<ToMeMerge>(args[0], args[1], m_r, m_p);
@@ -80,21 +109,68 @@ public:
     }
     bool has_evaluate() const override { return true; }
     bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
-        const auto& shape = inputs[0].get_shape();
-        const auto& keys = inputs[1].get_shape();  // [B, H, N, D] or [B, N, D]
-        const size_t H = keys.size() == 4 ? keys[1] : 1;
-        const Dims s{shape[1], shape[2], keys.back(), static_cast<size_t>(m_r), static_cast<size_t>(m_p), H};
-        const size_t B = shape[0];
-        const size_t M = s.N - s.r;
+        const Dims s = image_dims(inputs[0].get_shape(), inputs[1].get_shape(), m_r, m_p);
+        const size_t B = inputs[0].get_shape()[0], M = s.N - s.r;
         outputs[0].set_shape({B, M, s.C});
         const float* x = inputs[0].data<const float>();
-        const float* keys_data = inputs[1].data<const float>();
+        const float* keys = inputs[1].data<const float>();
         float* out = outputs[0].data<float>();
-        static const Kernels kernels = Kernels::pick();
-        const bool one = B == 1;  // one image: split it across the threads; else one image per thread
-        ov::parallel_for(B, [&](size_t b) {
-            merge_image(kernels, x + b * s.N * s.C, keys_data + b * s.H * s.N * s.D, out + b * M * s.C, s,
-                        [one](size_t n, size_t grain, const auto& fn) { split(n, grain, one, fn); });
+        const Kernels& kernels = picked_kernels();
+        each_image(B, [&](size_t b, const auto& split) {
+            merge_image(kernels, x + b * s.N * s.C, keys + b * s.H * s.N * s.D, out + b * M * s.C, s, split);
+        });
+        return true;
+    }
+
+private:
+    int64_t m_r = 0, m_p = 0;
+};
+
+class ToMeMergeWavg : public ov::op::Op {
+public:
+    OPENVINO_OP("ToMeMergeWavg");
+    ToMeMergeWavg() = default;
+    ToMeMergeWavg(const ov::Output<ov::Node>& x, const ov::Output<ov::Node>& keys, const ov::Output<ov::Node>& size,
+                  int64_t r, int64_t num_protected)
+        : Op({x, keys, size}), m_r(r), m_p(num_protected) {
+        constructor_validate_and_infer_types();
+    }
+    void validate_and_infer_types() override {
+        NODE_VALIDATION_CHECK(this, get_input_size() == 3, "ToMeMergeWavg takes tokens, keys and sizes");
+        const auto shape = merged_shape(this, m_r, m_p);
+        const auto& tokens = get_input_partial_shape(0);
+        const auto& size = get_input_partial_shape(2);
+        NODE_VALIDATION_CHECK(this, get_input_element_type(2) == ov::element::f32 && size.is_static() &&
+                                        size.rank().get_length() == 3 && size[0] == tokens[0] && size[1] == tokens[1] && size[2] == 1,
+                              "ToMeMergeWavg takes float32 [B, N, 1] sizes for [B, N, C] tokens");
+        auto merged_size = shape;
+        merged_size[2] = 1;
+        set_output_type(0, ov::element::f32, shape);
+        set_output_type(1, ov::element::f32, merged_size);
+    }
+    std::shared_ptr<ov::Node> clone_with_new_inputs(const ov::OutputVector& args) const override {
+        return std::make_shared<ToMeMergeWavg>(args[0], args[1], args[2], m_r, m_p);
+    }
+    bool visit_attributes(ov::AttributeVisitor& visitor) override {
+        visitor.on_attribute("r", m_r);
+        visitor.on_attribute("num_protected", m_p);
+        return true;
+    }
+    bool has_evaluate() const override { return true; }
+    bool evaluate(ov::TensorVector& outputs, const ov::TensorVector& inputs) const override {
+        const Dims s = image_dims(inputs[0].get_shape(), inputs[1].get_shape(), m_r, m_p);
+        const size_t B = inputs[0].get_shape()[0], M = s.N - s.r;
+        outputs[0].set_shape({B, M, s.C});
+        outputs[1].set_shape({B, M, 1});
+        const float* x = inputs[0].data<const float>();
+        const float* keys = inputs[1].data<const float>();
+        const float* size = inputs[2].data<const float>();
+        float* out = outputs[0].data<float>();
+        float* out_size = outputs[1].data<float>();
+        const Kernels& kernels = picked_kernels();
+        each_image(B, [&](size_t b, const auto& split) {
+            merge_wavg_image(kernels, x + b * s.N * s.C, size + b * s.N, keys + b * s.H * s.N * s.D, out + b * M * s.C,
+                             out_size + b * M, s, /*reciprocal=*/true, split);
         });
         return true;
     }
@@ -104,7 +180,9 @@ private:
 };
 
 std::vector<ov::Extension::Ptr> tome_extensions() {
+    const std::map<std::string, std::string> attributes{{"r", "r"}, {"num_protected", "num_protected"}};
     return {std::make_shared<ov::OpExtension<ToMeMerge>>(),
-            std::make_shared<ov::frontend::onnx::OpExtension<ToMeMerge>>(
-                "ToMeMerge", "vitfold", std::map<std::string, std::string>{{"r", "r"}, {"num_protected", "num_protected"}})};
+            std::make_shared<ov::frontend::onnx::OpExtension<ToMeMerge>>("ToMeMerge", "vitfold", attributes),
+            std::make_shared<ov::OpExtension<ToMeMergeWavg>>(),
+            std::make_shared<ov::frontend::onnx::OpExtension<ToMeMergeWavg>>("ToMeMergeWavg", "vitfold", attributes)};
 }
