@@ -329,9 +329,9 @@ def test_fused_build_end_to_end(tmp_path, extension, monkeypatch, method, params
     assert "extension" not in dense["files"]  # the dense twin has no site: the graph form, no extension
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
-    if method == "tome":  # f32 takes the size weighting into the op; int8 keeps it in the graph NNCF quantizes
+    if method == "tome":  # the size weighting inside the op, at f32 and int8
         built = onnx.load(str(directory / manifest["files"]["fused"]))
-        assert {n.op_type for n in built.graph.node if n.domain == DOMAIN} == {TOME_WAVG_OP if precision == "f32" else TOME_OP}
+        assert {n.op_type for n in built.graph.node if n.domain == DOMAIN} == {TOME_WAVG_OP}
     if precision == "f32":
         assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4  # the fused build against torch
     else:
@@ -432,9 +432,9 @@ def test_per_layer_profile_places_each_fused_site_in_its_block_as_reduction(tmp_
 @pytest.mark.parametrize("method, params", [("tome", {"r": 13}), ("evit", {"keep_rate": 0.7}), ("topk", {"keep_rate": 0.7})])
 def test_fused_int8_build_equals_the_graph_form_on_real_weights(tmp_path, extension, monkeypatch, dinov2_path, method, params):
     """DINOv2, ToMe r=13 and EViT / Top-K keep 0.7, INT8: the fused build must equal the graph form quantized
-    alike (the build's own check, 1e-5, raises otherwise). A fused ToMe op that did the size weighting itself
-    passed on the tiny random model and failed here by 0.08: a last-bit difference before a FakeQuantize flips
-    its rounding."""
+    alike (the build's own check, 1e-5, raises otherwise). An earlier fused ToMe op that did the size weighting
+    itself passed on the tiny random model and failed here by 0.08: a last-bit difference before a FakeQuantize
+    flips its rounding. ToMeMergeWavg rounds as OpenVINO's graph form does (its division a reciprocal multiply)."""
     from vitfold.compile import compile_onnx
     from vitfold.export.models import create_model
     from vitfold.images import list_images, load_images
@@ -473,6 +473,8 @@ def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, mo
     assert trt_backend._fused_plugin(path, cfg) is None and not asked  # the graph form: no plugin
     fused = _fuse_sites(path, tmp_path / "tome", cfg, log=lambda m: None)
     assert trt_backend._fused_plugin(fused.path, cfg) == tmp_path / native.TENSORRT_LIBRARY and len(asked) == 1
+    ops = {n.op_type for n in onnx.load(str(fused.path)).graph.node if n.domain == native.DOMAIN}
+    assert ops == {TOME_OP}  # the plugins implement ToMeMerge: the size weighting stays in the graph
     assert trt_backend._fused_plugin(fused.path, BuildConfig("tensorrt")) is None  # not a --fused-ops build
     with monkeypatch.context() as lean:  # a device without the onnx package: the graph's bytes say it
         lean.setitem(__import__("sys").modules, "onnx", None)
@@ -488,6 +490,13 @@ def test_tensorrt_takes_the_fused_tome_site_through_vitfolds_plugin(tmp_path, mo
     onnx.save(unknown, str(tmp_path / "evit" / "unknown.onnx"))
     with pytest.raises(SpecError, match="no vitfold plugin for SomeFutureOp"):
         trt_backend._fused_plugin(tmp_path / "evit" / "unknown.onnx", cfg)
+    weighted, _ = fuse_sites(onnx.load(str(tmp_path / "tome" / "model.onnx")), weighted=True)  # fused for a CPU backend
+    onnx.save(weighted, str(tmp_path / "weighted.onnx"))
+    with pytest.raises(SpecError, match="no vitfold plugin for ToMeMergeWavg"):
+        trt_backend._fused_plugin(tmp_path / "weighted.onnx", cfg)
+    with monkeypatch.context() as lean, pytest.raises(SpecError, match="no vitfold plugin for ToMeMergeWavg"):
+        lean.setitem(__import__("sys").modules, "onnx", None)
+        trt_backend._fused_plugin(tmp_path / "weighted.onnx", cfg)
 
 
 def test_tensorrt_plugin_build_says_what_is_missing(tmp_path, monkeypatch):
@@ -691,9 +700,8 @@ def test_fused_build_end_to_end_on_onnxruntime(tmp_path, ort_library, monkeypatc
     fused = [p for p in manifest["passes"] if p["name"] == "fuse-sites"]
     assert len(fused) == 1 and fused[0]["max_abs_change"] <= 1e-5 and fused[0]["nodes_after"] < fused[0]["nodes_before"]
     built = onnx.load(str(directory / manifest["files"]["fused"]))
-    op = TOME_WAVG_OP if precision == "f32" else TOME_OP  # int8 keeps the size weighting in its Q/DQ graph
-    assert sum(n.op_type == op for n in built.graph.node) == 4 and not any(
-        n.op_type in {TOME_OP, TOME_WAVG_OP} - {op} for n in built.graph.node)
+    op = TOME_WAVG_OP  # the Q/DQ graph leaves the size weighting float too: it moves into the op
+    assert sum(n.op_type == op for n in built.graph.node) == 4 and not any(n.op_type == TOME_OP for n in built.graph.node)
     if precision == "f32":
         assert report["parity_vs_torch"]["reduced"]["max_abs"] <= 1e-4
     else:  # the fused graph is the Q/DQ graph with its float sites fused
@@ -756,6 +764,9 @@ def test_fused_onnxruntime_build_matches_the_graph_form_and_torch_on_real_weight
     compiled = compile_onnx(path, tmp_path, cfg, sample, calibration=calibration)
     check = [p for p in compiled.passes if p.name == "fuse-sites"]
     assert len(check) == 1 and check[0].max_abs_change <= (1e-5 if precision == "f32" else 0.0)
+    if method == "tome":  # ToMe's size weighting inside the op, at int8 too (ONNX Runtime leaves it float)
+        fused = onnx.load(str(tmp_path / compiled.files["fused"]))
+        assert {n.op_type for n in fused.graph.node if n.domain == DOMAIN} == {TOME_WAVG_OP}
     if precision == "int8":
         return
     with compiled.open(cfg) as session, torch.no_grad():

@@ -157,8 +157,8 @@ class _Fused:
 
 
 def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callable[[str], None]) -> Optional[_Fused]:
-    """``--fused-ops``: each reduction site of ``optimized`` as one ``vitfold`` node (``ToMeMerge``, at f32 on
-    the CPU backends ``ToMeMergeWavg``, ``EViTPrune``) in ``model.fused.onnx`` (:mod:`vitfold.passes.fuse_sites`); None when the model has no
+    """``--fused-ops``: each reduction site of ``optimized`` as one ``vitfold`` node (``ToMeMerge``, on the
+    CPU backends ``ToMeMergeWavg``, ``EViTPrune``) in ``model.fused.onnx`` (:mod:`vitfold.passes.fuse_sites`); None when the model has no
     site (the dense twin).
 
     Raises:
@@ -170,7 +170,7 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
     import onnx
 
     from .errors import SpecError
-    from .native import FUSED_TARGETS, SITE_PREFIXES, WEIGHTED_TARGETS
+    from .native import FUSED_TARGETS, SITE_PREFIXES, WEIGHTED_BACKENDS
     from .passes.fuse_sites import fuse_sites
 
     if cfg.weights is not None or cfg.precision not in FUSED_TARGETS.get(cfg.backend, ()):
@@ -184,7 +184,7 @@ def _fuse_sites(optimized: Path, directory: Path, cfg: BuildConfig, log: Callabl
             return None  # nothing reduced (the dense twin): the graph form, no extension
         fuse_sites(proto)  # reduced but untagged: raises, naming what cannot be fused
     start = time.perf_counter()
-    result, counts = fuse_sites(proto, weighted=cfg.precision in WEIGHTED_TARGETS.get(cfg.backend, ()))
+    result, counts = fuse_sites(proto, weighted=cfg.backend in WEIGHTED_BACKENDS)
     ms = (time.perf_counter() - start) * 1e3
     path = directory / "model.fused.onnx"
     onnx.save(result, str(path))

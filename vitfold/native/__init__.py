@@ -2,7 +2,8 @@
 
 For OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's metric (the keys' head
 mean), bipartite matching and sum merge (about 30 ONNX nodes per reduction site in the graph form) as
-one operation; ``openvino/prune_op.cpp`` defines ``vitfold.EViTPrune``, EViT's and Top-K's top-k of
+one operation, and ``vitfold.ToMeMergeWavg``, the same with ToMe's size weighting (``merge_wavg``) inside
+(f32 builds: five graph nodes fewer per site); ``openvino/prune_op.cpp`` defines ``vitfold.EViTPrune``, EViT's and Top-K's top-k of
 the class attention, row gather and inattentive-token fusion (about 15 nodes); both with the ONNX
 frontend mapping for nodes of domain ``vitfold``. ToMe's kernels are vectorised for AVX-512, AVX2 and generic vectors (SSE, NEON), picked at run time
 (``VITFOLD_NATIVE_ISA=avx2|generic`` caps the choice, for tests). It is compiled with CMake against the
@@ -10,7 +11,7 @@ headers and CMake config that the ``openvino`` wheel ships (cmake, a C++17 compi
 present), on first use by ``build --fused-ops`` or ahead of time with ``python -m vitfold.native``,
 into a cache keyed by the OpenVINO version and the source's hash. Builds that use it carry a copy.
 
-For ONNX Runtime: ``onnxruntime/`` defines the same two ops for the CPU execution provider, a custom-op
+For ONNX Runtime: ``onnxruntime/`` defines the same three ops for the CPU execution provider, a custom-op
 library (``RegisterCustomOps``, domain ``vitfold``) on ONNX Runtime's C API alone, running the OpenVINO
 ops' host kernels (``kernels/``; images on ONNX Runtime's intra-op threads). :func:`onnxruntime_ops`
 compiles it against ONNX Runtime's C API header, which the pip wheel does not ship (``ONNXRUNTIME_ROOT``:
@@ -67,10 +68,10 @@ FUSED_TARGETS = {"openvino": ("f32", "int8"), "onnxruntime": ("f32", "int8"), "t
 #: ONNX domain and op types of the fused sites (:func:`vitfold.passes.fuse_sites.fuse_sites`): ToMe's
 #: matching and merge, the same with the size weighting inside, EViT's / Top-K's top-k and fusion.
 DOMAIN, TOME_OP, TOME_WAVG_OP, PRUNE_OP = "vitfold", "ToMeMerge", "ToMeMergeWavg", "EViTPrune"
-#: Backend -> the precisions whose fused ToMe sites take the size weighting inside (``ToMeMergeWavg``):
-#: f32 on the CPU backends (five nodes fewer per site; 1-2% of a DeiT-S run). INT8 keeps it in the graph,
-#: as the graph form the quantizer sees; TensorRT's plugins implement ``ToMeMerge`` alone.
-WEIGHTED_TARGETS = {"openvino": ("f32",), "onnxruntime": ("f32",)}
+#: The backends whose fused ToMe sites take the size weighting inside (``ToMeMergeWavg``; five graph nodes
+#: fewer per site), at f32 and int8: the op rounds as each one's graph form, so the quantizer sees the same
+#: graph and the outputs stay identical. TensorRT's plugins implement ``ToMeMerge`` alone.
+WEIGHTED_BACKENDS = ("openvino", "onnxruntime")
 #: Node-name prefixes of a site's nodes in an export, ``vitfold.<kind>.<block>/`` (:func:`vitfold.export.onnx.tag_sites`).
 TOME_SITE_PREFIX, PRUNE_SITE_PREFIX = "vitfold.tome_site.", "vitfold.prune_site."
 SITE_PREFIXES = (TOME_SITE_PREFIX, PRUNE_SITE_PREFIX)

@@ -10,15 +10,16 @@ closed region of the graph (two tensor inputs, one output, static shapes) and re
       vitfold.ToMeMerge(x [B, N, C], keys [B, H, N, d]; r, num_protected) -> [B, N - r, C]
 
   ``x`` is the size-weighted tokens and their sizes as one tensor (``cat([x * size, size])``, ToMe's
-  ``merge_wavg``). With ``weighted`` (f32 builds), the weighting around the site (``Mul``, ``Concat``,
-  two ``Slice``, ``Div``: five more nodes and three more passes over the tokens) moves into the op::
+  ``merge_wavg``). With ``weighted`` (OpenVINO and ONNX Runtime builds), the weighting around the site
+  (``Mul``, ``Concat``, two ``Slice``, ``Div``: five more nodes and three more passes over the tokens)
+  moves into the op::
 
       vitfold.ToMeMergeWavg(x [B, N, C], keys, size [B, N, 1]; r, num_protected)
           -> (x [B, N - r, C], size [B, N - r, 1])
 
-  Without it (INT8 builds) the weighting stays in the graph, where the quantizer sees the same graph as
-  in the graph form: the op's sums equal the graph form's bit for bit, and a last-bit change before a
-  FakeQuantize would flip a rounding.
+  Either op's arithmetic is the graph form's, bit for bit, which INT8 builds need (a last-bit change
+  before a FakeQuantize flips a rounding). Only that exact pattern is absorbed: a weighting the quantizer
+  wrapped in Q/DQ nodes, or one read elsewhere, stays in the graph around a ``ToMeMerge``.
 * ``vitfold.prune_site.<block>/`` (:class:`~vitfold.reduce.evit.PruneSite`: EViT's / Top-K's top-k
   of the class attention, row gather and fusion, about 15 nodes)::
 

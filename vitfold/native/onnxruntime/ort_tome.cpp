@@ -1,8 +1,10 @@
-// vitfold.ToMeMerge on ONNX Runtime: the function of openvino/tome_op.cpp (see there), from the same
-// host kernels (kernels/tome_kernels.h), so that the two backends' fused sites agree bit for bit.
+// vitfold.ToMeMerge and ToMeMergeWavg on ONNX Runtime: the functions of openvino/tome_op.cpp (see there),
+// from the same host kernels (kernels/tome_kernels.h).
 // ToMeMerge(x [B, N, C], keys [B, H, N, D] or metric [B, N, D]; r, num_protected) -> [B, N - r, C], and
 // ToMeMergeWavg(x, keys, size [B, N, 1]; r, num_protected) -> (x [B, N - r, C], size [B, N - r, 1]), the
-// size-weighted average with the weighting inside.
+// size-weighted average with the weighting inside. That one divides, as ONNX Runtime's Div does (where
+// OpenVINO's op multiplies by the reciprocal, as OpenVINO's graph form does), so that each equals its own
+// backend's graph form bit for bit.
 // Images run in parallel on ONNX Runtime's intra-op threads; a batch of one splits its image's
 // normalisation, matching and row copies across them instead.
 #include "ort_common.h"
