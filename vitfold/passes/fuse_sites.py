@@ -143,10 +143,11 @@ def _absorb_weighting(node: gs.Node, graph_outputs: set) -> bool:
         return False
     x = mul.inputs[1] if mul.inputs[0] is size else mul.inputs[0]
     channels = weighted.shape[2] - 1
-    if x.shape != [*size.shape[:2], channels] or size.shape[2] != 1:
+    if size.shape is None or len(size.shape) != 3 or list(x.shape or ()) != [*size.shape[:2], channels] \
+            or size.shape[2] != 1:
         return False
     merged = node.outputs[0]
-    if merged.name in graph_outputs or len(merged.outputs) != 2:
+    if merged.name in graph_outputs or len(merged.outputs) != 2 or any(r.inputs[0] is not merged for r in merged.outputs):
         return False
     slices = {_last_axis_range(reader, channels + 1): reader for reader in merged.outputs}
     tokens, sizes = slices.get((0, channels)), slices.get((channels, channels + 1))
