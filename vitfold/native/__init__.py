@@ -3,7 +3,7 @@
 For OpenVINO: ``openvino/tome_op.cpp`` defines ``vitfold.ToMeMerge``, ToMe's metric (the keys' head
 mean), bipartite matching and sum merge (about 30 ONNX nodes per reduction site in the graph form) as
 one operation, and ``vitfold.ToMeMergeWavg``, the same with ToMe's size weighting (``merge_wavg``) inside
-(f32 builds: five graph nodes fewer per site); ``openvino/prune_op.cpp`` defines ``vitfold.EViTPrune``, EViT's and Top-K's top-k of
+(five graph nodes fewer per site; OpenVINO and ONNX Runtime builds, f32 and int8); ``openvino/prune_op.cpp`` defines ``vitfold.EViTPrune``, EViT's and Top-K's top-k of
 the class attention, row gather and inattentive-token fusion (about 15 nodes); both with the ONNX
 frontend mapping for nodes of domain ``vitfold``. ToMe's kernels are vectorised for AVX-512, AVX2 and generic vectors (SSE, NEON), picked at run time
 (``VITFOLD_NATIVE_ISA=avx2|generic`` caps the choice, for tests). It is compiled with CMake against the

@@ -12,7 +12,7 @@
 
 namespace vitfold_ort {
 
-// The attributes and input checks of both ToMe ops; K::kName names the op in messages.
+// The attributes and input checks of both ToMe ops; `name` names the op in their messages.
 struct ToMeAttributes {
     int64_t r = 0, p = 0;
 
